@@ -1,0 +1,42 @@
+# diffops: `make setup` (idempotent), `make demo`, `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+EMPTY_TREE := 4b825dc642cb6eb9a060e54bf8d69288fbee4904
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test lint schema lock clean
+
+setup: $(VENV)/.installed
+
+# torch goes first (the CPU build unless TORCH_SPEC says otherwise), then the project under the pins.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+demo: setup
+	$(BIN)/diffops lint
+	$(BIN)/diffops diff $(EMPTY_TREE)..HEAD
+	$(BIN)/diffops model fetch demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/diffops lint
+
+schema: setup
+	$(BIN)/diffops schema -o releases/release.schema.json
+
+# Re-pin every dependency from the current environment.
+lock: setup
+	{ echo "# Pinned versions for every install (make setup uses: pip install -c constraints.txt)."; \
+	  echo "# Regenerate: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^diffops' | sed 's/+cpu$$//'; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,157 @@
+"""A safe YAML reader for release files that remembers where every value is.
+
+First step of parse + validate: bytes from git -> plain data plus line/column
+marks. It builds data from the parser's event stream without recursion and
+refuses what a release file never needs: anchors and aliases (billion laughs),
+custom or Python tags, duplicate keys, non-string keys, several documents,
+deep nesting and oversized input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+MAX_BYTES = 256 * 1024
+MAX_DEPTH = 32
+CORE = "tag:yaml.org,2002:"
+SCALAR_TAGS = {f"{CORE}{t}" for t in ("str", "int", "float", "bool", "null")}
+Path = tuple[str | int, ...]
+
+
+class YamlError(Exception):
+    def __init__(self, message: str, line: int = 1, column: int = 1):
+        super().__init__(message)
+        self.message, self.line, self.column = message, line, column
+
+
+@dataclass
+class Document:
+    """Parsed data plus 1-based (line, column) of each value and each mapping key."""
+
+    data: Any
+    values: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    keys: dict[Path, tuple[int, int]] = field(default_factory=dict)
+
+    def locate(self, path: Path, at_key: bool = False) -> tuple[int, int]:
+        """Position of `path`, or of its nearest ancestor that exists."""
+        path = tuple(path)
+        while path:
+            found = (self.keys.get(path) if at_key else None) or self.values.get(path) or self.keys.get(path)
+            if found:
+                return found
+            path = path[:-1]
+        return self.values.get((), (1, 1))
+
+
+def _tag(tag: str) -> str:
+    return tag.replace(CORE, "!!", 1)
+
+
+def _at(mark: yaml.Mark) -> tuple[int, int]:
+    return mark.line + 1, mark.column + 1
+
+
+class _Builder:
+    """Turns parser events into data; containers are filled on a stack."""
+
+    def __init__(self) -> None:
+        self.resolver = yaml.SafeLoader("")
+        self.doc = Document(data=None)
+        self.stack: list[tuple[Any, Path]] = []  # (container, its path)
+        self.pending_key: list[str | None] = []  # per open mapping: key awaiting its value
+        self.documents = 0
+
+    def feed(self, event: yaml.Event) -> None:
+        if isinstance(event, yaml.AliasEvent):
+            raise YamlError(f"alias '*{event.anchor}' is not allowed in release files; write the value out", *_at(event.start_mark))
+        if getattr(event, "anchor", None):
+            raise YamlError(f"anchor '&{event.anchor}' is not allowed in release files; write the value out", *_at(event.start_mark))
+        if isinstance(event, yaml.DocumentStartEvent):
+            self.documents += 1
+            if self.documents > 1:
+                raise YamlError("a release file holds exactly one YAML document", *_at(event.start_mark))
+        elif isinstance(event, yaml.ScalarEvent):
+            self._value(self._scalar(event), event.start_mark)
+        elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            self._container(event)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            container, _ = self.stack.pop()
+            if isinstance(container, dict):
+                self.pending_key.pop()
+
+    def _scalar(self, event: yaml.ScalarEvent) -> Any:
+        tag = event.tag if event.tag not in (None, "!") else self.resolver.resolve(yaml.ScalarNode, event.value, event.implicit)
+        if event.tag not in (None, "!") and tag not in SCALAR_TAGS:
+            raise YamlError(f"tag {_tag(event.tag)!r} is not allowed in release files", *_at(event.start_mark))
+        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+        if tag == f"{CORE}null":
+            return None
+        if tag == f"{CORE}bool":
+            return self.resolver.construct_yaml_bool(node)
+        if tag == f"{CORE}int":
+            return self.resolver.construct_yaml_int(node)
+        if tag == f"{CORE}float":
+            return self.resolver.construct_yaml_float(node)
+        return event.value  # strings, and implicit timestamps kept as written
+
+    def _container(self, event: yaml.CollectionStartEvent) -> None:
+        if event.tag not in (None, "!", f"{CORE}map", f"{CORE}seq"):
+            raise YamlError(f"tag {_tag(event.tag)!r} is not allowed in release files", *_at(event.start_mark))
+        if len(self.stack) >= MAX_DEPTH:
+            raise YamlError(f"nesting deeper than {MAX_DEPTH} levels", *_at(event.start_mark))
+        container: Any = {} if isinstance(event, yaml.MappingStartEvent) else []
+        path = self._value(container, event.start_mark)
+        self.stack.append((container, path))
+        if isinstance(container, dict):
+            self.pending_key.append(None)
+
+    def _value(self, value: Any, mark: yaml.Mark) -> Path:
+        """Place a value in the open container (or as the root); return its path."""
+        if not self.stack:
+            self.doc.data = value
+            self.doc.values[()] = _at(mark)
+            return ()
+        parent, parent_path = self.stack[-1]
+        if isinstance(parent, list):
+            path = (*parent_path, len(parent))
+            parent.append(value)
+        elif self.pending_key[-1] is None:  # this value is a key
+            if not isinstance(value, str):
+                raise YamlError(f"mapping keys must be plain strings, got {value!r}", *_at(mark))
+            path = (*parent_path, value)
+            if value in parent:
+                line = self.doc.keys[path][0]
+                raise YamlError(f"duplicate key {value!r} (first defined on line {line})", *_at(mark))
+            self.doc.keys[path] = _at(mark)
+            self.pending_key[-1] = value
+            parent[value] = None
+            return path
+        else:
+            key = self.pending_key[-1]
+            path = (*parent_path, key)
+            parent[key] = value
+            self.pending_key[-1] = None
+        self.doc.values[path] = _at(mark)
+        return path
+
+
+def load(raw: bytes) -> Document:
+    """Parse one release file's bytes; raise YamlError with a 1-based position."""
+    if len(raw) > MAX_BYTES:
+        raise YamlError(f"file is {len(raw)} bytes; release files are capped at {MAX_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise YamlError(f"not UTF-8 text (byte {err.start})") from None
+    builder = _Builder()
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            builder.feed(event)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        message = " ".join(filter(None, [err.context, err.problem]))
+        raise YamlError(f"YAML syntax: {message}", *(_at(mark) if mark else (1, 1))) from None
+    return builder.doc

@@ -1,0 +1,147 @@
+"""Read release files from git objects at a revision, never from the work tree.
+
+First step of a reconcile. A `ReleaseSource` wraps a local repository, or a
+mirror clone of a remote URL kept in the state dir and fetched on `refresh()`.
+`snapshot(rev, base=...)` parses `releases/*.yaml` at a revision; given the
+previous snapshot it re-reads only the files whose blobs changed, so the cost
+of a reconcile grows with what a commit changed, not with the repo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import git
+from gitdb.exc import BadName, BadObject
+
+from controller.loader import InvalidRelease, ReleaseError, parse_release
+from controller.release import Release
+from controller.safe_yaml import MAX_BYTES
+
+RELEASES_DIR = "releases"
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+URL_RE = re.compile(r"^([a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)", re.IGNORECASE)
+
+
+class SourceError(Exception):
+    """The repository or revision cannot be read."""
+
+
+@dataclass(frozen=True)
+class ReleaseFile:
+    path: str
+    blob: str
+    release: Release | None
+    errors: tuple[ReleaseError, ...] = ()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every release file at one revision: valid releases and per-file errors."""
+
+    revision: str  # commit sha, or a tree sha for the empty tree
+    tree: str | None  # sha of releases/ at that revision
+    files: dict[str, ReleaseFile] = field(default_factory=dict)
+    parsed: int = 0  # blobs parsed to build this snapshot (the rest came from the base)
+
+    @property
+    def releases(self) -> dict[str, Release]:
+        return {f.release.name: f.release for f in self.files.values() if f.release is not None}
+
+    @property
+    def errors(self) -> list[ReleaseError]:
+        return [error for name in sorted(self.files) for error in self.files[name].errors]
+
+
+def read_release_file(path: str, blob: git.Blob) -> ReleaseFile:
+    if not path.endswith(".yaml"):
+        return ReleaseFile(path, blob.hexsha, None, (ReleaseError(path, 1, 1, "release files end in .yaml; rename it"),))
+    if blob.size > MAX_BYTES:
+        message = f"file is {blob.size} bytes; release files are capped at {MAX_BYTES} bytes"
+        return ReleaseFile(path, blob.hexsha, None, (ReleaseError(path, 1, 1, message),))
+    try:
+        return ReleaseFile(path, blob.hexsha, parse_release(blob.data_stream.read(), path))
+    except InvalidRelease as err:
+        return ReleaseFile(path, blob.hexsha, None, tuple(err.errors))
+
+
+class ReleaseSource:
+    def __init__(self, repo: git.Repo, *, branch: str | None = None, url: str | None = None):
+        self.repo, self.branch, self.url = repo, branch, url
+
+    @classmethod
+    def open(cls, location: str | Path, *, state_dir: Path | None = None, branch: str | None = None) -> ReleaseSource:
+        """A local repository path, or a URL mirrored under `<state_dir>/repos/`."""
+        location = str(location)
+        if not URL_RE.match(location):
+            try:
+                return cls(git.Repo(location), branch=branch)
+            except (git.NoSuchPathError, git.InvalidGitRepositoryError):
+                raise SourceError(f"{location}: not a git repository (pass --repo PATH or URL)") from None
+        if state_dir is None:
+            raise SourceError(f"{location}: a remote repository needs a state dir to clone into")
+        mirror = Path(state_dir) / "repos" / (hashlib.sha256(location.encode()).hexdigest()[:16] + ".git")
+        try:
+            repo = git.Repo(mirror) if mirror.is_dir() else git.Repo.clone_from(location, mirror, mirror=True)
+        except git.GitCommandError as err:
+            raise SourceError(f"{location}: clone failed: {err.stderr.strip()}") from None
+        return cls(repo, branch=branch, url=location)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.repo.working_tree_dir or self.repo.git_dir)
+
+    def refresh(self) -> None:
+        """Fetch a remote's branches into the mirror; local repositories need nothing."""
+        if self.url:
+            try:
+                self.repo.git.fetch("--prune", "origin")
+            except git.GitCommandError as err:
+                raise SourceError(f"{self.url}: fetch failed: {err.stderr.strip()}") from None
+
+    def resolve(self, rev: str | None = None) -> git.Commit | git.Tree:
+        """A commit (or the empty tree) by revision; default: the tracked branch head."""
+        if rev is None:
+            rev = f"refs/heads/{self.branch}" if self.branch else "HEAD"
+        if rev == EMPTY_TREE:
+            return self.repo.tree(EMPTY_TREE)
+        try:
+            obj = self.repo.rev_parse(rev)
+        except (BadName, BadObject, ValueError, IndexError):
+            raise SourceError(f"unknown revision {rev!r} in {self.path}") from None
+        if obj.type == "tag":
+            obj = obj.object
+        if obj.type not in ("commit", "tree"):
+            raise SourceError(f"{rev!r} is a {obj.type}, not a commit")
+        return obj
+
+    def parent_of(self, rev: str) -> str:
+        """The first parent of a commit, or the empty tree for a root commit."""
+        commit = self.resolve(rev)
+        parents = getattr(commit, "parents", ())
+        return parents[0].hexsha if parents else EMPTY_TREE
+
+    def snapshot(self, rev: str | None = None, base: Snapshot | None = None) -> Snapshot:
+        obj = self.resolve(rev)
+        tree = obj.tree if obj.type == "commit" else obj
+        try:
+            releases_tree = tree / RELEASES_DIR
+        except KeyError:
+            return Snapshot(obj.hexsha, None)
+        if base is not None and base.tree == releases_tree.hexsha:
+            return Snapshot(obj.hexsha, base.tree, base.files, 0)
+        reuse = base.files if base is not None else {}
+        files, parsed = {}, 0
+        for blob in releases_tree.blobs:
+            if not blob.name.endswith((".yaml", ".yml")):
+                continue
+            known = reuse.get(blob.path)
+            if known is not None and known.blob == blob.hexsha:
+                files[blob.path] = known
+            else:
+                files[blob.path] = read_release_file(blob.path, blob)
+                parsed += 1
+        return Snapshot(obj.hexsha, releases_tree.hexsha, files, parsed)

@@ -1,0 +1,44 @@
+"""Build a diffusers pipeline from a verified cache directory.
+
+Called by the model deployment after `serving.artifacts.fetch`; the demo model
+and a production model take exactly this path. Loading is offline and
+safetensors-only: no hub access, no remote code, no pickle.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from serving.samplers import build_scheduler
+
+log = logging.getLogger("diffops.serving")
+
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pipeline(model_dir: Path, *, dtype: str = "float32", sampler: str = "ddim", device: str | None = None) -> Any:
+    """Load the pipeline, swap in the release's sampler, move it to the device.
+
+    CPU replicas always run float32 (half precision on CPU is slow or unsupported).
+    """
+    import torch
+    from diffusers import DiffusionPipeline
+
+    device = device or pick_device()
+    torch_dtype = getattr(torch, DTYPES[dtype]) if device != "cpu" else torch.float32
+    pipeline = DiffusionPipeline.from_pretrained(
+        str(model_dir), torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True
+    )
+    pipeline.scheduler = build_scheduler(sampler, dict(pipeline.scheduler.config))
+    pipeline.set_progress_bar_config(disable=True)
+    if device == "cpu" and dtype != "float32":
+        log.info("pipeline %s: %s requested, running float32 on CPU", model_dir.name, dtype)
+    return pipeline.to(device)

@@ -1,0 +1,123 @@
+"""Serving's part of the release schema: model, generation, limits, runtime, replicas.
+
+`controller.release` composes these into a `Release`. `rules` holds the
+cross-field checks between them; it returns (field path, message) pairs so the
+loader can point each at its line in the release file.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from pydantic import Field, field_validator
+
+from serving.fields import Digest, ImageRef, SpecModel
+from serving.samplers import SamplerName
+
+MODEL_SCHEMES = ("file://", "s3://", "gs://", "az://", "abfs://", "hf://")
+
+
+class ModelSpec(SpecModel):
+    uri: str
+    """Where the model directory lives: file:// (in the repo), s3://, gs://, az://, hf://org/name@revision."""
+    digest: Digest
+    """sha256 over the model's file manifest; print it with `diffops model digest PATH`."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Weights dtype on GPU replicas; CPU replicas always run float32."""
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, uri: str) -> str:
+        if not uri.startswith(MODEL_SCHEMES):
+            raise ValueError(f"unsupported model URI {uri!r}; use one of {', '.join(MODEL_SCHEMES)}")
+        if uri.startswith("hf://") and "@" not in uri:
+            raise ValueError(f"{uri!r}: pin a revision, hf://org/name@<commit sha or tag>")
+        return uri
+
+
+class GenerationSpec(SpecModel):
+    sampler: SamplerName = "ddim"
+    """Scheduler used for denoising (see README for the diffusers class of each)."""
+    steps: int = Field(30, ge=1)
+    """Denoising steps when a request does not set them."""
+    guidance_scale: float = Field(7.5, ge=0, le=50, allow_inf_nan=False)
+    """Classifier-free guidance (CFG) scale; 0 or 1 disables guidance."""
+    width: int = Field(512, ge=8)
+    """Default image width in pixels, a multiple of 8."""
+    height: int = Field(512, ge=8)
+    """Default image height in pixels, a multiple of 8."""
+    negative_prompt: str = ""
+    """Negative prompt applied when a request gives none."""
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    """Fixed seed for requests without one; null draws a random seed per request."""
+
+
+class LimitsSpec(SpecModel):
+    max_steps: int = Field(50, ge=1)
+    """Largest `steps` a request may ask for."""
+    max_pixels: int = Field(1_048_576, ge=64)
+    """Largest width × height a request may ask for."""
+    max_images: int = Field(4, ge=1)
+    """Largest `num_images` per request."""
+    max_prompt_chars: int = Field(2000, ge=1)
+    """Longest prompt or negative prompt, in characters."""
+
+
+class RuntimeSpec(SpecModel):
+    image: ImageRef
+    """Serving container image, pinned by digest."""
+    requires: dict[str, str] = Field(default_factory=dict)
+    """PEP 440 specifiers the replica must satisfy: package name (or `cuda`) -> specifier."""
+
+    @field_validator("requires")
+    @classmethod
+    def _specifiers(cls, requires: dict[str, str]) -> dict[str, str]:
+        for name, spec in requires.items():
+            try:
+                Requirement(name)
+                SpecifierSet(spec)
+            except (InvalidRequirement, InvalidSpecifier):
+                raise ValueError(f"requires.{name}: {spec!r} is not a PEP 440 specifier like '>=2.4'") from None
+        return requires
+
+
+class ReplicasSpec(SpecModel):
+    count: int = Field(1, ge=1, le=1000)
+    """Replicas of the model deployment."""
+    gpus: float = Field(0, ge=0, le=16)
+    """GPUs per replica (fractions share a GPU); 0 runs on CPU."""
+    cpus: float = Field(0.5, gt=0, le=256)
+    """CPUs reserved per replica (fractions allowed)."""
+    max_batch_size: int = Field(4, ge=1, le=256)
+    """Requests of compatible shape batched into one pipeline call."""
+    max_ongoing_requests: int = Field(4, ge=1)
+    """Requests a replica works on at once; more wait in the queue."""
+    max_queued_requests: int = Field(16, ge=1)
+    """Requests waiting per deployment before new ones get 503 + Retry-After."""
+
+
+def rules(generation: GenerationSpec, limits: LimitsSpec, replicas: ReplicasSpec) -> list[tuple[str, str]]:
+    """Cross-field rules of serving's part; (field path under spec, message) per violation."""
+    problems = []
+    if generation.steps > limits.max_steps:
+        problems.append(("generation.steps", f"{generation.steps} exceeds limits.max_steps ({limits.max_steps})"))
+    for side in ("width", "height"):
+        value = getattr(generation, side)
+        if value % 8:
+            problems.append((f"generation.{side}", f"{value} is not a multiple of 8 (try {value - value % 8 or 8})"))
+    pixels = generation.width * generation.height
+    if pixels > limits.max_pixels:
+        problems.append(
+            ("generation.width", f"{generation.width}x{generation.height} = {pixels} pixels exceeds limits.max_pixels ({limits.max_pixels})")
+        )
+    if replicas.max_batch_size > replicas.max_ongoing_requests:
+        problems.append(
+            (
+                "replicas.max_batch_size",
+                f"{replicas.max_batch_size} exceeds replicas.max_ongoing_requests ({replicas.max_ongoing_requests}); "
+                "a batch could never fill",
+            )
+        )
+    return problems

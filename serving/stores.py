@@ -1,0 +1,182 @@
+"""Where model files come from: one small store per URI scheme.
+
+Used by `serving.artifacts.fetch`, which never trusts what a store lists: it
+checks every key and hashes every byte. A store only lists (key, size) pairs
+and opens keys for reading.
+
+- `file://models/x` — a directory in the release repo, read from git objects
+  at the release's commit (never the work tree); `file:///abs` — a local
+  directory under an allowed root.
+- `s3://`, `gs://`, `az://` — fsspec (s3fs, gcsfs, adlfs).
+- `hf://org/name@revision` — huggingface_hub, safetensors and configs only.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator, Protocol
+
+from serving.manifest import MANIFEST_NAME, REFUSED_SUFFIXES, ArtifactError, list_model_files
+
+LFS_POINTER = b"version https://git-lfs"
+
+
+class Store(Protocol):
+    def list(self) -> list[tuple[str, int]]: ...
+    def open(self, key: str) -> IO[bytes]: ...
+
+
+class LocalStore:
+    def __init__(self, root: Path):
+        if not root.is_dir():
+            raise ArtifactError(f"{root}: no such model directory")
+        self.root = root.resolve()
+
+    def list(self) -> list[tuple[str, int]]:
+        keys = list_model_files(self.root)
+        if (self.root / MANIFEST_NAME).is_file():
+            keys.append(MANIFEST_NAME)
+        return [(key, (self.root / key).stat().st_size) for key in keys]
+
+    def open(self, key: str) -> IO[bytes]:
+        return open(self.root / key, "rb")
+
+
+class _BlobStream:
+    """A git object stream usable in `with`, like a file."""
+
+    def __init__(self, stream: IO[bytes]):
+        self.read = stream.read
+
+    def __enter__(self) -> _BlobStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class GitTreeStore:
+    """A model directory committed in the release repo, read at one commit."""
+
+    def __init__(self, repo_path: Path, commit: str, subdir: str):
+        import git
+
+        self.repo = git.Repo(repo_path)
+        tree = self.repo.commit(commit).tree
+        try:
+            self.tree = tree / subdir
+        except KeyError:
+            raise ArtifactError(f"{subdir}: not in the repo at commit {commit[:12]}") from None
+        self.subdir = subdir
+        self.blobs: dict[str, object] = {}
+
+    def _walk(self) -> Iterator[tuple[str, object]]:
+        for item in self.tree.traverse():
+            key = posixpath.relpath(item.path, self.subdir)
+            if item.type == "commit":
+                raise ArtifactError(f"{key}: submodules are not allowed in a model directory")
+            if item.type == "blob":
+                yield key, item
+
+    def list(self) -> list[tuple[str, int]]:
+        entries = dict(self._walk())
+        for key, blob in list(entries.items()):
+            if blob.mode == 0o120000:  # symlink: follow it only inside the model directory
+                target = posixpath.normpath(posixpath.join(posixpath.dirname(key), blob.data_stream.read().decode()))
+                if target.startswith("../") or target == ".." or posixpath.isabs(target) or target not in entries:
+                    raise ArtifactError(f"{key}: symlink escapes the model directory")
+                entries[key] = entries[target]
+        listed = []
+        for key, blob in entries.items():
+            if blob.size < 200 and blob.data_stream.read().startswith(LFS_POINTER):
+                raise ArtifactError(f"{key}: is a Git LFS pointer, not the file; host large models on s3:// or hf://")
+            self.blobs[key] = blob
+            listed.append((key, blob.size))
+        return listed
+
+    def open(self, key: str) -> IO[bytes]:
+        return _BlobStream(self.blobs[key].data_stream)  # type: ignore[attr-defined,return-value]
+
+
+class FsspecStore:
+    """Object storage through fsspec; credentials and endpoints from the usual environment."""
+
+    def __init__(self, uri: str):
+        import fsspec
+
+        if uri.startswith("az://"):
+            uri = "abfs://" + uri.removeprefix("az://")
+        self.fs, path = fsspec.core.url_to_fs(uri)
+        self.root = path.rstrip("/")
+        self.uri = uri
+
+    def list(self) -> list[tuple[str, int]]:
+        found = self.fs.find(self.root, detail=True, withdirs=False)
+        if not found:
+            raise ArtifactError(f"{self.uri}: no files found")
+        entries = []
+        for path, info in found.items():
+            key = path[len(self.root) :].removeprefix("/") if path.startswith(self.root + "/") else path
+            if info.get("type") == "link" or info.get("islink"):
+                raise ArtifactError(f"{key}: symlinks are refused in object stores")
+            entries.append((key, int(info.get("size") or 0)))
+        return entries
+
+    def open(self, key: str) -> IO[bytes]:
+        return self.fs.open(f"{self.root}/{key}", "rb")
+
+
+class HfStore:
+    """A Hugging Face Hub repo at a pinned revision; pickle and code files are never downloaded."""
+
+    def __init__(self, uri: str):
+        repo, _, revision = uri.removeprefix("hf://").partition("@")
+        if repo.count("/") != 1 or not revision:
+            raise ArtifactError(f"{uri}: expected hf://org/name@revision")
+        self.repo, self.revision = repo, revision
+        self.staging: Path | None = None
+
+    def list(self) -> list[tuple[str, int]]:
+        from huggingface_hub import snapshot_download
+
+        self.staging = Path(tempfile.mkdtemp(prefix="diffops-hf-"))
+        snapshot_download(
+            self.repo,
+            revision=self.revision,
+            local_dir=self.staging,
+            ignore_patterns=[f"*{suffix}" for suffix in REFUSED_SUFFIXES] + ["*.msgpack", "*.h5", "*.onnx", "*.onnx_data"],
+        )
+        hub_bookkeeping = self.staging / ".cache"
+        if hub_bookkeeping.is_dir():
+            import shutil
+
+            shutil.rmtree(hub_bookkeeping)
+        return LocalStore(self.staging).list()
+
+    def open(self, key: str) -> IO[bytes]:
+        assert self.staging is not None
+        return open(self.staging / key, "rb")
+
+
+def open_store(uri: str, *, repo: Path | None, commit: str | None, allowed_roots: tuple[Path, ...] = ()) -> Store:
+    """The store for a model URI; file:// paths never escape the repo or an allowed root."""
+    if uri.startswith("file://"):
+        rest = uri.removeprefix("file://")
+        if rest.startswith("/"):
+            path = Path(rest).resolve()
+            if not any(path.is_relative_to(root.resolve()) for root in allowed_roots):
+                raise ArtifactError(f"{uri}: outside the allowed model roots ({', '.join(map(str, allowed_roots)) or 'none configured'})")
+            return LocalStore(path)
+        subdir = posixpath.normpath(rest)
+        if subdir.startswith("..") or subdir == ".":
+            raise ArtifactError(f"{uri}: must name a directory inside the repo")
+        if repo is None or commit is None:
+            raise ArtifactError(f"{uri}: a repo-relative model needs the repo and commit it was released from")
+        return GitTreeStore(repo, commit, subdir)
+    if uri.startswith("hf://"):
+        return HfStore(uri)
+    if uri.startswith(("s3://", "gs://", "az://", "abfs://")):
+        return FsspecStore(uri)
+    raise ArtifactError(f"{uri}: unsupported scheme")

@@ -1,0 +1,105 @@
+"""The plan as tables: which edits make a new version, which apply in place, and their GPU cost."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.loader import parse_release
+from controller.plan import GpuImpact, diff_releases
+from controller.release import Release
+from controller.versions import FIELD_CLASSES, field_class, leaves, version_id
+from tests.conftest import DEMO_RELEASE, edit
+
+
+def release(*edits: tuple[str, str], name: str = "demo") -> Release:
+    text = DEMO_RELEASE.replace("name: demo", f"name: {name}")
+    for old, new in edits:
+        text = edit(text, old, new)
+    return parse_release(text.encode(), f"releases/{name}.yaml")
+
+
+GPU1 = ("    gpus: 0\n", "    gpus: 1\n")
+
+CHANGES = [
+    # (id, edits, expected class, version id changes?, changed paths)
+    ("steps", [("    steps: 4\n", "    steps: 8\n")], "version", True, ["spec.generation.steps"]),
+    ("sampler", [("    sampler: ddim\n", "    sampler: euler_a\n")], "version", True, ["spec.generation.sampler"]),
+    ("negative prompt", [('    negative_prompt: ""\n', '    negative_prompt: "blurry"\n')], "version", True, ["spec.generation.negative_prompt"]),
+    ("model digest", [("2b30c6ef", "3b30c6ef")], "version", True, ["spec.model.digest"]),
+    ("dtype", [("    dtype: float32\n", "    dtype: float16\n")], "version", True, ["spec.model.dtype"]),
+    ("image", [("serving@sha256:0000", "serving@sha256:1111")], "version", True, ["spec.runtime.image"]),
+    ("requirement", [('      torch: ">=2.4"\n', '      torch: ">=2.5"\n')], "version", True, ["spec.runtime.requires.torch"]),
+    ("gpus per replica", [GPU1], "version", True, ["spec.replicas.gpus"]),
+    ("cpus per replica", [("    cpus: 0.5\n", "    cpus: 1\n")], "version", True, ["spec.replicas.cpus"]),
+    ("replica count", [("    count: 1\n", "    count: 3\n")], "light", False, ["spec.replicas.count"]),
+    ("batch size", [("    max_batch_size: 4\n", "    max_batch_size: 2\n")], "light", False, ["spec.replicas.max_batch_size"]),
+    ("queue", [("    max_queued_requests: 16\n", "    max_queued_requests: 64\n")], "light", False, ["spec.replicas.max_queued_requests"]),
+    ("limits", [("    max_images: 4\n", "    max_images: 2\n")], "light", False, ["spec.limits.max_images"]),
+    ("uri only", [("file://models/tiny-sd", "s3://bucket/tiny-sd")], "light", False, ["spec.model.uri"]),
+    ("rollout only", [("    scale_down_delay: 10m\n", "    scale_down_delay: 30m\n")], "policy", False, ["spec.rollout.scale_down_delay"]),
+    ("cost only", [("    gpu_hour_usd: 2.5\n", "    gpu_hour_usd: 3\n")], "policy", False, ["spec.cost.gpu_hour_usd"]),
+    ("light and version together", [("    count: 1\n", "    count: 2\n"), ("    steps: 4\n", "    steps: 6\n")], "version", True, ["spec.generation.steps", "spec.replicas.count"]),
+]
+
+
+@pytest.mark.parametrize("case", CHANGES, ids=[c[0] for c in CHANGES])
+def test_change_class_and_version_id(case):
+    _, edits, expected_class, new_version, paths = case
+    old, new = release(), release(*edits)
+    [change] = diff_releases({"demo": old}, {"demo": new})
+    assert change.action == "change"
+    assert change.change_class == expected_class
+    assert [f.path for f in change.fields] == paths
+    assert (change.old_version != change.new_version) is new_version
+    assert change.old_version == version_id(old) and change.new_version == version_id(new)
+
+
+def test_version_id_is_stable_and_short():
+    assert version_id(release()) == version_id(release())
+    assert len(version_id(release())) == 10
+    assert version_id(release()) != version_id(release(name="other"))
+
+
+def test_no_change_no_entry():
+    assert diff_releases({"demo": release()}, {"demo": release()}) == []
+
+
+def test_added_and_removed():
+    changes = diff_releases({"old": release(name="old")}, {"new": release(GPU1, name="new")})
+    assert [(c.name, c.action, c.change_class) for c in changes] == [("new", "add", "version"), ("old", "remove", "remove")]
+    assert changes[0].impact == GpuImpact(replicas_to_start=1, gpus_before=0, gpus_peak=1, gpus_after=1)
+    assert changes[1].impact == GpuImpact(replicas_to_start=0, gpus_before=0, gpus_peak=0, gpus_after=0)
+
+
+IMPACTS = [
+    # (id, old edits, new edits, expected impact)
+    ("bluegreen version change doubles GPUs at peak", [GPU1, ("    count: 1\n", "    count: 2\n")],
+     [GPU1, ("    count: 1\n", "    count: 2\n"), ("    steps: 4\n", "    steps: 8\n")],
+     GpuImpact(replicas_to_start=2, gpus_before=2, gpus_peak=4, gpus_after=2, standby_gpus=2)),
+    ("scale up is light", [GPU1], [GPU1, ("    count: 1\n", "    count: 3\n")],
+     GpuImpact(replicas_to_start=2, gpus_before=1, gpus_peak=3, gpus_after=3)),
+    ("scale down starts nothing", [GPU1, ("    count: 1\n", "    count: 3\n")], [GPU1],
+     GpuImpact(replicas_to_start=0, gpus_before=3, gpus_peak=3, gpus_after=1)),
+    ("policy change costs nothing", [GPU1], [GPU1, ("    gpu_hour_usd: 2.5\n", "    gpu_hour_usd: 1\n")],
+     GpuImpact(replicas_to_start=0, gpus_before=1, gpus_peak=1, gpus_after=1)),
+    ("more GPUs per replica", [GPU1], [("    gpus: 0\n", "    gpus: 2\n")],
+     GpuImpact(replicas_to_start=1, gpus_before=1, gpus_peak=3, gpus_after=2, standby_gpus=1)),
+]
+
+
+@pytest.mark.parametrize("case", IMPACTS, ids=[c[0] for c in IMPACTS])
+def test_gpu_impact(case):
+    _, old_edits, new_edits, expected = case
+    [change] = diff_releases({"demo": release(*old_edits)}, {"demo": release(*new_edits)})
+    assert change.impact == expected
+
+
+def test_every_schema_field_has_an_explicit_class():
+    """A new schema field must be classified on purpose, not fall into the default."""
+    prefixes = [prefix for prefix, _ in FIELD_CLASSES]
+    unclassified = [
+        path for path in leaves(release())
+        if path.startswith("spec.") and not any(path == p or path.startswith(p + ".") for p in prefixes)
+    ]
+    assert unclassified == []
+    assert field_class("spec.some_future_field") == "version"
