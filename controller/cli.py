@@ -1,4 +1,4 @@
-"""The `diffops` command line: thin shells over source, plan, schema and artifacts.
+"""The `diffops` command line, authoring side: lint, diff, schema, model artifacts.
 
 Each command parses its options, calls the pure or I/O module that does the
 work, prints, and maps failures to an exit code and a message saying what to do.
@@ -7,55 +7,18 @@ work, prints, and maps failures to an exit code and a message saying what to do.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
 import click
 
-from controller import diff_report
+from controller import cli_operate, diff_report
+from controller.cli_common import fail, open_source, repo_option, state_dir_option
 from controller.plan import diff_releases
 from controller.release import Release
-from controller.source import EMPTY_TREE, ReleaseSource, Snapshot, SourceError
+from controller.source import ReleaseSource, Snapshot, SourceError
 from serving.manifest import MANIFEST_NAME, ArtifactError, manifest_of
-
-SCHEMA_PATH = Path("releases") / "release.schema.json"
-
-
-def default_state_dir() -> Path:
-    if os.environ.get("DIFFOPS_STATE_DIR"):
-        return Path(os.environ["DIFFOPS_STATE_DIR"])
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "diffops"
-
-
-repo_option = click.option(
-    "--repo", default=".", show_default=True, metavar="PATH|URL", help="Release repository: a local path or a git URL."
-)
-state_dir_option = click.option(
-    "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=default_state_dir,
-    show_default="$DIFFOPS_STATE_DIR or ~/.local/state/diffops",
-    help="Controller state: SQLite store, model cache, mirrors of remote repos.",
-)
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def open_source(repo: str, state_dir: Path) -> ReleaseSource:
-    try:
-        source = ReleaseSource.open(repo, state_dir=state_dir)
-        source.refresh()
-        return source
-    except SourceError as err:
-        fail(str(err), 2)
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="diffops")
@@ -199,6 +162,9 @@ def model_fetch(release_name: str, repo: str, state_dir: Path, rev: str | None, 
     click.echo(f"{release_name}: verified {result.files} files, {how}, in {time.monotonic() - started:.2f}s", err=True)
     click.echo(str(result.path))
 
+
+for command in cli_operate.COMMANDS:
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -65,3 +65,40 @@ def model_repo(release_repo: ReleaseRepo) -> ReleaseRepo:
 def edit(text: str, old: str, new: str) -> str:
     assert old in text, f"{old!r} not in release text"
     return text.replace(old, new, 1)
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A real local Ray head for the session: token auth, 127.0.0.1, 2 advertised GPUs, its own ports and temp dir."""
+    import os
+    import tempfile
+
+    import psutil
+
+    from controller import ray_cluster
+    from tests import live
+
+    token_dir = tmp_path_factory.mktemp("ray-token")
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_dir / "auth_token")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    temp_dir = tempfile.mkdtemp(prefix="dray-")
+    head = ray_cluster.RayHead(gcs_port=live.GCS_PORT, dashboard_port=live.DASHBOARD_PORT, metrics_port=live.METRICS_PORT, temp_dir=temp_dir)
+    ray_cluster.start_head(head, num_cpus=4, num_gpus=2)
+    yield head
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in process.info["cmdline"] or []):
+                process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def serve(ray_head):
+    """Ray Serve on the session head, with no applications before and after the test."""
+    from tests import live
+
+    live.clear_serve()
+    yield live.serve_client()
+    live.clear_serve()

@@ -1,0 +1,45 @@
+"""Options and helpers shared by every `diffops` command."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from controller.source import ReleaseSource, SourceError
+
+
+def default_state_dir() -> Path:
+    if os.environ.get("DIFFOPS_STATE_DIR"):
+        return Path(os.environ["DIFFOPS_STATE_DIR"])
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "diffops"
+
+
+repo_option = click.option(
+    "--repo", default=".", show_default=True, metavar="PATH|URL", help="Release repository: a local path or a git URL."
+)
+state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_state_dir,
+    show_default="$DIFFOPS_STATE_DIR or ~/.local/state/diffops",
+    help="Controller state: SQLite store, model cache, mirrors of remote repos.",
+)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def open_source(repo: str, state_dir: Path) -> ReleaseSource:
+    try:
+        source = ReleaseSource.open(repo, state_dir=state_dir)
+        source.refresh()
+        return source
+    except SourceError as err:
+        fail(str(err), 2)

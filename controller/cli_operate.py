@@ -1,0 +1,188 @@
+"""The `diffops` command line, operating side: the controller, status, history, generate, ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import click
+import httpx
+
+from controller import logs
+from controller.cli_common import fail, open_source, repo_option, state_dir_option
+from controller.status_view import history_rows, history_text, status_json, status_text
+from controller.store import Store
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def open_store_readonly(state_dir: Path) -> Store:
+    path = state_dir / "state.db"
+    if not path.exists():
+        fail(f"no controller state in {state_dir}; start one with `diffops controller run --state-dir {state_dir}`")
+    return Store(path, readonly=True)
+
+
+@click.group()
+def controller() -> None:
+    """The reconciling controller daemon."""
+
+
+@controller.command("run")
+@repo_option
+@state_dir_option
+@click.option("--branch", default=None, help="Branch to follow (default: the repository's HEAD).")
+@click.option("--ray-address", default=None, metavar="URL|HOST:PORT",
+              help="Ray dashboard URL (or GCS host:port) of a running cluster; without it a local head is started on 127.0.0.1.")
+@click.option("--interval", default=10.0, show_default=True, help="Seconds between polls (remote URLs; local repos are also watched).")
+@click.option("--http-port", default=8000, show_default=True, help="Port of Ray Serve's HTTP proxy (on 127.0.0.1).")
+@click.option("--num-gpus", type=int, default=None, help="GPUs the local head advertises (default: detected).")
+@click.option("--metrics-port", type=int, default=None, help="Serve controller metrics for Prometheus on 127.0.0.1:PORT.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--allow-prune-all", is_flag=True, help="Allow a commit that removes every release file to delete every release.")
+@click.option("--once", is_flag=True, help="Reconcile once and exit.")
+def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: str | None, interval: float, http_port: int,
+                   num_gpus: int | None, metrics_port: int | None, log_format: str, allow_prune_all: bool, once: bool) -> None:
+    """Make Ray Serve match the releases at the branch head, continuously."""
+    from controller import ray_cluster
+    from controller.daemon import StateDirLocked, install_signal_handlers, lock_state_dir, run_loop
+    from controller.metrics import ControllerMetrics
+    from controller.reconciler import Reconciler
+    from controller.serve_client import ServeClient
+    from controller.serve_config import RenderSettings
+
+    logs.configure(log_format)
+    try:
+        lock = lock_state_dir(state_dir)
+    except StateDirLocked as err:
+        fail(str(err))
+    source = open_source(repo, state_dir)
+    try:
+        if ray_address:
+            ray_cluster.ensure_token()
+            dashboard = ray_cluster.dashboard_url_for(ray_address)
+        else:
+            dashboard = ray_cluster.start_head(ray_cluster.RayHead(), num_gpus=num_gpus)
+    except RuntimeError as err:
+        fail(str(err))
+    serve = ServeClient(dashboard, ray_cluster.ensure_token(), serve_url=f"http://127.0.0.1:{http_port}")
+    if not serve.alive():
+        fail(f"Ray dashboard at {dashboard} is unreachable or refuses the token; check --ray-address and RAY_AUTH_MODE=token")
+    metrics = ControllerMetrics()
+    if metrics_port:
+        metrics.serve(metrics_port)
+    stop, wake = threading.Event(), threading.Event()
+    settings = RenderSettings(repo=str(source.path), cache_dir=str(state_dir / "models"), http_port=http_port)
+    reconciler = Reconciler(source, Store(state_dir / "state.db"), serve, settings, branch=branch,
+                            allow_prune_all=allow_prune_all, on_prepared=wake.set, metrics=metrics)
+    click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}); serving at http://127.0.0.1:{http_port}/<release>/generate", err=True)
+    try:
+        if once:
+            result = reconciler.reconcile()
+            raise SystemExit(0 if result.ok else 1)
+        install_signal_handlers(stop, wake)
+        git_dir = None if source.url else Path(source.repo.git_dir)
+        run_loop(reconciler, interval_s=interval, git_dir=git_dir, stop=stop, wake=wake)
+    finally:
+        reconciler.close()
+        lock.release()
+
+
+@click.command()
+@state_dir_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (the documented contract).")
+@click.option("--watch", is_flag=True, help="Redraw every second until interrupted.")
+def status(state_dir: Path, as_json: bool, watch: bool) -> None:
+    """Every release: phase, message, versions, roles, weights and ready replicas."""
+    store = open_store_readonly(state_dir)
+    while True:
+        state = store.load()
+        if as_json:
+            click.echo(json.dumps(status_json(state), indent=None if watch else 2))
+        else:
+            if watch:
+                click.clear()
+            click.echo(status_text(state))
+        if not watch:
+            return
+        time.sleep(1)
+
+
+@click.command()
+@click.argument("release")
+@state_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def history(release: str, state_dir: Path, as_json: bool) -> None:
+    """A release's rollouts: commit, version, outcome and duration."""
+    rows = history_rows(open_store_readonly(state_dir).events(release))
+    click.echo(json.dumps(rows, indent=2) if as_json else history_text(release, rows))
+
+
+@click.command()
+@click.argument("release")
+@click.argument("prompt")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG file to write.")
+@click.option("--url", default=lambda: os.environ.get("DIFFOPS_URL", DEFAULT_URL), show_default=f"$DIFFOPS_URL or {DEFAULT_URL}")
+@click.option("--seed", type=int)
+@click.option("--steps", type=int)
+@click.option("--width", type=int)
+@click.option("--height", type=int)
+@click.option("--guidance-scale", type=float)
+@click.option("--negative-prompt")
+@click.option("--version", "pin", help="Send to this version (X-Diffops-Version), e.g. to preview a standby.")
+@click.option("--timeout", default=300.0, show_default=True)
+def generate(release: str, prompt: str, output: Path, url: str, seed: int | None, steps: int | None, width: int | None,
+             height: int | None, guidance_scale: float | None, negative_prompt: str | None, pin: str | None, timeout: float) -> None:
+    """Generate an image through the serving endpoint and write it as PNG."""
+    body = {"prompt": prompt, "seed": seed, "steps": steps, "width": width, "height": height,
+            "guidance_scale": guidance_scale, "negative_prompt": negative_prompt}
+    headers = {"X-Diffops-Version": pin} if pin else {}
+    started = time.monotonic()
+    try:
+        response = httpx.post(f"{url.rstrip('/')}/{release}/generate", json={k: v for k, v in body.items() if v is not None},
+                              headers=headers, timeout=timeout)
+    except httpx.HTTPError as err:
+        fail(f"{url} unreachable ({type(err).__name__}); is the controller running (`make demo`)?")
+    if response.status_code != 200:
+        try:
+            detail = response.json()
+            message = f"{detail.get('field', '')}: {detail.get('message', '')}".strip(": ")
+        except ValueError:
+            message = response.text[:300]
+        retry = f"; retry after {response.headers['Retry-After']}s" if "Retry-After" in response.headers else ""
+        fail(f"{release}: HTTP {response.status_code}: {message}{retry}")
+    output.write_bytes(response.content)
+    click.echo(f"{output}: {len(response.content)} bytes from version {response.headers.get('X-Diffops-Version')} "
+               f"(request {response.headers.get('X-Request-Id')}) in {time.monotonic() - started:.2f}s")
+
+
+@click.group()
+def ray() -> None:
+    """The local Ray head the controller starts (it outlives the controller)."""
+
+
+@ray.command("start")
+@click.option("--num-gpus", type=int, default=None, help="GPUs to advertise (default: detected).")
+def ray_start(num_gpus: int | None) -> None:
+    """Start the local Ray head on 127.0.0.1 with token auth (no-op when it runs)."""
+    from controller import ray_cluster
+
+    logs.configure()
+    try:
+        click.echo(ray_cluster.start_head(ray_cluster.RayHead(), num_gpus=num_gpus))
+    except RuntimeError as err:
+        fail(str(err))
+
+
+@ray.command("stop")
+def ray_stop() -> None:
+    """Stop the local Ray head: serving stops."""
+    from controller import ray_cluster
+
+    raise SystemExit(ray_cluster.stop_head())
+
+
+COMMANDS = [controller, status, history, generate, ray]

@@ -1,0 +1,43 @@
+"""The controller's Prometheus metrics (`--metrics-port`).
+
+Reconciles by result and duration, phase per release, weight per version and
+the time of the last applied commit, refreshed after every reconcile from the
+recorded state.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from controller.store import State
+
+PHASES = ("Healthy", "Progressing", "Paused", "Degraded", "Failed", "Invalid")
+
+
+class ControllerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.reconciles = Counter("diffops_reconciles_total", "Reconciles by result.", ["result"], registry=self.registry)
+        self.duration = Histogram("diffops_reconcile_duration_seconds", "Reconcile duration.", registry=self.registry,
+                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.phase = Gauge("diffops_release_phase", "1 for the release's current phase.", ["release", "phase"], registry=self.registry)
+        self.weight = Gauge("diffops_version_weight", "Traffic weight set per version.", ["release", "version", "role"], registry=self.registry)
+        self.applied = Gauge("diffops_last_applied_commit_timestamp_seconds", "When the last commit became fully live.", registry=self.registry)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def observe_reconcile(self, result: str, seconds: float) -> None:
+        self.reconciles.labels(result).inc()
+        self.duration.observe(seconds)
+
+    def observe_state(self, state: State) -> None:
+        self.phase.clear()
+        for release in state.releases.values():
+            for phase in PHASES:
+                self.phase.labels(release.name, phase).set(1 if release.phase == phase else 0)
+        self.weight.clear()
+        for version in state.versions:
+            self.weight.labels(version.release, version.version, version.role).set(version.weight)
+        if state.controller.applied_at:
+            self.applied.set(state.controller.applied_at)

@@ -1,0 +1,191 @@
+"""One reconcile: git -> desired releases -> rollout steps -> Serve config -> SQLite.
+
+The shell around the pure steps. Each tick recomputes from the branch head,
+the recorded state and what Ray Serve reports; long work (model fetch and
+verification) runs in a thread pool and is picked up by a later tick. A
+release whose step raises is logged and left as it was; the others go on.
+Temporary trouble (git fetch, Ray unreachable) ends the tick early with a
+retry delay, in exactly one place (`reconcile`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from controller import rollout
+from controller.records import Event, ObservedApp, ReleaseRecord, VersionRecord, app_name
+from controller.serve_client import ServeApi, ServeError
+from controller.serve_config import RenderSettings, render, router_weights
+from controller.source import ReleaseSource, ReleaseFile, Snapshot, SourceError
+from controller.store import State, Store
+from controller.versions import version_id
+from serving.artifacts import ModelCache, fetch
+from serving.manifest import ArtifactError
+
+log = logging.getLogger("diffops.controller")
+
+
+@dataclass(frozen=True)
+class TickResult:
+    ok: bool
+    busy: bool  # some rollout is in progress: tick again soon
+    seconds: float
+    retry_in: float | None = None
+
+
+class Reconciler:
+    def __init__(self, source: ReleaseSource, store: Store, serve: ServeApi, settings: RenderSettings, *,
+                 branch: str | None = None, allow_prune_all: bool = False, clock: Callable[[], float] = time.time,
+                 on_prepared: Callable[[], None] = lambda: None, metrics: object | None = None):
+        self.source, self.store, self.serve, self.settings = source, store, serve, settings
+        self.branch, self.allow_prune_all, self.clock = branch, allow_prune_all, clock
+        self.on_prepared, self.metrics = on_prepared, metrics
+        self.state: State = store.load()
+        self.snapshot: Snapshot | None = None
+        self.applied_config: dict | None = None
+        self.confirmed: dict[str, dict[str, int]] = {}  # router weights each router has confirmed serving
+        self.prepared: dict[tuple[str, str], rollout.Prepared] = {}
+        self.preparing: dict[tuple[str, str], Future] = {}
+        self.finished: queue.SimpleQueue[tuple[tuple[str, str], rollout.Prepared]] = queue.SimpleQueue()
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
+        self.cache = ModelCache(Path(settings.cache_dir))
+
+    def reconcile(self) -> TickResult:
+        started = time.monotonic()
+        try:
+            self.source.refresh()
+            head = self.source.resolve(f"refs/heads/{self.branch}" if self.branch else None).hexsha
+            self.snapshot = self.source.snapshot(head, base=self.snapshot)
+            observed = self._confirm_weights(self.serve.observe())
+            busy = self._tick(head, observed)
+        except (SourceError, ServeError) as err:
+            seconds = time.monotonic() - started
+            log.warning("controller: reconcile stopped: %s; next: retry in 5s (%.0f ms)", err, seconds * 1000)
+            self._count("error", seconds)
+            return TickResult(False, False, seconds, retry_in=5.0)
+        seconds = time.monotonic() - started
+        self._count("ok", seconds)
+        return TickResult(True, busy, seconds)
+
+    def _tick(self, head: str, observed: dict[str, ObservedApp]) -> bool:
+        now = self.clock()
+        while not self.finished.empty():
+            key, result = self.finished.get()
+            self.preparing.pop(key, None)
+            self.prepared[key] = result
+        state, snapshot = self.state, self.snapshot
+        assert snapshot is not None
+        files = {PurePosixPath(path).stem: f for path, f in snapshot.files.items()}
+        every_file_gone = not files and bool(state.releases)
+        releases: dict[str, ReleaseRecord] = {}
+        versions: list[VersionRecord] = []
+        events: list[Event] = []
+        for name in sorted(set(state.releases) | set(files)):
+            record = state.releases.get(name)
+            mine = [v for v in state.versions if v.release == name]
+            try:
+                result = self._step(name, files.get(name), record, mine, observed, head, every_file_gone, now)
+            except Exception:  # a failing release never blocks another
+                log.exception("%s: reconcile step failed; state left as it was; next: retry on the next tick", name)
+                result = rollout.Step(record, mine)
+            if result.release is not None:
+                releases[name] = result.release
+            versions += result.versions
+            events += [replace(e, commit=e.commit or head, at=now) for e in result.events]
+            for version in result.prepare:
+                self._prepare(version)
+        waiting = {(v.release, v.version) for v in versions if v.status == "preparing"}
+        self.prepared = {key: result for key, result in self.prepared.items() if key in waiting}
+        config = render(releases.values(), versions, self.settings)
+        if config != self.applied_config:
+            self.serve.apply(config)
+            self.applied_config = config
+        all_live = all(r.phase == "Healthy" for r in releases.values())
+        controller = replace(state.controller, last_attempted_commit=head, attempted_at=now)
+        if all_live and controller.last_applied_commit != head:
+            controller = replace(controller, last_applied_commit=head, applied_at=now)
+        self.state = State(controller, releases, versions, observed)
+        self.store.save(self.state, events)
+        for event in events:
+            log.info("%s: %s", event.release, event.message, extra={"subject": event.release, "event": event.kind, "version": event.version})
+        if self.metrics is not None:
+            self.metrics.observe_state(self.state)  # type: ignore[attr-defined]
+        return any(r.phase == "Progressing" for r in releases.values())
+
+    def _confirm_weights(self, observed: dict[str, ObservedApp]) -> dict[str, ObservedApp]:
+        """Attach each router's live weights; a router is asked only until it confirms the recorded ones."""
+        for name, app in observed.items():
+            if "--" in name:
+                continue
+            recorded = router_weights(v for v in self.state.versions if v.release == name)
+            live = recorded if self.confirmed.get(name) == recorded else self.serve.router_weights(name)
+            if live == recorded:
+                self.confirmed[name] = recorded
+            observed[name] = replace(app, weights=live)
+        return observed
+
+    def _step(self, name: str, file: ReleaseFile | None, record: ReleaseRecord | None, versions: list[VersionRecord],
+              observed: dict[str, ObservedApp], head: str, every_file_gone: bool, now: float) -> rollout.Step:
+        if file is None:
+            assert record is not None
+            return rollout.removed(record, versions, allowed=self.allow_prune_all or not every_file_gone, now=now)
+        if file.release is None:
+            return rollout.invalid(record, name, [str(e) for e in file.errors], versions, now)
+        desired = rollout.Desired(file.release, version_id(file.release), head, file.blob)
+        if record is None and not versions:
+            versions = adopt(desired, observed, now)
+        prepared = {version: result for (release, version), result in self.prepared.items() if release == name}
+        return rollout.step(name, now, desired, record, versions, observed, prepared)
+
+    def _prepare(self, version: VersionRecord) -> None:
+        """Fetch and verify a version's model in the background; a later tick reads the result."""
+        key = (version.release, version.version)
+        if key in self.preparing or key in self.prepared:
+            return
+        model = version.spec["model"]
+
+        def work() -> rollout.Prepared:
+            started = time.monotonic()
+            try:
+                result = fetch(model["uri"], model["digest"], self.cache, repo=self.source.path, commit=version.commit)
+            except ArtifactError as err:
+                return rollout.Prepared(False, str(err), time.monotonic() - started)
+            except Exception as err:  # network, permissions: the version fails with the reason, the controller goes on
+                return rollout.Prepared(False, f"{type(err).__name__}: {err}", time.monotonic() - started)
+            how = "cache hit" if result.cached else f"{result.bytes_transferred} bytes fetched"
+            return rollout.Prepared(True, how, time.monotonic() - started)
+
+        def done(future: Future) -> None:
+            if not future.cancelled():
+                self.finished.put((key, future.result()))
+                self.on_prepared()
+
+        log.info("%s: fetching and verifying model %s for %s; next: start replicas once verified", version.release, model["digest"][:19], version.version)
+        future = self.pool.submit(work)
+        self.preparing[key] = future
+        future.add_done_callback(done)
+
+    def _count(self, result: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_reconcile(result, seconds)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def adopt(desired: rollout.Desired, observed: dict[str, ObservedApp], now: float) -> list[VersionRecord]:
+    """With no record of a release, take over its desired version if Ray Serve already runs it."""
+    app = observed.get(app_name(desired.release.name, desired.version))
+    if app is None or not app.ready or not app.args:
+        return []
+    spec = {**desired.release.model_dump(mode="json")["spec"], "model": app.args["model"]}
+    log.info("%s: adopted running app %s (%d replicas) instead of redeploying it; next: reconcile it like any release",
+             desired.release.name, app.name, app.running)
+    return [VersionRecord(desired.release.name, desired.version, "stable", 100, "ready", app.args["commit"], spec, now,
+                          ready_at=now, deployed_args=app.args)]

@@ -1,0 +1,226 @@
+"""One release's rollout, one tick at a time. Pure.
+
+`step()` takes what git wants (or the file's errors), what is recorded, what
+Ray Serve reports and which model preparations finished, and returns the next
+recorded state, the decisions made (events) and the preparations to start.
+Blue/green: a new version is prepared (model fetched and verified), started
+beside the stable one with weight 0, switched to 100% once every replica is
+running and warmed, and the old stable stays warm as `standby` for
+`scale_down_delay`. A desired version that is the standby is switched back at
+once: no reload, no re-check. Nothing here blocks; unfinished work waits for
+the next tick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from controller.records import Event, ObservedApp, ReleaseRecord, VersionRecord, app_name
+from controller.release import Release
+from controller.serve_config import router_weights
+
+DEADLINE_LOAD_FACTOR = 3
+DEADLINE_MARGIN_S = 30
+
+
+@dataclass(frozen=True)
+class Desired:
+    release: Release
+    version: str
+    commit: str
+    blob: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    ok: bool
+    message: str
+    seconds: float
+
+
+@dataclass
+class Step:
+    release: ReleaseRecord | None  # None: the release is gone
+    versions: list[VersionRecord]
+    events: list[Event] = field(default_factory=list)
+    prepare: list[VersionRecord] = field(default_factory=list)
+
+
+def deadline_s(release: Release, load_seconds: float | None) -> float:
+    """The progress deadline, stretched to the measured load time of earlier versions."""
+    floor = release.spec.rollout.progress_deadline.total_seconds()
+    if load_seconds is None:
+        return floor
+    return max(floor, DEADLINE_LOAD_FACTOR * load_seconds + DEADLINE_MARGIN_S)
+
+
+def role_of(versions: list[VersionRecord], role: str) -> list[VersionRecord]:
+    return [v for v in versions if v.role == role]
+
+
+def _with_phase(record: ReleaseRecord, phase: str, message: str, now: float) -> ReleaseRecord:
+    if record.phase == phase and record.message == message:
+        return record
+    return replace(record, phase=phase, message=message, updated_at=now)
+
+
+def invalid(record: ReleaseRecord | None, name: str, errors: list[str], versions: list[VersionRecord], now: float) -> Step:
+    """The release file does not validate: report it, change nothing that serves."""
+    serving = role_of(versions, "stable")
+    tail = f"; {serving[0].version} keeps serving" if serving else "; nothing was serving"
+    message = "; ".join(errors[:3]) + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else "") + tail
+    record = record or ReleaseRecord(name, "Invalid", "", None, None, None, now)
+    events = [] if record.phase == "Invalid" and record.message == message else [Event(name, "invalid", message)]
+    return Step(_with_phase(record, "Invalid", message, now), versions, events)
+
+
+def removed(record: ReleaseRecord, versions: list[VersionRecord], allowed: bool, now: float) -> Step:
+    if not allowed:
+        message = "release file removed, but so is every other release: pruning all needs --allow-prune-all; still serving"
+        return Step(_with_phase(record, record.phase, message, now), versions)
+    live = ", ".join(v.version for v in versions) or "none"
+    return Step(None, [], [Event(record.name, "pruned", f"release file removed; deleting its apps (versions: {live})")])
+
+
+def step(name: str, now: float, desired: Desired, record: ReleaseRecord | None, versions: list[VersionRecord],
+         observed: dict[str, ObservedApp], prepared: dict[str, Prepared]) -> Step:
+    """Advance one valid release toward its desired version."""
+    rollout = desired.release.spec.rollout
+    spec = desired.release.model_dump(mode="json")["spec"]
+    record = replace(
+        record or ReleaseRecord(name, "Progressing", "", None, None, None, now),
+        desired_commit=desired.commit, desired_version=desired.version, spec=spec,
+    )
+    out = Step(record, list(versions))
+    target = desired.version
+    _expire_standbys(out, rollout.scale_down_delay.total_seconds(), now)
+    _abandon_other_canaries(out, target)
+    current = {v.version: v for v in out.versions}
+    stable = next(iter(role_of(out.versions, "stable")), None)
+
+    if stable is not None and stable.version == target:
+        _follow_light_changes(out, stable, spec)
+        return _healthy(out, target, observed, now)
+    if target in current and current[target].role == "standby" and current[target].status == "ready":
+        return _switch(out, current[target], stable, now, rollback=True)
+    if record.failed_version == target and record.failed_blob == desired.blob:
+        return out  # held: not retried until the release file changes or `diffops retry`
+    canary = current.get(target)
+    if canary is None:
+        canary = VersionRecord(name, target, "canary", 0, "preparing", desired.commit, spec, now)
+        out.versions.append(canary)
+        out.events.append(Event(name, "rollout-started", f"rolling out {target} ({rollout.strategy}) from {desired.commit[:12]}; next: fetch and verify the model", target, desired.commit))
+    if canary.status == "preparing":
+        return _preparing(out, canary, prepared.get(target), desired, now)
+    return _starting(out, canary, stable, observed.get(canary.app), desired, now)
+
+
+def _preparing(out: Step, canary: VersionRecord, result: Prepared | None, desired: Desired, now: float) -> Step:
+    assert out.release is not None
+    if result is None:
+        out.prepare.append(canary)
+        out.release = _with_phase(out.release, "Progressing", f"{canary.version}: fetching and verifying the model", now)
+        return out
+    if not result.ok:
+        return _fail(out, canary, f"model refused: {result.message}", desired, now)
+    started = replace(canary, status="starting", created_at=now)
+    out.versions = [started if v is canary else v for v in out.versions]
+    count = canary.spec["replicas"]["count"]
+    out.events.append(Event(canary.release, "prepared", f"model verified in {result.seconds:.2f}s; next: start {count} replica(s) of {canary.version} at weight 0", canary.version))
+    out.release = _with_phase(out.release, "Progressing", f"{canary.version}: starting {count} replica(s)", now)
+    return out
+
+
+def _starting(out: Step, canary: VersionRecord, stable: VersionRecord | None, app: ObservedApp | None, desired: Desired, now: float) -> Step:
+    assert out.release is not None
+    if app is not None and app.ready:
+        return _switch(out, canary, stable, now, rollback=False)
+    if app is not None and app.failed:
+        return _fail(out, canary, f"replicas failed to start: {app.message or app.status}", desired, now)
+    elapsed, limit = now - canary.created_at, deadline_s(desired.release, out.release.load_seconds)
+    if elapsed > limit:
+        return _fail(out, canary, f"not ready after {elapsed:.0f}s (progress deadline {limit:.0f}s)", desired, now)
+    running = f"{app.running}/{app.target or canary.spec['replicas']['count']}" if app else "0"
+    message = f"{canary.version}: {running} replicas running after {elapsed:.0f}s (deadline {limit:.0f}s)"
+    out.release = _with_phase(out.release, "Progressing", message, now)
+    return out
+
+
+def _switch(out: Step, target: VersionRecord, stable: VersionRecord | None, now: float, rollback: bool) -> Step:
+    assert out.release is not None
+    promoted = replace(target, role="stable", weight=100, status="ready", standby_since=None, ready_at=target.ready_at if rollback else now)
+    updated = []
+    for version in out.versions:
+        if version.version == target.version:
+            updated.append(promoted)
+        elif stable is not None and version.version == stable.version:
+            updated.append(replace(version, role="standby", weight=0, standby_since=now))
+        elif version.role == "standby":  # one warm standby at most: the previous stable
+            out.events.append(Event(version.release, "standby-removed", f"standby {version.version} replaced by {stable.version if stable else 'none'}", version.version))
+        else:
+            updated.append(version)
+    out.versions = updated
+    delay = out.release.spec["rollout"]["scale_down_delay"] if out.release.spec else "?"
+    after = f"; {stable.version} kept warm as standby for {delay}" if stable else ""
+    if rollback:
+        out.events.append(Event(target.release, "rolled-back", f"{target.version} was the warm standby: traffic switched back to it at once, no reload{after}", target.version))
+    else:
+        took = now - target.created_at
+        out.release = replace(out.release, load_seconds=took)
+        out.events.append(Event(target.release, "promoted", f"{target.version} ready after {took:.1f}s; traffic switched to it (100%){after}", target.version))
+    out.release = replace(out.release, failed_version=None, failed_blob=None)
+    out.release = _with_phase(out.release, "Progressing", f"{target.version}: switching traffic to it (100%)", now)
+    return out
+
+
+def _fail(out: Step, canary: VersionRecord, reason: str, desired: Desired, now: float) -> Step:
+    assert out.release is not None
+    out.versions = [v for v in out.versions if v.version != canary.version]
+    stable = next(iter(role_of(out.versions, "stable")), None)
+    tail = f"{stable.version} keeps serving" if stable else "nothing is serving"
+    message = f"{canary.version} failed: {reason}; {tail}; fix the release and commit, or `diffops retry {canary.release}`"
+    out.release = replace(out.release, failed_version=canary.version, failed_blob=desired.blob)
+    out.release = _with_phase(out.release, "Degraded" if stable else "Failed", message, now)
+    out.events.append(Event(canary.release, "failed", message, canary.version, desired.commit))
+    return out
+
+
+def _healthy(out: Step, version: str, observed: dict[str, ObservedApp], now: float) -> Step:
+    """Healthy once the router itself answers with the recorded weights."""
+    assert out.release is not None
+    router = observed.get(out.release.name)
+    expected = router_weights(out.versions)
+    if router is None or router.weights != expected:
+        live = router.weights if router is not None else None
+        message = f"{version}: switching traffic to it (100%); router reports {live if live is not None else 'nothing yet'}"
+        out.release = _with_phase(out.release, "Progressing", message, now)
+        return out
+    app = observed.get(app_name(out.release.name, version))
+    message = f"{version} serving 100%"
+    if app is not None and not app.ready and app.target:
+        message += f" ({app.running}/{app.target} replicas running; Ray Serve is starting or replacing replicas)"
+    out.release = _with_phase(out.release, "Healthy", message, now)
+    return out
+
+
+def _follow_light_changes(out: Step, stable: VersionRecord, spec: dict[str, Any]) -> None:
+    """In-place fields (count, queues, batch, cost) follow git; the model location stays what replicas loaded."""
+    followed = {**spec, "model": stable.spec["model"]}
+    if followed != stable.spec:
+        out.versions = [replace(v, spec=followed) if v is stable else v for v in out.versions]
+        out.events.append(Event(stable.release, "updated", f"light change applied in place to {stable.version}; no replica restarts", stable.version))
+
+
+def _expire_standbys(out: Step, delay_s: float, now: float) -> None:
+    for version in role_of(out.versions, "standby"):
+        if version.standby_since is not None and now - version.standby_since >= delay_s:
+            out.versions.remove(version)
+            out.events.append(Event(version.release, "standby-removed", f"standby {version.version} scaled down after {delay_s:.0f}s", version.version))
+
+
+def _abandon_other_canaries(out: Step, target: str) -> None:
+    for version in role_of(out.versions, "canary"):
+        if version.version != target:
+            out.versions.remove(version)
+            out.events.append(Event(version.release, "abandoned", f"{version.version} is no longer desired; its rollout stops and its app is deleted", version.version))

@@ -1,0 +1,98 @@
+"""What `diffops status` and `diffops history` show, built from the recorded state. Pure.
+
+`status_json` is the contract in DESIGN.md; `status_text` is the same for a
+terminal; `history_rows` pairs each rollout's start with its outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from controller.records import Event, app_name
+from controller.store import State
+
+ROLE_ORDER = {"stable": 0, "canary": 1, "standby": 2}
+OUTCOMES = {"promoted": "promoted", "failed": "failed", "abandoned": "abandoned", "rolled-back": "rolled back"}
+
+
+def status_json(state: State) -> dict[str, Any]:
+    releases = []
+    for release in state.releases.values():
+        versions = sorted((v for v in state.versions if v.release == release.name), key=lambda v: (ROLE_ORDER[v.role], v.version))
+        rows = []
+        for version in versions:
+            app = state.apps.get(app_name(release.name, version.version))
+            rows.append({
+                "id": version.version,
+                "role": version.role,
+                "weight": version.weight,
+                "ready_replicas": app.running if app else 0,
+                "replicas": version.spec["replicas"]["count"],
+                "status": version.status,
+                "commit": version.commit,
+            })
+        releases.append({
+            "name": release.name,
+            "phase": release.phase,
+            "message": release.message,
+            "desired_commit": release.desired_commit,
+            "desired_version": release.desired_version,
+            "updated_at": release.updated_at,
+            "versions": rows,
+        })
+    return {
+        "commit": state.controller.last_attempted_commit,
+        "applied_commit": state.controller.last_applied_commit,
+        "releases": releases,
+    }
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
+
+
+def status_text(state: State, now: float | None = None) -> str:
+    now = now or time.time()
+    data = status_json(state)
+    commit = (data["commit"] or "none")[:12]
+    applied = (data["applied_commit"] or "none")[:12]
+    lines = [f"reconciled {commit} (fully live: {applied})", ""]
+    if not data["releases"]:
+        lines.append("no releases")
+    for release in data["releases"]:
+        lines.append(f"{release['name']:<20} {release['phase']:<12} {_age(now - release['updated_at'])} ago  {release['message']}")
+        for v in release["versions"]:
+            lines.append(f"  {v['id']:<12} {v['role']:<8} weight {v['weight']:>3}%  replicas {v['ready_replicas']}/{v['replicas']}  from {v['commit'][:12]}")
+    return "\n".join(lines)
+
+
+def history_rows(events: list[Event]) -> list[dict[str, Any]]:
+    """One row per rollout (start -> outcome) and per instant rollback, oldest first."""
+    rows: list[dict[str, Any]] = []
+    open_rollouts: dict[str, dict[str, Any]] = {}
+    for event in events:
+        if event.kind == "rollout-started":
+            row = {"version": event.version, "commit": event.commit, "started_at": event.at, "finished_at": None,
+                   "outcome": "in progress", "message": event.message}
+            open_rollouts[event.version or ""] = row
+            rows.append(row)
+        elif event.kind == "rolled-back":
+            rows.append({"version": event.version, "commit": event.commit, "started_at": event.at, "finished_at": event.at,
+                         "outcome": "rolled back", "message": event.message})
+        elif event.kind in OUTCOMES and (event.version or "") in open_rollouts:
+            row = open_rollouts.pop(event.version or "")
+            row.update(finished_at=event.at, outcome=OUTCOMES[event.kind], message=event.message)
+    return rows
+
+
+def history_text(release: str, rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return f"{release}: no rollouts recorded"
+    lines = [f"{'started (UTC)':<20} {'version':<12} {'commit':<12} {'outcome':<12} {'took':>7}  message"]
+    for row in rows:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["started_at"]))
+        took = f"{row['finished_at'] - row['started_at']:.1f}s" if row["finished_at"] else "-"
+        lines.append(f"{started:<20} {row['version'] or '':<12} {(row['commit'] or '')[:12]:<12} {row['outcome']:<12} {took:>7}  {row['message']}")
+    return "\n".join(lines)

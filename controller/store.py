@@ -1,0 +1,138 @@
+"""The controller's SQLite state store (WAL, synchronous=FULL).
+
+Record step of a reconcile: `save()` writes the whole recorded state (small,
+fixed-schema rows) and appends events in one transaction, so a killed
+controller leaves either the old state or the new one, never a mix. Readers
+(`diffops status`, `history`) open the same file read-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controller.records import Event, ObservedApp, ReleaseRecord, VersionRecord
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS controller (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    last_attempted_commit TEXT, attempted_at REAL,
+    last_applied_commit TEXT, applied_at REAL
+);
+CREATE TABLE IF NOT EXISTS releases (
+    name TEXT PRIMARY KEY, phase TEXT NOT NULL, message TEXT NOT NULL,
+    desired_commit TEXT, desired_version TEXT, spec TEXT, updated_at REAL NOT NULL,
+    failed_version TEXT, failed_blob TEXT, load_seconds REAL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    release TEXT NOT NULL, version TEXT NOT NULL, role TEXT NOT NULL, weight INTEGER NOT NULL,
+    status TEXT NOT NULL, "commit" TEXT NOT NULL, spec TEXT NOT NULL, created_at REAL NOT NULL,
+    ready_at REAL, standby_since REAL, deployed_args TEXT,
+    PRIMARY KEY (release, version)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, release TEXT NOT NULL, version TEXT,
+    kind TEXT NOT NULL, message TEXT NOT NULL, "commit" TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_release ON events (release, id);
+CREATE TABLE IF NOT EXISTS apps (
+    name TEXT PRIMARY KEY, status TEXT NOT NULL, message TEXT NOT NULL, running INTEGER NOT NULL, target INTEGER NOT NULL
+);
+"""
+APP_COLUMNS = ("name", "status", "message", "running", "target")
+JSON_FIELDS = {"spec", "deployed_args"}
+
+
+@dataclass(frozen=True)
+class ControllerRecord:
+    last_attempted_commit: str | None = None
+    attempted_at: float | None = None
+    last_applied_commit: str | None = None
+    applied_at: float | None = None
+
+
+@dataclass
+class State:
+    controller: ControllerRecord = field(default_factory=ControllerRecord)
+    releases: dict[str, ReleaseRecord] = field(default_factory=dict)
+    versions: list[VersionRecord] = field(default_factory=list)
+    apps: dict[str, ObservedApp] = field(default_factory=dict)  # what Ray Serve last reported, for `status`
+
+
+def _row(record: Any) -> dict[str, Any]:
+    row = dataclasses.asdict(record)
+    return {k: json.dumps(v, sort_keys=True) if k in JSON_FIELDS and v is not None else v for k, v in row.items()}
+
+
+def _record(cls: type, row: sqlite3.Row) -> Any:
+    values = {k: json.loads(row[k]) if k in JSON_FIELDS and row[k] is not None else row[k] for k in row.keys() if k != "id"}
+    return cls(**values)
+
+
+def _insert(db: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
+    columns = ", ".join(f'"{c}"' for c in row)
+    db.execute(f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+
+
+class Store:
+    def __init__(self, path: Path, readonly: bool = False):
+        self.path = Path(path)
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self.db.row_factory = sqlite3.Row
+
+    def load(self) -> State:
+        row = self.db.execute("SELECT * FROM controller WHERE id = 1").fetchone()
+        controller = _record(ControllerRecord, row) if row else ControllerRecord()
+        releases = {r["name"]: _record(ReleaseRecord, r) for r in self.db.execute("SELECT * FROM releases ORDER BY name")}
+        versions = [_record(VersionRecord, r) for r in self.db.execute("SELECT * FROM versions ORDER BY release, created_at")]
+        apps = {r["name"]: ObservedApp(**dict(r)) for r in self.db.execute("SELECT * FROM apps")}
+        return State(controller, releases, versions, apps)
+
+    def save(self, state: State, events: list[Event] = ()) -> None:
+        """Replace the recorded state and append events, atomically."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM controller")
+            _insert(db, "controller", {"id": 1, **_row(state.controller)})
+            db.execute("DELETE FROM releases")
+            for release in state.releases.values():
+                _insert(db, "releases", _row(release))
+            db.execute("DELETE FROM versions")
+            for version in state.versions:
+                _insert(db, "versions", _row(version))
+            db.execute("DELETE FROM apps")
+            for app in state.apps.values():
+                _insert(db, "apps", {column: getattr(app, column) for column in APP_COLUMNS})
+            now = time.time()
+            for event in events:
+                _insert(db, "events", _row(dataclasses.replace(event, at=event.at or now)))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def events(self, release: str | None = None, limit: int = 1000) -> list[Event]:
+        where, args = ("WHERE release = ?", (release,)) if release else ("", ())
+        rows = self.db.execute(f"SELECT * FROM (SELECT * FROM events {where} ORDER BY id DESC LIMIT ?) ORDER BY id", (*args, limit))
+        return [_record(Event, r) for r in rows]
+
+    def integrity(self) -> str:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()

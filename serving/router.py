@@ -1,0 +1,126 @@
+"""The per-release router: the HTTP ingress at `/<release>`, splitting traffic by weight.
+
+Weights, limits and defaults live in the router's `user_config`, so the
+controller moves traffic with a lightweight reconfigure (no replica restart).
+A request is validated before any pipeline work (422 naming the field), sent
+to one version app by weight (or to the version named in `X-Diffops-Version`),
+and answered as PNG or JSON with `X-Diffops-Version` and `X-Request-Id`.
+Backpressure from a full version queue becomes 503 with `Retry-After`. The
+Serve proxy assigns `X-Request-Id` (or keeps the client's) and echoes it on
+every response; the router reads it for bodies and logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+import time
+import uuid
+from typing import Any
+
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from serving.metrics import serving_metrics
+from serving.requests import RequestError, parse_request
+
+log = logging.getLogger("ray.serve")
+
+VERSION_HEADER = "X-Diffops-Version"
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+def pick_version(weights: dict[str, int], pinned: str | None, rng: random.Random) -> str | None:
+    """The version to serve a request: the pinned one if live, else a weighted draw."""
+    if pinned is not None:
+        return pinned if pinned in weights else None
+    live = [(version, weight) for version, weight in weights.items() if weight > 0]
+    if not live:
+        return None
+    return rng.choices([v for v, _ in live], weights=[w for _, w in live])[0]
+
+
+class Router:
+    def __init__(self, release: str):
+        self.release = release
+        self.weights: dict[str, int] = {}
+        self.limits: dict[str, int] = {}
+        self.defaults: dict[str, int] = {}
+        self.retry_after_s = 1
+        self.handles: dict[str, Any] = {}
+        self.rng = random.Random()
+        self.metrics = serving_metrics()
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self.weights = {str(k): int(v) for k, v in config.get("weights", {}).items()}
+        self.limits = dict(config["limits"])
+        self.defaults = dict(config["defaults"])
+        self.retry_after_s = int(config.get("retry_after_s", 1))
+        self.handles = {v: h for v, h in self.handles.items() if v in self.weights}
+        log.info("router %s: weights now %s", self.release, self.weights)
+
+    def _handle(self, version: str) -> Any:
+        if version not in self.handles:
+            self.handles[version] = serve.get_deployment_handle("Model", app_name=f"{self.release}--{version}")
+        return self.handles[version]
+
+    async def __call__(self, request: Request) -> Response:
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex  # set by the Serve proxy
+        path = request.url.path.rstrip("/")
+        if request.method == "GET" and (path.endswith(f"/{self.release}") or path.endswith("/versions")):
+            return JSONResponse({"release": self.release, "weights": self.weights})
+        if not path.endswith("/generate"):
+            return self._error(404, request_id, None, {"error": "not found", "message": f"use POST /{self.release}/generate"})
+        if request.method != "POST":
+            return self._error(405, request_id, None, {"error": "method not allowed", "message": "use POST"}, {"Allow": "POST"})
+        started = time.monotonic()
+        try:
+            params = parse_request(await request.body(), self.limits, self.defaults)
+        except RequestError as err:
+            return self._error(err.status, request_id, None, err.body())
+        pinned = request.headers.get(VERSION_HEADER)
+        version = pick_version(self.weights, pinned, self.rng)
+        if version is None:
+            if pinned is not None:
+                body = {"error": "unknown version", "message": f"{pinned!r} is not live; live versions: {sorted(self.weights)}"}
+                return self._error(404, request_id, None, body)
+            return self._error(503, request_id, None, {"error": "no version is serving", "message": "retry shortly"}, self._retry())
+        try:
+            result = await self._handle(version).generate.remote(params)
+        except BackPressureError:
+            body = {"error": "overloaded", "message": f"version {version} queue is full; retry after {self.retry_after_s}s"}
+            return self._error(503, request_id, version, body, self._retry())
+        except DeploymentUnavailableError:
+            return self._error(503, request_id, version, {"error": "version unavailable", "message": f"{version} is not running"}, self._retry())
+        seconds = time.monotonic() - started
+        self._count(version, 200, seconds)
+        headers = {VERSION_HEADER: version}
+        if "application/json" in request.headers.get("accept", ""):
+            images = [base64.b64encode(image).decode() for image in result["images"]]
+            meta = {"release": self.release, "version": version, "request_id": request_id, **result["params"],
+                    "seconds": round(seconds, 4), "batch_size": result["batch_size"]}
+            return JSONResponse({"images": images, "metadata": meta}, headers=headers)
+        return Response(result["images"][0], media_type="image/png", headers=headers)
+
+    def _retry(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+    def _count(self, version: str | None, code: int, seconds: float) -> None:
+        tags = {"release": self.release, "version": version or "none"}
+        self.metrics["requests"].inc(tags={**tags, "code": str(code)})
+        self.metrics["latency"].observe(seconds, tags=tags)
+
+    def _error(self, code: int, request_id: str, version: str | None, body: dict, headers: dict | None = None) -> Response:
+        self._count(version, code, 0.0)
+        out = dict(headers or {})
+        if version:
+            out[VERSION_HEADER] = version
+        return JSONResponse({**body, "request_id": request_id}, status_code=code, headers=out)
+
+
+def build_router_app(args: dict[str, Any]) -> serve.Application:
+    """Serve application builder named in the rendered config (`serving.router:build_router_app`)."""
+    return serve.deployment(Router, name="Router").bind(args["release"])

@@ -1,0 +1,153 @@
+"""Drivers for tests against the real thing: a local Ray head with token auth and the controller process.
+
+One Ray head serves the whole test session on its own ports (GCS 6391,
+dashboard 8291, Serve HTTP 8191) so it never meets a demo on the defaults.
+It advertises 2 GPUs it does not have: GPU replicas schedule, and the pipeline
+falls back to CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+from controller.serve_client import ServeClient
+
+DIFFOPS = str(Path(sys.executable).with_name("diffops"))
+GCS_PORT, DASHBOARD_PORT, METRICS_PORT, HTTP_PORT = 6391, 8291, 8292, 8191
+DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
+SERVE_URL = f"http://127.0.0.1:{HTTP_PORT}"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+class Controller:
+    """`diffops controller run` as a child process, with its own log kept for assertions."""
+
+    started = 0
+
+    def __init__(self, repo: Path, state_dir: Path, *extra: str):
+        self.repo, self.state_dir, self.extra = repo, state_dir, extra
+        self.process: subprocess.Popen | None = None
+        Controller.started += 1
+        self.log_path = state_dir.parent / f"{state_dir.name}-controller-{Controller.started}.log"
+
+    def start(self) -> Controller:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "a")
+        self.process = subprocess.Popen(
+            [DIFFOPS, "controller", "run", "--repo", str(self.repo), "--state-dir", str(self.state_dir),
+             "--ray-address", DASHBOARD, "--http-port", str(HTTP_PORT), "--interval", "2", *self.extra],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=30)
+
+    @property
+    def logs(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def status(self) -> dict[str, Any]:
+        result = subprocess.run([DIFFOPS, "status", "--json", "--state-dir", str(self.state_dir)], capture_output=True, text=True)
+        return json.loads(result.stdout) if result.returncode == 0 else {"releases": []}
+
+    def release(self, name: str = "demo") -> dict[str, Any]:
+        return next((r for r in self.status()["releases"] if r["name"] == name), {})
+
+    def wait_release(self, check: Callable[[dict[str, Any]], bool], timeout: float = 90, name: str = "demo") -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"controller exited {self.process.returncode}:\n{self.logs[-3000:]}")
+            release = self.release(name)
+            return release if release and check(release) else None
+
+        try:
+            return wait_for(ready, timeout, f"release {name}")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\nstatus: {self.release(name)}\ncontroller log:\n{self.logs[-3000:]}") from None
+
+
+def healthy_on(version: str | None = None) -> Callable[[dict[str, Any]], bool]:
+    def check(release: dict[str, Any]) -> bool:
+        return release["phase"] == "Healthy" and (version is None or release["desired_version"] == version) and any(
+            v["role"] == "stable" and v["weight"] == 100 and v["ready_replicas"] >= 1 for v in release["versions"]
+        )
+    return check
+
+
+def stable_version(release: dict[str, Any]) -> str:
+    return next(v["id"] for v in release["versions"] if v["role"] == "stable")
+
+
+def generate(release: str = "demo", body: dict | None = None, **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{SERVE_URL}/{release}/generate", json=body or {"prompt": "a red cube"}, timeout=60, **kwargs)
+
+
+@dataclass
+class Load:
+    """A client sending requests back to back from a thread, recording every answer."""
+
+    release: str = "demo"
+    codes: Counter = field(default_factory=Counter)
+    versions: list[tuple[float, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Load:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self.stop.is_set():
+                try:
+                    response = client.post(f"{SERVE_URL}/{self.release}/generate", json={"prompt": "load", "steps": 2})
+                    self.codes[response.status_code] += 1
+                    self.versions.append((time.time(), response.headers.get("X-Diffops-Version", "")))
+                    if response.status_code != 200:
+                        self.errors.append(response.text[:300])
+                except httpx.HTTPError as err:
+                    self.codes["transport"] += 1
+                    self.errors.append(repr(err))
+
+
+def serve_client() -> ServeClient:
+    from controller.serve_client import ray_token
+
+    return ServeClient(DASHBOARD, ray_token(), serve_url=SERVE_URL)
+
+
+def clear_serve() -> None:
+    """Delete every application but keep Serve's proxy running for the next test."""
+    client = serve_client()
+    client.apply({"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": HTTP_PORT}, "applications": []})
+    wait_for(lambda: not client.observe(), 60, "Serve applications to be deleted", every=0.5)

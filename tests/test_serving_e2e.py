@@ -1,0 +1,219 @@
+"""End to end on the real thing: a temporary git repo, the controller process, a local Ray Serve, the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ReleaseRepo
+from tests.live import DIFFOPS, SERVE_URL, Controller, Load, generate, healthy_on, stable_version, wait_for
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def model_replicas(serve, release: str, version: str) -> tuple[str, ...]:
+    return serve.observe()[f"{release}--{version}"].replica_ids
+
+
+@pytest.fixture
+def live_demo(model_repo: ReleaseRepo, serve, tmp_path):
+    controller = Controller(model_repo.path, tmp_path / "state").start()
+    release = controller.wait_release(healthy_on())
+    yield model_repo, controller, release
+    if controller.process and controller.process.poll() is None:
+        controller.stop()
+
+
+def test_committed_release_serves_png_and_json(live_demo):
+    _, controller, release = live_demo
+    version = stable_version(release)
+    response = generate()
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    assert response.content.startswith(b"\x89PNG")
+    assert response.headers["X-Diffops-Version"] == version
+    assert response.headers["X-Request-Id"]
+
+    as_json = generate(body={"prompt": "a red cube", "seed": 7, "num_images": 2}, headers={"Accept": "application/json"})
+    data = as_json.json()
+    assert len(data["images"]) == 2 and base64.b64decode(data["images"][0]).startswith(b"\x89PNG")
+    assert data["metadata"]["seed"] == 7 and data["metadata"]["version"] == version and data["metadata"]["steps"] == 4
+
+    same_seed = [generate(body={"prompt": "a red cube", "seed": 3}).content for _ in range(2)]
+    assert same_seed[0] == same_seed[1]
+
+    pinned = generate(headers={"X-Diffops-Version": version})
+    assert pinned.status_code == 200 and pinned.headers["X-Diffops-Version"] == version
+    unknown = generate(headers={"X-Diffops-Version": "0000000000"})
+    assert unknown.status_code == 404 and version in unknown.json()["message"]
+
+    log = controller.logs
+    assert "demo: rolling out" in log and "next: fetch and verify the model" in log
+    assert "traffic switched to it (100%)" in log
+
+
+BAD_REQUESTS = [
+    ("width 100000", {"prompt": "x", "width": 100000}, "width"),
+    ("steps over the limit", {"prompt": "x", "steps": 1_000_000}, "steps"),
+    ("empty prompt", {"prompt": "   "}, "prompt"),
+    ("prompt over the limit", {"prompt": "x" * 2001}, "prompt"),
+    ("1 MB prompt", {"prompt": "x" * 1_000_000}, "prompt"),
+    ("too many images", {"prompt": "x", "num_images": 1000}, "num_images"),
+    ("wrong type", {"prompt": "x", "steps": "four"}, "steps"),
+    ("float steps", {"prompt": "x", "steps": 4.5}, "steps"),
+    ("missing prompt", {"steps": 4}, "prompt"),
+    ("unknown field", {"prompt": "x", "strength": 0.5}, "strength"),
+    ("width not multiple of 8", {"prompt": "x", "width": 60}, "width"),
+]
+
+
+def test_bad_requests_get_422_naming_the_field(live_demo):
+    for case, body, field in BAD_REQUESTS:
+        response = generate(body=body)
+        assert response.status_code == 422, case
+        assert response.json()["field"] == field, case
+    raw = [b"not json", b"[1, 2]", b'{"prompt": "x", "guidance_scale": NaN}']
+    for body in raw:
+        response = httpx.post(f"{SERVE_URL}/demo/generate", content=body, timeout=30)
+        assert response.status_code == 422, body
+    assert generate().status_code == 200  # nothing above hurt the replica
+
+
+def test_bluegreen_under_load_then_revert_is_instant(live_demo, serve):
+    repo, controller, release = live_demo
+    old = stable_version(release)
+    old_replicas = model_replicas(serve, "demo", old)
+    with Load() as load:
+        time.sleep(1)
+        repo.release(**{"steps: 4": "steps: 6"})
+        change = repo.commit("more steps")
+        release = controller.wait_release(lambda r: healthy_on()(r) and stable_version(r) != old)
+        new = stable_version(release)
+        wait_for(lambda: any(v == new for _, v in load.versions[-3:]), 30, "traffic on the new version")
+    assert load.codes[200] > 5 and set(load.codes) == {200}, (load.codes, load.errors[:3])
+    assert {v["id"]: v["role"] for v in release["versions"]} == {new: "stable", old: "standby"}
+    assert {v["id"]: v["weight"] for v in release["versions"]} == {new: 100, old: 0}
+    assert release["desired_commit"] == change
+
+    with Load() as load:
+        time.sleep(0.5)
+        repo.repo.git.revert("--no-edit", "HEAD")
+        reverted_at = time.time()
+        wait_for(lambda: any(v == old and t > reverted_at for t, v in load.versions), 10, "traffic back on the old version", every=0.05)
+        switched = min(t for t, v in load.versions if v == old and t > reverted_at)
+        time.sleep(1)
+    assert switched - reverted_at < 3.0, f"revert took {switched - reverted_at:.2f}s"
+    assert set(load.codes) == {200}, (load.codes, load.errors[:3])
+    assert all(v == old for t, v in load.versions if t > switched + 0.5)
+    assert model_replicas(serve, "demo", old) == old_replicas  # no reload, no restart
+    release = controller.wait_release(healthy_on(old))
+    assert {v["id"]: v["role"] for v in release["versions"]} == {old: "stable", new: "standby"}
+    assert "was the warm standby" in controller.logs
+
+
+def test_broken_file_is_invalid_and_serving_is_unchanged(live_demo):
+    repo, controller, release = live_demo
+    version = stable_version(release)
+    repo.release(**{"    count: 1\n": "    count: 1\n    count: 2\n"})
+    repo.commit("duplicate key")
+    release = controller.wait_release(lambda r: r["phase"] == "Invalid", timeout=30)
+    assert "releases/demo.yaml:31:5: duplicate key 'count'" in release["message"]
+    assert f"{version} keeps serving" in release["message"]
+    response = generate()
+    assert response.status_code == 200 and response.headers["X-Diffops-Version"] == version
+
+
+def test_wrong_digest_is_degraded_and_old_version_keeps_serving(live_demo):
+    repo, controller, release = live_demo
+    version = stable_version(release)
+    with Load() as load:
+        repo.release(**{"2b30c6ef7b43": "2b30c6ef7b44", "steps: 4": "steps: 5"})
+        repo.commit("wrong digest")
+        release = controller.wait_release(lambda r: r["phase"] == "Degraded", timeout=60)
+    assert "model refused" in release["message"] and "digest mismatch" in release["message"]
+    assert f"{version} keeps serving" in release["message"]
+    assert [(v["id"], v["role"], v["weight"]) for v in release["versions"]] == [(version, "stable", 100)]
+    assert set(load.codes) == {200} and {v for _, v in load.versions} == {version}
+
+
+def test_light_change_applies_in_place_without_restart(live_demo, serve):
+    repo, controller, release = live_demo
+    version = stable_version(release)
+    before = model_replicas(serve, "demo", version)
+    repo.release(**{"count: 1": "count: 2", "max_queued_requests: 16": "max_queued_requests: 32"})
+    repo.commit("scale out")
+    release = controller.wait_release(lambda r: r["versions"][0]["ready_replicas"] == 2 and r["versions"][0]["replicas"] == 2)
+    assert stable_version(release) == version
+    after = model_replicas(serve, "demo", version)
+    assert set(before) < set(after)  # the existing replica kept running; one was added
+    assert "light change applied in place" in controller.logs
+
+
+def test_controller_restart_never_interrupts_serving_and_adopts(live_demo, serve, tmp_path):
+    repo, controller, release = live_demo
+    version = stable_version(release)
+    before = model_replicas(serve, "demo", version)
+    with Load() as load:
+        controller.stop(signal.SIGKILL)
+        time.sleep(2)
+        restarted = Controller(repo.path, controller.state_dir).start()
+        try:
+            time.sleep(4)
+            again = restarted.wait_release(healthy_on(version))
+        finally:
+            restarted.stop()
+    assert set(load.codes) == {200} and load.codes[200] > 5, (load.codes, load.errors[:3])
+    assert model_replicas(serve, "demo", version) == before
+    assert stable_version(again) == version
+    assert "rolling out" not in restarted.logs  # nothing was redeployed
+
+    fresh_state = Controller(repo.path, tmp_path / "fresh-state").start()  # even without the state dir
+    try:
+        fresh_state.wait_release(healthy_on(version))
+        assert "adopted running app demo--" in fresh_state.logs
+        assert model_replicas(serve, "demo", version) == before
+    finally:
+        fresh_state.stop()
+
+
+def test_second_controller_on_the_same_state_dir_exits(live_demo):
+    repo, controller, _ = live_demo
+    second = Controller(repo.path, controller.state_dir).start()
+    assert second.process.wait(timeout=30) == 1
+    assert f"another controller (pid {controller.process.pid}) is running on state dir" in second.logs
+
+
+def test_removed_release_is_pruned_but_not_all_at_once(live_demo, serve):
+    repo, controller, release = live_demo
+    repo.release("second")
+    repo.commit("second release")
+    controller.wait_release(healthy_on(), name="second")
+    repo.remove("releases/second.yaml")
+    repo.commit("remove second")
+    wait_for(lambda: not controller.release("second"), 30, "second pruned")
+    wait_for(lambda: not any(name.startswith("second") for name in serve.observe()), 30, "second's apps deleted")
+    repo.remove("releases/demo.yaml")
+    repo.commit("remove everything")
+    release = controller.wait_release(lambda r: "pruning all needs --allow-prune-all" in r["message"], timeout=30)
+    assert generate().status_code == 200
+
+
+def test_status_history_and_generate_commands(live_demo, tmp_path):
+    repo, controller, release = live_demo
+    out = tmp_path / "out.png"
+    result = subprocess.run([DIFFOPS, "generate", "demo", "a red cube", "-o", str(out), "--url", SERVE_URL, "--seed", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes().startswith(b"\x89PNG") and stable_version(release) in result.stdout
+    bad = subprocess.run([DIFFOPS, "generate", "demo", "x", "-o", str(out), "--url", SERVE_URL, "--width", "100000"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "HTTP 422: width:" in bad.stderr
+    text = subprocess.run([DIFFOPS, "status", "--state-dir", str(controller.state_dir)], capture_output=True, text=True).stdout
+    assert "demo" in text and "Healthy" in text and "stable" in text
+    history = subprocess.run([DIFFOPS, "history", "demo", "--state-dir", str(controller.state_dir)], capture_output=True, text=True).stdout
+    assert stable_version(release) in history and "promoted" in history
