@@ -7,7 +7,9 @@ TORCH_SPEC ?= torch==2.13.0
 EMPTY_TREE := 4b825dc642cb6eb9a060e54bf8d69288fbee4904
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint schema lock clean
+STATE_DIR ?= $(CURDIR)/.state
+
+.PHONY: setup demo stop test lint schema lock clean
 
 setup: $(VENV)/.installed
 
@@ -18,10 +20,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	@touch $@
 
+# The controller on this repo's releases/ with a local Ray (127.0.0.1, token auth), serving /demo on :8000.
 demo: setup
 	$(BIN)/diffops lint
 	$(BIN)/diffops diff $(EMPTY_TREE)..HEAD
-	$(BIN)/diffops model fetch demo
+	@echo ""
+	@echo "diffops: starting the controller on releases/ (Ctrl-C stops it; Ray keeps serving until 'make stop')."
+	@echo "Once 'demo' is live (diffops status --state-dir $(STATE_DIR)), try:"
+	@echo "  curl -s -X POST http://127.0.0.1:8000/demo/generate -H 'Content-Type: application/json' -d '{\"prompt\": \"a red cube\"}' -o out.png"
+	@echo "  $(BIN)/diffops generate demo 'a red cube' -o out.png"
+	@echo ""
+	$(BIN)/diffops controller run --repo . --state-dir $(STATE_DIR)
+
+stop: setup
+	$(BIN)/diffops ray stop
 
 test: setup
 	$(BIN)/python -m pytest

@@ -74,7 +74,7 @@ class Reconciler:
         return TickResult(True, busy, seconds)
 
     def _tick(self, head: str, observed: dict[str, ObservedApp]) -> bool:
-        now = self.clock()
+        started, now = time.monotonic(), self.clock()
         while not self.finished.empty():
             key, result = self.finished.get()
             self.preparing.pop(key, None)
@@ -86,6 +86,7 @@ class Reconciler:
         releases: dict[str, ReleaseRecord] = {}
         versions: list[VersionRecord] = []
         events: list[Event] = []
+        to_prepare: list[VersionRecord] = []
         for name in sorted(set(state.releases) | set(files)):
             record = state.releases.get(name)
             mine = [v for v in state.versions if v.release == name]
@@ -98,8 +99,7 @@ class Reconciler:
                 releases[name] = result.release
             versions += result.versions
             events += [replace(e, commit=e.commit or head, at=now) for e in result.events]
-            for version in result.prepare:
-                self._prepare(version)
+            to_prepare += result.prepare
         waiting = {(v.release, v.version) for v in versions if v.status == "preparing"}
         self.prepared = {key: result for key, result in self.prepared.items() if key in waiting}
         config = render(releases.values(), versions, self.settings)
@@ -112,8 +112,12 @@ class Reconciler:
             controller = replace(controller, last_applied_commit=head, applied_at=now)
         self.state = State(controller, releases, versions, observed)
         self.store.save(self.state, events)
+        took_ms = (time.monotonic() - started) * 1000
         for event in events:
-            log.info("%s: %s", event.release, event.message, extra={"subject": event.release, "event": event.kind, "version": event.version})
+            log.info("%s: %s (decided in %.0f ms)", event.release, event.message, took_ms,
+                     extra={"subject": event.release, "event": event.kind, "version": event.version})
+        for version in to_prepare:
+            self._prepare(version)
         if self.metrics is not None:
             self.metrics.observe_state(self.state)  # type: ignore[attr-defined]
         return any(r.phase == "Progressing" for r in releases.values())

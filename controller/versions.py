@@ -21,7 +21,7 @@ ChangeClass = Literal["version", "light", "policy"]
 FIELD_CLASSES: tuple[tuple[str, ChangeClass], ...] = (
     ("spec.model.digest", "version"),
     ("spec.model.dtype", "version"),
-    ("spec.model.uri", "light"),  # same digest, new location: nothing a replica runs changes
+    ("spec.model.uri", "policy"),  # same digest, new location: running replicas keep what they loaded
     ("spec.generation", "version"),
     ("spec.runtime", "version"),
     ("spec.replicas.gpus", "version"),

@@ -108,13 +108,14 @@ class Router:
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
 
-    def _count(self, version: str | None, code: int, seconds: float) -> None:
+    def _count(self, version: str | None, code: int, seconds: float | None = None) -> None:
         tags = {"release": self.release, "version": version or "none"}
         self.metrics["requests"].inc(tags={**tags, "code": str(code)})
-        self.metrics["latency"].observe(seconds, tags=tags)
+        if seconds is not None:
+            self.metrics["latency"].observe(seconds, tags=tags)
 
     def _error(self, code: int, request_id: str, version: str | None, body: dict, headers: dict | None = None) -> Response:
-        self._count(version, code, 0.0)
+        self._count(version, code)
         out = dict(headers or {})
         if version:
             out[VERSION_HEADER] = version

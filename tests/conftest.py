@@ -67,6 +67,24 @@ def edit(text: str, old: str, new: str) -> str:
     return text.replace(old, new, 1)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_release(*edits: tuple[str, str], name: str = "demo"):
+    """The demo release, renamed and edited, parsed through the real loader."""
+    from controller.loader import parse_release
+
+    text = DEMO_RELEASE.replace("name: demo", f"name: {name}")
+    for old, new in edits:
+        text = edit(text, old, new)
+    return parse_release(text.encode(), f"releases/{name}.yaml")
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     """A real local Ray head for the session: token auth, 127.0.0.1, 2 advertised GPUs, its own ports and temp dir."""

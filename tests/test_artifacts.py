@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
 from serving.artifacts import ModelCache, fetch
 from serving.manifest import MANIFEST_NAME, ArtifactError, Manifest, manifest_of
-from tests.conftest import DEMO_MODEL, ReleaseRepo
+from tests.conftest import DEMO_MODEL, ReleaseRepo, free_port
 
 DEMO_DIGEST = Manifest.parse((DEMO_MODEL / MANIFEST_NAME).read_text()).digest
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -115,12 +114,6 @@ def test_lfs_pointer_is_explained(model_repo: ReleaseRepo, tmp_path):
 
 
 # --- s3:// against a real S3-compatible server (moto) on loopback ---------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

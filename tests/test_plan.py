@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from controller.loader import parse_release
 from controller.plan import GpuImpact, diff_releases
-from controller.release import Release
 from controller.versions import FIELD_CLASSES, field_class, leaves, version_id
-from tests.conftest import DEMO_RELEASE, edit
-
-
-def release(*edits: tuple[str, str], name: str = "demo") -> Release:
-    text = DEMO_RELEASE.replace("name: demo", f"name: {name}")
-    for old, new in edits:
-        text = edit(text, old, new)
-    return parse_release(text.encode(), f"releases/{name}.yaml")
+from tests.conftest import make_release as release
 
 
 GPU1 = ("    gpus: 0\n", "    gpus: 1\n")
@@ -35,7 +26,7 @@ CHANGES = [
     ("batch size", [("    max_batch_size: 4\n", "    max_batch_size: 2\n")], "light", False, ["spec.replicas.max_batch_size"]),
     ("queue", [("    max_queued_requests: 16\n", "    max_queued_requests: 64\n")], "light", False, ["spec.replicas.max_queued_requests"]),
     ("limits", [("    max_images: 4\n", "    max_images: 2\n")], "light", False, ["spec.limits.max_images"]),
-    ("uri only", [("file://models/tiny-sd", "s3://bucket/tiny-sd")], "light", False, ["spec.model.uri"]),
+    ("uri only", [("file://models/tiny-sd", "s3://bucket/tiny-sd")], "policy", False, ["spec.model.uri"]),
     ("rollout only", [("    scale_down_delay: 10m\n", "    scale_down_delay: 30m\n")], "policy", False, ["spec.rollout.scale_down_delay"]),
     ("cost only", [("    gpu_hour_usd: 2.5\n", "    gpu_hour_usd: 3\n")], "policy", False, ["spec.cost.gpu_hour_usd"]),
     ("light and version together", [("    count: 1\n", "    count: 2\n"), ("    steps: 4\n", "    steps: 6\n")], "version", True, ["spec.generation.steps", "spec.replicas.count"]),

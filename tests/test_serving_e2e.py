@@ -217,3 +217,35 @@ def test_status_history_and_generate_commands(live_demo, tmp_path):
     assert "demo" in text and "Healthy" in text and "stable" in text
     history = subprocess.run([DIFFOPS, "history", "demo", "--state-dir", str(controller.state_dir)], capture_output=True, text=True).stdout
     assert stable_version(release) in history and "promoted" in history
+
+
+def test_prometheus_metrics_from_controller_and_serving(model_repo, serve, tmp_path):
+    from tests.conftest import free_port
+    from tests.live import METRICS_PORT
+
+    port = free_port()
+    controller = Controller(model_repo.path, tmp_path / "state", "--metrics-port", str(port)).start()
+    try:
+        release = controller.wait_release(healthy_on())
+        version = stable_version(release)
+        assert generate().status_code == 200 and generate(body={"prompt": "x", "steps": 0}).status_code == 422
+
+        def scrape(url: str) -> str:
+            try:
+                return httpx.get(url, timeout=5).text
+            except httpx.HTTPError:
+                return ""
+
+        own = wait_for(lambda: (lambda t: t if "diffops_version_weight" in t else None)(scrape(f"http://127.0.0.1:{port}/metrics")), 30, "controller metrics")
+        assert 'diffops_release_phase{phase="Healthy",release="demo"} 1.0' in own
+        assert f'diffops_version_weight{{release="demo",role="stable",version="{version}"}} 100.0' in own
+        assert 'diffops_reconciles_total{result="ok"}' in own
+        assert "diffops_last_applied_commit_timestamp_seconds" in own
+
+        wanted = [f'code="200"', f'code="422"', "ray_diffops_images_generated_total", "ray_diffops_model_load_seconds",
+                  "ray_diffops_request_latency_seconds_bucket"]
+        ray_text = wait_for(lambda: (lambda t: t if all(w in t for w in wanted) else None)(scrape(f"http://127.0.0.1:{METRICS_PORT}/metrics")),
+                            90, "serving metrics in Ray's Prometheus export", every=2)
+        assert f'version="{version}"' in ray_text and 'release="demo"' in ray_text
+    finally:
+        controller.stop()

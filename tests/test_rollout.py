@@ -1,0 +1,159 @@
+"""The blue/green rollout step as tables of situations: recorded x observed x prepared -> next state."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from controller.records import ObservedApp, ReleaseRecord, VersionRecord
+from controller.rollout import Desired, Prepared, deadline_s, invalid, removed, step
+from controller.versions import version_id
+from tests.conftest import make_release
+
+NOW = 1_000_000.0
+OLD = make_release()
+NEW = make_release(("    steps: 4\n", "    steps: 8\n"))
+V_OLD, V_NEW = version_id(OLD), version_id(NEW)
+
+
+def spec(release=OLD) -> dict:
+    return release.model_dump(mode="json")["spec"]
+
+
+def desired(release=NEW, blob="blob-2") -> Desired:
+    return Desired(release, version_id(release), "c2", blob)
+
+
+def stable(version=V_OLD, release=OLD, **kw) -> VersionRecord:
+    return VersionRecord("demo", version, "stable", 100, "ready", "c1", spec(release), NOW - 3600, ready_at=NOW - 3600, **kw)
+
+
+def canary(status="starting", created=NOW - 5, **kw) -> VersionRecord:
+    return VersionRecord("demo", V_NEW, "canary", 0, status, "c2", spec(NEW), created, **kw)
+
+
+def standby(since=NOW - 60) -> VersionRecord:
+    return VersionRecord("demo", V_NEW, "standby", 0, "ready", "c2", spec(NEW), NOW - 3600, ready_at=NOW - 3000, standby_since=since)
+
+
+def record(**kw) -> ReleaseRecord:
+    return replace(ReleaseRecord("demo", "Healthy", "", "c1", V_OLD, spec(), NOW - 3600), **kw)
+
+
+def app(version, status="RUNNING", running=1, target=1, message="") -> ObservedApp:
+    return ObservedApp(f"demo--{version}", status, message, running, target)
+
+
+def router(weights) -> ObservedApp:
+    return ObservedApp("demo", "RUNNING", "", 1, 1, weights=weights)
+
+
+def roles(result) -> dict[str, tuple[str, int, str]]:
+    return {v.version: (v.role, v.weight, v.status) for v in result.versions}
+
+
+def test_first_deploy_prepares_the_model():
+    result = step("demo", NOW, desired(OLD, "b1"), None, [], {}, {})
+    assert roles(result) == {V_OLD: ("canary", 0, "preparing")}
+    assert [v.version for v in result.prepare] == [V_OLD]
+    assert result.release.phase == "Progressing" and "fetching and verifying" in result.release.message
+    assert [e.kind for e in result.events] == ["rollout-started"]
+
+
+CASES = [
+    # (id, versions, observed, prepared, expected roles, phase, message fragment, event kinds)
+    ("verified model starts replicas", [stable(), canary("preparing")], {}, {V_NEW: Prepared(True, "cache hit", 0.1)},
+     {V_OLD: ("stable", 100, "ready"), V_NEW: ("canary", 0, "starting")}, "Progressing", "starting 1 replica", ["prepared"]),
+    ("refused model degrades, stable serves", [stable(), canary("preparing")], {}, {V_NEW: Prepared(False, "digest mismatch: unet/x: sha256", 0.1)},
+     {V_OLD: ("stable", 100, "ready")}, "Degraded", f"{V_NEW} failed: model refused: digest mismatch: unet/x", ["failed"]),
+    ("refused first version fails", [canary("preparing")], {}, {V_NEW: Prepared(False, "digest mismatch", 0.1)},
+     {}, "Failed", "nothing is serving", ["failed"]),
+    ("waiting on preparation", [stable(), canary("preparing")], {}, {},
+     {V_OLD: ("stable", 100, "ready"), V_NEW: ("canary", 0, "preparing")}, "Progressing", "fetching", []),
+    ("replicas still starting", [stable(), canary()], {f"demo--{V_NEW}": app(V_NEW, "DEPLOYING", 0, 1)}, {},
+     {V_OLD: ("stable", 100, "ready"), V_NEW: ("canary", 0, "starting")}, "Progressing", "0/1 replicas running after 5s", []),
+    ("ready replicas switch traffic", [stable(), canary()], {f"demo--{V_NEW}": app(V_NEW)}, {},
+     {V_NEW: ("stable", 100, "ready"), V_OLD: ("standby", 0, "ready")}, "Progressing", "switching traffic", ["promoted"]),
+    ("replicas that fail to construct", [stable(), canary()], {f"demo--{V_NEW}": app(V_NEW, "DEPLOY_FAILED", 0, 1, "ValueError: boom")}, {},
+     {V_OLD: ("stable", 100, "ready")}, "Degraded", "replicas failed to start: ValueError: boom", ["failed"]),
+    ("past the progress deadline", [stable(), canary(created=NOW - 301)], {f"demo--{V_NEW}": app(V_NEW, "DEPLOYING", 0, 1)}, {},
+     {V_OLD: ("stable", 100, "ready")}, "Degraded", "not ready after 301s (progress deadline 300s)", ["failed"]),
+    ("revert to the warm standby is instant", [stable(), standby()], {}, {},
+     {V_NEW: ("stable", 100, "ready"), V_OLD: ("standby", 0, "ready")}, "Progressing", "switching traffic", ["rolled-back"]),
+    ("an abandoned canary is dropped", [stable(V_NEW, NEW), replace(canary(), version="abcdef0123")], {"demo": router({V_NEW: 100})}, {},
+     {V_NEW: ("stable", 100, "ready")}, "Healthy", "serving 100%", ["abandoned"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_rollout_step(case):
+    _, versions, observed, prepared, expected, phase, fragment, kinds = case
+    result = step("demo", NOW, desired(), record(), versions, observed, prepared)
+    assert roles(result) == expected
+    assert result.release.phase == phase
+    assert fragment in result.release.message
+    assert [e.kind for e in result.events] == kinds
+
+
+def test_switch_keeps_one_standby_and_no_reload():
+    third = make_release(("    steps: 4\n", "    steps: 12\n"))
+    versions = [stable(V_NEW, NEW), replace(standby(), version=V_OLD, spec=spec(OLD)),
+                VersionRecord("demo", version_id(third), "canary", 0, "starting", "c3", spec(third), NOW - 5)]
+    result = step("demo", NOW, desired(third, "b3"), record(), versions, {f"demo--{version_id(third)}": app(version_id(third))}, {})
+    assert roles(result) == {version_id(third): ("stable", 100, "ready"), V_NEW: ("standby", 0, "ready")}
+    assert "standby-removed" in [e.kind for e in result.events]
+    assert result.prepare == []
+
+
+def test_healthy_only_when_the_router_confirms():
+    versions = [stable(V_NEW, NEW)]
+    unconfirmed = step("demo", NOW, desired(), record(), versions, {"demo": router({V_NEW: 0})}, {})
+    assert unconfirmed.release.phase == "Progressing" and "router reports" in unconfirmed.release.message
+    confirmed = step("demo", NOW, desired(), record(), versions, {"demo": router({V_NEW: 100})}, {})
+    assert confirmed.release.phase == "Healthy"
+
+
+def test_standby_expires_after_scale_down_delay():
+    versions = [stable(V_NEW, NEW), replace(standby(since=NOW - 601), version=V_OLD)]
+    result = step("demo", NOW, desired(), record(), versions, {"demo": router({V_NEW: 100})}, {})
+    assert roles(result) == {V_NEW: ("stable", 100, "ready")}
+    assert [e.kind for e in result.events] == ["standby-removed"]
+
+
+def test_failed_version_is_held_until_the_file_changes():
+    held = record(failed_version=V_NEW, failed_blob="blob-2", phase="Degraded", message="failed")
+    again = step("demo", NOW, desired(blob="blob-2"), held, [stable()], {}, {})
+    assert roles(again) == {V_OLD: ("stable", 100, "ready")} and again.prepare == [] and again.events == []
+    changed = step("demo", NOW, desired(blob="blob-3"), held, [stable()], {}, {})
+    assert roles(changed)[V_NEW] == ("canary", 0, "preparing")
+
+
+def test_light_change_follows_git_but_keeps_the_loaded_model():
+    moved = make_release(("    count: 1\n", "    count: 3\n"), ("file://models/tiny-sd", "s3://bucket/tiny-sd"))
+    result = step("demo", NOW, Desired(moved, version_id(moved), "c2", "b"), record(), [stable()], {"demo": router({V_OLD: 100})}, {})
+    [version] = result.versions
+    assert version.version == V_OLD and version.spec["replicas"]["count"] == 3
+    assert version.spec["model"]["uri"] == "file://models/tiny-sd"
+    assert [e.kind for e in result.events] == ["updated"]
+
+
+def test_deadline_stretches_with_measured_load_time():
+    assert deadline_s(OLD, None) == 300
+    assert deadline_s(OLD, 50) == 300
+    assert deadline_s(OLD, 200) == 630
+
+
+def test_invalid_file_changes_nothing_that_serves():
+    versions = [stable()]
+    result = invalid(record(), "demo", ["releases/demo.yaml:3:1: bad"], versions, NOW)
+    assert result.versions == versions and result.release.phase == "Invalid"
+    assert result.release.message == f"releases/demo.yaml:3:1: bad; {V_OLD} keeps serving"
+    assert result.release.spec == spec()  # the last good spec keeps driving the router
+
+
+def test_removed_release_is_pruned_unless_everything_goes():
+    gone = removed(record(), [stable()], allowed=True, now=NOW)
+    assert gone.release is None and gone.versions == [] and gone.events[0].kind == "pruned"
+    kept = removed(record(), [stable()], allowed=False, now=NOW)
+    assert kept.release is not None and kept.versions == [stable()] and "--allow-prune-all" in kept.release.message
