@@ -47,11 +47,11 @@ def png(image: Any) -> bytes:
 
 class ModelServer:
     def __init__(self, release: str, version: str, model: dict, generation: dict, repo: str | None, commit: str | None,
-                 cache_dir: str, gpus: float = 0, gpu_hour_usd: float | None = None):
+                 cache_dir: str, gpus: float = 0):
         started = time.monotonic()
         self.release, self.version, self.generation = release, version, generation
         self.tags = {"release": release, "version": version}
-        self.gpu_hour_usd, self.gpus = gpu_hour_usd, gpus
+        self.gpus, self.gpu_hour_usd = gpus, None
         self.metrics = serving_metrics()
         fetched = fetch(model["uri"], model["digest"], ModelCache(Path(cache_dir)), repo=Path(repo) if repo else None, commit=commit)
         self.device = pick_device()
@@ -71,6 +71,8 @@ class ModelServer:
         )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
+        """Light settings from the rendered `user_config`: applied in place, no restart."""
+        self.gpu_hour_usd = config.get("gpu_hour_usd")
         self._batch.set_max_batch_size(int(config.get("max_batch_size", 4)))
         self._batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
 

@@ -249,3 +249,23 @@ def test_prometheus_metrics_from_controller_and_serving(model_repo, serve, tmp_p
         assert f'version="{version}"' in ray_text and 'release="demo"' in ray_text
     finally:
         controller.stop()
+
+
+def test_overload_gets_503_with_retry_after(model_repo, serve, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model_repo.release(**{"max_batch_size: 4": "max_batch_size: 1", "max_ongoing_requests: 4": "max_ongoing_requests: 1",
+                          "max_queued_requests: 16": "max_queued_requests: 1"})
+    model_repo.commit("tiny queue")
+    controller = Controller(model_repo.path, tmp_path / "state").start()
+    try:
+        controller.wait_release(healthy_on())
+        with ThreadPoolExecutor(24) as pool:
+            responses = list(pool.map(lambda _: generate(body={"prompt": "x", "steps": 40}), range(24)))
+        codes = sorted({r.status_code for r in responses})
+        assert codes == [200, 503], codes
+        shed = [r for r in responses if r.status_code == 503]
+        assert all(r.headers.get("Retry-After") == "1" and r.json()["error"] == "overloaded" for r in shed)
+        assert generate().status_code == 200
+    finally:
+        controller.stop()
