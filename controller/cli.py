@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from controller import cli_operate, diff_report
+from controller import cli_gate, cli_operate, diff_report
 from controller.cli_common import fail, open_source, repo_option, state_dir_option
 from controller.plan import diff_releases
 from controller.release import Release
@@ -163,7 +163,7 @@ def model_fetch(release_name: str, repo: str, state_dir: Path, rev: str | None, 
     click.echo(str(result.path))
 
 
-for command in cli_operate.COMMANDS:
+for command in [*cli_gate.COMMANDS, *cli_operate.COMMANDS]:
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -43,12 +43,16 @@ def controller() -> None:
 @click.option("--metrics-port", type=int, default=None, help="Serve controller metrics for Prometheus on 127.0.0.1:PORT.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--allow-prune-all", is_flag=True, help="Allow a commit that removes every release file to delete every release.")
+@click.option("--gate-python", default=None, metavar="PATH",
+              help="Python with diffops installed on the Ray cluster, for gate jobs (default: this interpreter, right for a local head).")
 @click.option("--once", is_flag=True, help="Reconcile once and exit.")
 def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: str | None, interval: float, http_port: int,
-                   num_gpus: int | None, metrics_port: int | None, log_format: str, allow_prune_all: bool, once: bool) -> None:
+                   num_gpus: int | None, metrics_port: int | None, log_format: str, allow_prune_all: bool, gate_python: str | None,
+                   once: bool) -> None:
     """Make Ray Serve match the releases at the branch head, continuously."""
     from controller import ray_cluster
     from controller.daemon import StateDirLocked, install_signal_handlers, lock_state_dir, run_loop
+    from controller.gate_runner import RayJobGate
     from controller.metrics import ControllerMetrics
     from controller.reconciler import Reconciler
     from controller.serve_client import ServeClient
@@ -77,7 +81,8 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     stop, wake = threading.Event(), threading.Event()
     settings = RenderSettings(repo=str(source.path), cache_dir=str(state_dir / "models"), http_port=http_port)
     reconciler = Reconciler(source, Store(state_dir / "state.db"), serve, settings, branch=branch,
-                            allow_prune_all=allow_prune_all, on_prepared=wake.set, metrics=metrics)
+                            allow_prune_all=allow_prune_all, on_prepared=wake.set, metrics=metrics,
+                            gate=RayJobGate(dashboard, ray_cluster.ensure_token(), python=gate_python), gate_dir=state_dir / "gate")
     click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}); serving at http://127.0.0.1:{http_port}/<release>/generate", err=True)
     try:
         if once:
@@ -99,13 +104,13 @@ def status(state_dir: Path, as_json: bool, watch: bool) -> None:
     """Every release: phase, message, versions, roles, weights and ready replicas."""
     store = open_store_readonly(state_dir)
     while True:
-        state = store.load()
+        state, gates = store.load(), store.gate_reports()
         if as_json:
-            click.echo(json.dumps(status_json(state), indent=None if watch else 2))
+            click.echo(json.dumps(status_json(state, gates), indent=None if watch else 2))
         else:
             if watch:
                 click.clear()
-            click.echo(status_text(state))
+            click.echo(status_text(state, gates))
         if not watch:
             return
         time.sleep(1)

@@ -28,6 +28,7 @@ class RayHead:
     gcs_port: int = 6379
     dashboard_port: int = 8265
     metrics_port: int = 8266
+    client_port: int = 10001
     host: str = "127.0.0.1"
     temp_dir: str | None = None  # Ray's session/log root (default /tmp/ray)
 
@@ -79,7 +80,7 @@ def start_head(head: RayHead, num_cpus: float | None = None, num_gpus: int | Non
     command = [
         ray_executable(), "start", "--head", f"--node-ip-address={head.host}", f"--port={head.gcs_port}",
         f"--dashboard-host={head.host}", f"--dashboard-port={head.dashboard_port}",
-        f"--metrics-export-port={head.metrics_port}", "--disable-usage-stats",
+        f"--metrics-export-port={head.metrics_port}", f"--ray-client-server-port={head.client_port}", "--disable-usage-stats",
     ]
     if head.temp_dir:
         command.append(f"--temp-dir={head.temp_dir}")

@@ -18,7 +18,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+from checks.report import GateReport
 from controller import rollout
+from controller.gate_runner import Gate, LocalGate, gate_input, gate_key, golden_blob
 from controller.records import Event, ObservedApp, ReleaseRecord, VersionRecord, app_name
 from controller.serve_client import ServeApi, ServeError
 from controller.serve_config import RenderSettings, render, router_weights
@@ -42,18 +44,21 @@ class TickResult:
 class Reconciler:
     def __init__(self, source: ReleaseSource, store: Store, serve: ServeApi, settings: RenderSettings, *,
                  branch: str | None = None, allow_prune_all: bool = False, clock: Callable[[], float] = time.time,
-                 on_prepared: Callable[[], None] = lambda: None, metrics: object | None = None):
+                 on_prepared: Callable[[], None] = lambda: None, metrics: object | None = None,
+                 gate: Gate | None = None, gate_dir: Path | None = None):
         self.source, self.store, self.serve, self.settings = source, store, serve, settings
+        self.gate = gate or LocalGate()
+        self.gate_dir = gate_dir or Path(settings.cache_dir).parent / "gate"
         self.branch, self.allow_prune_all, self.clock = branch, allow_prune_all, clock
         self.on_prepared, self.metrics = on_prepared, metrics
         self.state: State = store.load()
         self.snapshot: Snapshot | None = None
         self.applied_config: dict | None = None
         self.confirmed: dict[str, dict[str, int]] = {}  # router weights each router has confirmed serving
-        self.prepared: dict[tuple[str, str], rollout.Prepared] = {}
-        self.preparing: dict[tuple[str, str], Future] = {}
-        self.finished: queue.SimpleQueue[tuple[tuple[str, str], rollout.Prepared]] = queue.SimpleQueue()
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
+        self.prepared: dict[tuple[str, str, str], rollout.Prepared] = {}  # (release, version, gate key)
+        self.preparing: dict[tuple[str, str, str], Future] = {}
+        self.finished: queue.SimpleQueue[tuple[tuple[str, str, str], rollout.Prepared]] = queue.SimpleQueue()
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prepare")
         self.cache = ModelCache(Path(settings.cache_dir))
 
     def reconcile(self) -> TickResult:
@@ -75,10 +80,13 @@ class Reconciler:
 
     def _tick(self, head: str, observed: dict[str, ObservedApp]) -> bool:
         started, now = time.monotonic(), self.clock()
+        gates: list[tuple[str, str, str, dict]] = []
         while not self.finished.empty():
             key, result = self.finished.get()
             self.preparing.pop(key, None)
             self.prepared[key] = result
+            if result.report is not None:
+                gates.append((*key, result.report))
         state, snapshot = self.state, self.snapshot
         assert snapshot is not None
         files = {PurePosixPath(path).stem: f for path, f in snapshot.files.items()}
@@ -86,22 +94,21 @@ class Reconciler:
         releases: dict[str, ReleaseRecord] = {}
         versions: list[VersionRecord] = []
         events: list[Event] = []
-        to_prepare: list[VersionRecord] = []
+        to_prepare: list[tuple[VersionRecord, rollout.Desired]] = []
         for name in sorted(set(state.releases) | set(files)):
             record = state.releases.get(name)
             mine = [v for v in state.versions if v.release == name]
             try:
-                result = self._step(name, files.get(name), record, mine, observed, head, every_file_gone, now)
+                result, desired = self._step(name, files.get(name), record, mine, observed, head, every_file_gone, now)
             except Exception:  # a failing release never blocks another
                 log.exception("%s: reconcile step failed; state left as it was; next: retry on the next tick", name)
-                result = rollout.Step(record, mine)
+                result, desired = rollout.Step(record, mine), None
             if result.release is not None:
                 releases[name] = result.release
             versions += result.versions
             events += [replace(e, commit=e.commit or head, at=now) for e in result.events]
-            to_prepare += result.prepare
-        waiting = {(v.release, v.version) for v in versions if v.status == "preparing"}
-        self.prepared = {key: result for key, result in self.prepared.items() if key in waiting}
+            to_prepare += [(version, desired) for version in result.prepare if desired is not None]
+        self.prepared = {}  # a result is seen by exactly one tick; passing gates are kept in the store
         config = render(releases.values(), versions, self.settings)
         if config != self.applied_config:
             self.serve.apply(config)
@@ -111,13 +118,13 @@ class Reconciler:
         if all_live and controller.last_applied_commit != head:
             controller = replace(controller, last_applied_commit=head, applied_at=now)
         self.state = State(controller, releases, versions, observed)
-        self.store.save(self.state, events)
+        self.store.save(self.state, events, gates)
         took_ms = (time.monotonic() - started) * 1000
         for event in events:
             log.info("%s: %s (decided in %.0f ms)", event.release, event.message, took_ms,
                      extra={"subject": event.release, "event": event.kind, "version": event.version})
-        for version in to_prepare:
-            self._prepare(version)
+        for version, desired in to_prepare:
+            self._prepare(version, desired)
         if self.metrics is not None:
             self.metrics.observe_state(self.state)  # type: ignore[attr-defined]
         return any(r.phase == "Progressing" for r in releases.values())
@@ -135,45 +142,63 @@ class Reconciler:
         return observed
 
     def _step(self, name: str, file: ReleaseFile | None, record: ReleaseRecord | None, versions: list[VersionRecord],
-              observed: dict[str, ObservedApp], head: str, every_file_gone: bool, now: float) -> rollout.Step:
+              observed: dict[str, ObservedApp], head: str, every_file_gone: bool, now: float) -> tuple[rollout.Step, rollout.Desired | None]:
         if file is None:
             assert record is not None
-            return rollout.removed(record, versions, allowed=self.allow_prune_all or not every_file_gone, now=now)
+            return rollout.removed(record, versions, allowed=self.allow_prune_all or not every_file_gone, now=now), None
         if file.release is None:
-            return rollout.invalid(record, name, [str(e) for e in file.errors], versions, now)
-        desired = rollout.Desired(file.release, version_id(file.release), head, file.blob)
+            return rollout.invalid(record, name, [str(e) for e in file.errors], versions, now), None
+        _, reference_sha = golden_blob(self.source, head, file.release)
+        key = gate_key(file.release, reference_sha)
+        desired = rollout.Desired(file.release, version_id(file.release), head, f"{file.blob}:{key}", key)
         if record is None and not versions:
             versions = adopt(desired, observed, now)
-        prepared = {version: result for (release, version), result in self.prepared.items() if release == name}
-        return rollout.step(name, now, desired, record, versions, observed, prepared)
+        prepared = {version: result for (release, version, gate), result in self.prepared.items() if release == name and gate == key}
+        return rollout.step(name, now, desired, record, versions, observed, prepared), desired
 
-    def _prepare(self, version: VersionRecord) -> None:
-        """Fetch and verify a version's model in the background; a later tick reads the result."""
-        key = (version.release, version.version)
+    def _prepare(self, version: VersionRecord, desired: rollout.Desired) -> None:
+        """Fetch and verify a version's model, then gate it, in the background; a later tick reads the result."""
+        key = (version.release, version.version, desired.gate_key)
         if key in self.preparing or key in self.prepared:
             return
         model = version.spec["model"]
+        passed = self.store.passed_gate(*key)
+        gate = gate_input(desired.release, version.version, self.source, self.settings.cache_dir,
+                          model_commit=version.commit, checks_commit=desired.commit, model=model)
+        resources = version.spec["replicas"]
 
         def work() -> rollout.Prepared:
             started = time.monotonic()
             try:
-                result = fetch(model["uri"], model["digest"], self.cache, repo=self.source.path, commit=version.commit)
+                fetch(model["uri"], model["digest"], self.cache, repo=self.source.path, commit=version.commit)
             except ArtifactError as err:
-                return rollout.Prepared(False, str(err), time.monotonic() - started)
+                return rollout.Prepared(False, f"model refused: {err}", time.monotonic() - started)
             except Exception as err:  # network, permissions: the version fails with the reason, the controller goes on
-                return rollout.Prepared(False, f"{type(err).__name__}: {err}", time.monotonic() - started)
-            how = "cache hit" if result.cached else f"{result.bytes_transferred} bytes fetched"
-            return rollout.Prepared(True, how, time.monotonic() - started)
+                return rollout.Prepared(False, f"model fetch failed: {type(err).__name__}: {err}", time.monotonic() - started)
+            if passed is not None:
+                return rollout.Prepared(True, "checks passed before for this version and these checks (reused, not run again)", time.monotonic() - started)
+            report = self.gate.run(gate, resources["cpus"], resources["gpus"])
+            return self._judge(report, time.monotonic() - started)
 
         def done(future: Future) -> None:
             if not future.cancelled():
                 self.finished.put((key, future.result()))
                 self.on_prepared()
 
-        log.info("%s: fetching and verifying model %s for %s; next: start replicas once verified", version.release, model["digest"][:19], version.version)
+        note = "reusing its passed checks" if passed else "running the gate as a Ray job"
+        log.info("%s: verifying model %s for %s, then %s; next: start replicas if it passes",
+                 version.release, model["digest"][:19], version.version, note)
         future = self.pool.submit(work)
         self.preparing[key] = future
         future.add_done_callback(done)
+
+    def _judge(self, report: GateReport, seconds: float) -> rollout.Prepared:
+        """A gate report as a preparation result; a failure's images are saved and named."""
+        if report.ok:
+            return rollout.Prepared(True, f"checks passed: {report.summary()}", seconds, report.to_dict(with_artifacts=False))
+        saved = report.save_artifacts(self.gate_dir / report.release / report.version)
+        where = f" (images: {', '.join(str(p) for p in saved)})" if saved else ""
+        return rollout.Prepared(False, f"checks failed: {report.summary()}{where}", seconds, report.to_dict(with_artifacts=False))
 
     def _count(self, result: str, seconds: float) -> None:
         if self.metrics is not None:

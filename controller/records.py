@@ -35,6 +35,7 @@ class VersionRecord:
     ready_at: float | None = None
     standby_since: float | None = None
     deployed_args: dict[str, Any] | None = None  # app args taken over from a running app (adopted), else rendered
+    gate_key: str | None = None  # the checks (config + golden reference) this version passed
 
     @property
     def app(self) -> str:
@@ -50,8 +51,8 @@ class ReleaseRecord:
     desired_version: str | None
     spec: dict[str, Any] | None  # the last valid release spec (what serving follows while the file is invalid)
     updated_at: float
-    failed_version: str | None = None  # not retried until the release file changes or `diffops retry`
-    failed_blob: str | None = None
+    failed_version: str | None = None  # not retried until the release file or its checks change, or `diffops retry`
+    held_fingerprint: str | None = None  # the desired fingerprint it failed under
     load_seconds: float | None = None  # measured start-to-ready time of the last version that came up
 
 

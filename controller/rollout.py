@@ -29,14 +29,18 @@ class Desired:
     release: Release
     version: str
     commit: str
-    blob: str
+    fingerprint: str  # changes when the release file or its checks' inputs change
+    gate_key: str  # the checks a version must pass: their config and the golden reference
 
 
 @dataclass(frozen=True)
 class Prepared:
+    """A finished preparation: model fetched and verified, then the gate run (or its passing result reused)."""
+
     ok: bool
     message: str
     seconds: float
+    report: dict[str, Any] | None = None
 
 
 @dataclass
@@ -44,7 +48,7 @@ class Step:
     release: ReleaseRecord | None  # None: the release is gone
     versions: list[VersionRecord]
     events: list[Event] = field(default_factory=list)
-    prepare: list[VersionRecord] = field(default_factory=list)
+    prepare: list[VersionRecord] = field(default_factory=list)  # versions to prepare + gate against the desired gate key
 
 
 def deadline_s(release: Release, load_seconds: float | None) -> float:
@@ -101,16 +105,18 @@ def step(name: str, now: float, desired: Desired, record: ReleaseRecord | None, 
 
     if stable is not None and stable.version == target:
         _follow_light_changes(out, stable, spec)
+        if stable.gate_key not in (None, desired.gate_key):
+            return _recheck(out, stable, prepared.get(target), desired, now)
         return _healthy(out, target, observed, now)
     if target in current and current[target].role == "standby" and current[target].status == "ready":
         return _switch(out, current[target], stable, now, rollback=True)
-    if record.failed_version == target and record.failed_blob == desired.blob:
+    if record.failed_version == target and record.held_fingerprint == desired.fingerprint:
         return out  # held: not retried until the release file changes or `diffops retry`
     canary = current.get(target)
     if canary is None:
-        canary = VersionRecord(name, target, "canary", 0, "preparing", desired.commit, spec, now)
+        canary = VersionRecord(name, target, "canary", 0, "preparing", desired.commit, spec, now, gate_key=desired.gate_key)
         out.versions.append(canary)
-        out.events.append(Event(name, "rollout-started", f"rolling out {target} ({rollout.strategy}) from {desired.commit[:12]}; next: fetch and verify the model", target, desired.commit))
+        out.events.append(Event(name, "rollout-started", f"rolling out {target} ({rollout.strategy}) from {desired.commit[:12]}; next: verify the model and run the checks", target, desired.commit))
     if canary.status == "preparing":
         return _preparing(out, canary, prepared.get(target), desired, now)
     return _starting(out, canary, stable, observed.get(canary.app), desired, now)
@@ -120,14 +126,14 @@ def _preparing(out: Step, canary: VersionRecord, result: Prepared | None, desire
     assert out.release is not None
     if result is None:
         out.prepare.append(canary)
-        out.release = _with_phase(out.release, "Progressing", f"{canary.version}: fetching and verifying the model", now)
+        out.release = _with_phase(out.release, "Progressing", f"{canary.version}: verifying the model and running checks", now)
         return out
     if not result.ok:
-        return _fail(out, canary, f"model refused: {result.message}", desired, now)
-    started = replace(canary, status="starting", created_at=now)
+        return _fail(out, canary, result.message, desired, now)
+    started = replace(canary, status="starting", created_at=now, gate_key=desired.gate_key)
     out.versions = [started if v is canary else v for v in out.versions]
     count = canary.spec["replicas"]["count"]
-    out.events.append(Event(canary.release, "prepared", f"model verified in {result.seconds:.2f}s; next: start {count} replica(s) of {canary.version} at weight 0", canary.version))
+    out.events.append(Event(canary.release, "prepared", f"model verified, {result.message} ({result.seconds:.1f}s); next: start {count} replica(s) of {canary.version} at weight 0", canary.version))
     out.release = _with_phase(out.release, "Progressing", f"{canary.version}: starting {count} replica(s)", now)
     return out
 
@@ -169,8 +175,31 @@ def _switch(out: Step, target: VersionRecord, stable: VersionRecord | None, now:
         took = now - target.created_at
         out.release = replace(out.release, load_seconds=took)
         out.events.append(Event(target.release, "promoted", f"{target.version} ready after {took:.1f}s; traffic switched to it (100%){after}", target.version))
-    out.release = replace(out.release, failed_version=None, failed_blob=None)
+    out.release = replace(out.release, failed_version=None, held_fingerprint=None)
     out.release = _with_phase(out.release, "Progressing", f"{target.version}: switching traffic to it (100%)", now)
+    return out
+
+
+def _recheck(out: Step, stable: VersionRecord, result: Prepared | None, desired: Desired, now: float) -> Step:
+    """The checks changed (config or golden reference) under a serving version: gate it again, in place."""
+    assert out.release is not None
+    held = out.release.failed_version == stable.version and out.release.held_fingerprint == desired.fingerprint
+    if held:
+        return out
+    if result is None:
+        out.prepare.append(stable)
+        out.release = _with_phase(out.release, "Progressing", f"{stable.version}: checks changed; re-checking the serving version", now)
+        return out
+    if not result.ok:
+        message = f"{stable.version} failed its changed checks: {result.message}; it keeps serving; fix the checks or the reference and commit"
+        out.release = replace(out.release, failed_version=stable.version, held_fingerprint=desired.fingerprint)
+        out.release = _with_phase(out.release, "Degraded", message, now)
+        out.events.append(Event(stable.release, "failed", message, stable.version, desired.commit))
+        return out
+    out.versions = [replace(v, gate_key=desired.gate_key) if v is stable else v for v in out.versions]
+    out.release = replace(out.release, failed_version=None, held_fingerprint=None)
+    out.events.append(Event(stable.release, "rechecked", f"{stable.version} passed its changed checks: {result.message}", stable.version))
+    out.release = _with_phase(out.release, "Progressing", f"{stable.version}: checks passed again", now)
     return out
 
 
@@ -179,8 +208,8 @@ def _fail(out: Step, canary: VersionRecord, reason: str, desired: Desired, now: 
     out.versions = [v for v in out.versions if v.version != canary.version]
     stable = next(iter(role_of(out.versions, "stable")), None)
     tail = f"{stable.version} keeps serving" if stable else "nothing is serving"
-    message = f"{canary.version} failed: {reason}; {tail}; fix the release and commit, or `diffops retry {canary.release}`"
-    out.release = replace(out.release, failed_version=canary.version, failed_blob=desired.blob)
+    message = f"{canary.version} failed: {reason}; {tail}; fix the release or its checks and commit"
+    out.release = replace(out.release, failed_version=canary.version, held_fingerprint=desired.fingerprint)
     out.release = _with_phase(out.release, "Degraded" if stable else "Failed", message, now)
     out.events.append(Event(canary.release, "failed", message, canary.version, desired.commit))
     return out

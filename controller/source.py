@@ -124,6 +124,16 @@ class ReleaseSource:
         parents = getattr(commit, "parents", ())
         return parents[0].hexsha if parents else EMPTY_TREE
 
+    def blob(self, rev: str, path: str) -> git.Blob | None:
+        """The blob at `path` in a revision's tree, or None when there is none."""
+        obj = self.resolve(rev)
+        tree = obj.tree if obj.type == "commit" else obj
+        try:
+            item = tree / path
+        except KeyError:
+            return None
+        return item if item.type == "blob" else None
+
     def snapshot(self, rev: str | None = None, base: Snapshot | None = None) -> Snapshot:
         obj = self.resolve(rev)
         tree = obj.tree if obj.type == "commit" else obj

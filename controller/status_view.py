@@ -16,7 +16,15 @@ ROLE_ORDER = {"stable": 0, "canary": 1, "standby": 2}
 OUTCOMES = {"promoted": "promoted", "failed": "failed", "abandoned": "abandoned", "rolled-back": "rolled back"}
 
 
-def status_json(state: State) -> dict[str, Any]:
+def checks_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    return {"ok": report["ok"], "checks": {c["name"]: {"outcome": c["outcome"], "message": c["message"], "figures": c["figures"]}
+                                           for c in report["checks"]}}
+
+
+def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
+    gates = gates or {}
     releases = []
     for release in state.releases.values():
         versions = sorted((v for v in state.versions if v.release == release.name), key=lambda v: (ROLE_ORDER[v.role], v.version))
@@ -31,6 +39,7 @@ def status_json(state: State) -> dict[str, Any]:
                 "replicas": version.spec["replicas"]["count"],
                 "status": version.status,
                 "commit": version.commit,
+                "gate": checks_summary(gates.get((release.name, version.version))),
             })
         releases.append({
             "name": release.name,
@@ -53,9 +62,9 @@ def _age(seconds: float) -> str:
     return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
 
 
-def status_text(state: State, now: float | None = None) -> str:
+def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | None = None, now: float | None = None) -> str:
     now = now or time.time()
-    data = status_json(state)
+    data = status_json(state, gates)
     commit = (data["commit"] or "none")[:12]
     applied = (data["applied_commit"] or "none")[:12]
     lines = [f"reconciled {commit} (fully live: {applied})", ""]
@@ -64,7 +73,10 @@ def status_text(state: State, now: float | None = None) -> str:
     for release in data["releases"]:
         lines.append(f"{release['name']:<20} {release['phase']:<12} {_age(now - release['updated_at'])} ago  {release['message']}")
         for v in release["versions"]:
-            lines.append(f"  {v['id']:<12} {v['role']:<8} weight {v['weight']:>3}%  replicas {v['ready_replicas']}/{v['replicas']}  from {v['commit'][:12]}")
+            gate = v["gate"]
+            checks = "" if gate is None else "  checks " + " ".join(
+                f"{name}:{'ok' if c['outcome'] == 'passed' else c['outcome']}" for name, c in gate["checks"].items())
+            lines.append(f"  {v['id']:<12} {v['role']:<8} weight {v['weight']:>3}%  replicas {v['ready_replicas']}/{v['replicas']}  from {v['commit'][:12]}{checks}")
     return "\n".join(lines)
 
 
@@ -81,6 +93,8 @@ def history_rows(events: list[Event]) -> list[dict[str, Any]]:
         elif event.kind == "rolled-back":
             rows.append({"version": event.version, "commit": event.commit, "started_at": event.at, "finished_at": event.at,
                          "outcome": "rolled back", "message": event.message})
+        elif event.kind == "prepared" and (event.version or "") in open_rollouts:
+            open_rollouts[event.version or ""]["checks"] = event.message
         elif event.kind in OUTCOMES and (event.version or "") in open_rollouts:
             row = open_rollouts.pop(event.version or "")
             row.update(finished_at=event.at, outcome=OUTCOMES[event.kind], message=event.message)

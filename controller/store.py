@@ -28,12 +28,12 @@ CREATE TABLE IF NOT EXISTS controller (
 CREATE TABLE IF NOT EXISTS releases (
     name TEXT PRIMARY KEY, phase TEXT NOT NULL, message TEXT NOT NULL,
     desired_commit TEXT, desired_version TEXT, spec TEXT, updated_at REAL NOT NULL,
-    failed_version TEXT, failed_blob TEXT, load_seconds REAL
+    failed_version TEXT, held_fingerprint TEXT, load_seconds REAL
 );
 CREATE TABLE IF NOT EXISTS versions (
     release TEXT NOT NULL, version TEXT NOT NULL, role TEXT NOT NULL, weight INTEGER NOT NULL,
     status TEXT NOT NULL, "commit" TEXT NOT NULL, spec TEXT NOT NULL, created_at REAL NOT NULL,
-    ready_at REAL, standby_since REAL, deployed_args TEXT,
+    ready_at REAL, standby_since REAL, deployed_args TEXT, gate_key TEXT,
     PRIMARY KEY (release, version)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -41,6 +41,11 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL, message TEXT NOT NULL, "commit" TEXT
 );
 CREATE INDEX IF NOT EXISTS events_by_release ON events (release, id);
+CREATE TABLE IF NOT EXISTS gates (
+    release TEXT NOT NULL, version TEXT NOT NULL, gate_key TEXT NOT NULL, ok INTEGER NOT NULL,
+    report TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (release, version, gate_key)
+);
 CREATE TABLE IF NOT EXISTS apps (
     name TEXT PRIMARY KEY, status TEXT NOT NULL, message TEXT NOT NULL, running INTEGER NOT NULL, target INTEGER NOT NULL
 );
@@ -102,8 +107,8 @@ class Store:
         apps = {r["name"]: ObservedApp(**dict(r)) for r in self.db.execute("SELECT * FROM apps")}
         return State(controller, releases, versions, apps)
 
-    def save(self, state: State, events: list[Event] = ()) -> None:
-        """Replace the recorded state and append events, atomically."""
+    def save(self, state: State, events: list[Event] = (), gates: list[tuple[str, str, str, dict]] = ()) -> None:
+        """Replace the recorded state, append events, record gate reports (release, version, gate key, report), atomically."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -119,6 +124,8 @@ class Store:
             for app in state.apps.values():
                 _insert(db, "apps", {column: getattr(app, column) for column in APP_COLUMNS})
             now = time.time()
+            for release, version, key, report in gates:
+                db.execute('INSERT OR REPLACE INTO gates VALUES (?, ?, ?, ?, ?, ?)', (release, version, key, int(report["ok"]), json.dumps(report), now))
             for event in events:
                 _insert(db, "events", _row(dataclasses.replace(event, at=event.at or now)))
             db.execute("COMMIT")
@@ -130,6 +137,18 @@ class Store:
         where, args = ("WHERE release = ?", (release,)) if release else ("", ())
         rows = self.db.execute(f"SELECT * FROM (SELECT * FROM events {where} ORDER BY id DESC LIMIT ?) ORDER BY id", (*args, limit))
         return [_record(Event, r) for r in rows]
+
+    def passed_gate(self, release: str, version: str, gate_key: str) -> dict[str, Any] | None:
+        """A passing gate report for exactly this version and these checks, if one was recorded."""
+        row = self.db.execute("SELECT report FROM gates WHERE release = ? AND version = ? AND gate_key = ? AND ok = 1",
+                              (release, version, gate_key)).fetchone()
+        return json.loads(row["report"]) if row else None
+
+    def gate_reports(self, release: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+        """The latest gate report per (release, version)."""
+        where, args = ("WHERE release = ?", (release,)) if release else ("", ())
+        rows = self.db.execute(f"SELECT release, version, report FROM gates {where} ORDER BY at", args)
+        return {(r["release"], r["version"]): json.loads(r["report"]) for r in rows}
 
     def integrity(self) -> str:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]

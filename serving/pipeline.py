@@ -29,13 +29,17 @@ def load_pipeline(model_dir: Path, *, dtype: str = "float32", sampler: str = "dd
 
     CPU replicas always run float32 (half precision on CPU is slow or unsupported).
     """
+    import diffusers
     import torch
-    from diffusers import DiffusionPipeline
+    import transformers
 
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     device = device or pick_device()
-    torch_dtype = getattr(torch, DTYPES[dtype]) if device != "cpu" else torch.float32
-    pipeline = DiffusionPipeline.from_pretrained(
-        str(model_dir), torch_dtype=torch_dtype, use_safetensors=True, local_files_only=True
+    weights_dtype = getattr(torch, DTYPES[dtype]) if device != "cpu" else torch.float32
+    pipeline = diffusers.DiffusionPipeline.from_pretrained(
+        str(model_dir), dtype=weights_dtype, use_safetensors=True, local_files_only=True
     )
     pipeline.scheduler = build_scheduler(sampler, dict(pipeline.scheduler.config))
     pipeline.set_progress_bar_config(disable=True)

@@ -57,6 +57,7 @@ def release_repo(tmp_path: Path) -> ReleaseRepo:
 def model_repo(release_repo: ReleaseRepo) -> ReleaseRepo:
     """A release repo holding the demo release and the demo model, committed."""
     shutil.copytree(DEMO_MODEL, release_repo.path / "models" / "tiny-sd")
+    shutil.copytree(ROOT / "releases" / "golden", release_repo.path / "releases" / "golden")
     release_repo.release()
     release_repo.commit("demo release")
     return release_repo
@@ -100,13 +101,21 @@ def ray_head(tmp_path_factory):
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_dir / "auth_token")
     os.environ["RAY_AUTH_MODE"] = "token"
     temp_dir = tempfile.mkdtemp(prefix="dray-")
-    head = ray_cluster.RayHead(gcs_port=live.GCS_PORT, dashboard_port=live.DASHBOARD_PORT, metrics_port=live.METRICS_PORT, temp_dir=temp_dir)
+    head = ray_cluster.RayHead(gcs_port=live.GCS_PORT, dashboard_port=live.DASHBOARD_PORT, metrics_port=live.METRICS_PORT,
+                                 client_port=live.CLIENT_PORT, temp_dir=temp_dir)
     ray_cluster.start_head(head, num_cpus=4, num_gpus=2)
     yield head
+    ours = (temp_dir, f":{live.GCS_PORT}")  # the session's processes, and Ray's client server bound to our GCS
+    doomed = []
     for process in psutil.process_iter(["cmdline"]):
         try:
-            if any(temp_dir in part for part in process.info["cmdline"] or []):
-                process.kill()
+            if any(mark in part for part in process.info["cmdline"] or [] for mark in ours):
+                doomed += [process, *process.children(recursive=True)]  # agents rename themselves (ray::...)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for process in doomed:
+        try:
+            process.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     shutil.rmtree(temp_dir, ignore_errors=True)

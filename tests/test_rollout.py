@@ -21,8 +21,8 @@ def spec(release=OLD) -> dict:
     return release.model_dump(mode="json")["spec"]
 
 
-def desired(release=NEW, blob="blob-2") -> Desired:
-    return Desired(release, version_id(release), "c2", blob)
+def desired(release=NEW, fingerprint="blob-2", gate_key="g1") -> Desired:
+    return Desired(release, version_id(release), "c2", fingerprint, gate_key)
 
 
 def stable(version=V_OLD, release=OLD, **kw) -> VersionRecord:
@@ -57,20 +57,20 @@ def test_first_deploy_prepares_the_model():
     result = step("demo", NOW, desired(OLD, "b1"), None, [], {}, {})
     assert roles(result) == {V_OLD: ("canary", 0, "preparing")}
     assert [v.version for v in result.prepare] == [V_OLD]
-    assert result.release.phase == "Progressing" and "fetching and verifying" in result.release.message
+    assert result.release.phase == "Progressing" and "verifying the model and running checks" in result.release.message
     assert [e.kind for e in result.events] == ["rollout-started"]
 
 
 CASES = [
     # (id, versions, observed, prepared, expected roles, phase, message fragment, event kinds)
-    ("verified model starts replicas", [stable(), canary("preparing")], {}, {V_NEW: Prepared(True, "cache hit", 0.1)},
+    ("verified model starts replicas", [stable(), canary("preparing")], {}, {V_NEW: Prepared(True, "checks passed: all", 0.1)},
      {V_OLD: ("stable", 100, "ready"), V_NEW: ("canary", 0, "starting")}, "Progressing", "starting 1 replica", ["prepared"]),
-    ("refused model degrades, stable serves", [stable(), canary("preparing")], {}, {V_NEW: Prepared(False, "digest mismatch: unet/x: sha256", 0.1)},
+    ("refused model degrades, stable serves", [stable(), canary("preparing")], {}, {V_NEW: Prepared(False, "model refused: digest mismatch: unet/x: sha256", 0.1)},
      {V_OLD: ("stable", 100, "ready")}, "Degraded", f"{V_NEW} failed: model refused: digest mismatch: unet/x", ["failed"]),
-    ("refused first version fails", [canary("preparing")], {}, {V_NEW: Prepared(False, "digest mismatch", 0.1)},
+    ("refused first version fails", [canary("preparing")], {}, {V_NEW: Prepared(False, "model refused: digest mismatch", 0.1)},
      {}, "Failed", "nothing is serving", ["failed"]),
     ("waiting on preparation", [stable(), canary("preparing")], {}, {},
-     {V_OLD: ("stable", 100, "ready"), V_NEW: ("canary", 0, "preparing")}, "Progressing", "fetching", []),
+     {V_OLD: ("stable", 100, "ready"), V_NEW: ("canary", 0, "preparing")}, "Progressing", "running checks", []),
     ("replicas still starting", [stable(), canary()], {f"demo--{V_NEW}": app(V_NEW, "DEPLOYING", 0, 1)}, {},
      {V_OLD: ("stable", 100, "ready"), V_NEW: ("canary", 0, "starting")}, "Progressing", "0/1 replicas running after 5s", []),
     ("ready replicas switch traffic", [stable(), canary()], {f"demo--{V_NEW}": app(V_NEW)}, {},
@@ -122,16 +122,16 @@ def test_standby_expires_after_scale_down_delay():
 
 
 def test_failed_version_is_held_until_the_file_changes():
-    held = record(failed_version=V_NEW, failed_blob="blob-2", phase="Degraded", message="failed")
-    again = step("demo", NOW, desired(blob="blob-2"), held, [stable()], {}, {})
+    held = record(failed_version=V_NEW, held_fingerprint="blob-2", phase="Degraded", message="failed")
+    again = step("demo", NOW, desired(fingerprint="blob-2"), held, [stable()], {}, {})
     assert roles(again) == {V_OLD: ("stable", 100, "ready")} and again.prepare == [] and again.events == []
-    changed = step("demo", NOW, desired(blob="blob-3"), held, [stable()], {}, {})
+    changed = step("demo", NOW, desired(fingerprint="blob-3"), held, [stable()], {}, {})
     assert roles(changed)[V_NEW] == ("canary", 0, "preparing")
 
 
 def test_light_change_follows_git_but_keeps_the_loaded_model():
     moved = make_release(("    count: 1\n", "    count: 3\n"), ("file://models/tiny-sd", "s3://bucket/tiny-sd"))
-    result = step("demo", NOW, Desired(moved, version_id(moved), "c2", "b"), record(), [stable()], {"demo": router({V_OLD: 100})}, {})
+    result = step("demo", NOW, Desired(moved, version_id(moved), "c2", "b", "g1"), record(), [stable()], {"demo": router({V_OLD: 100})}, {})
     [version] = result.versions
     assert version.version == V_OLD and version.spec["replicas"]["count"] == 3
     assert version.spec["model"]["uri"] == "file://models/tiny-sd"
@@ -157,3 +157,22 @@ def test_removed_release_is_pruned_unless_everything_goes():
     assert gone.release is None and gone.versions == [] and gone.events[0].kind == "pruned"
     kept = removed(record(), [stable()], allowed=False, now=NOW)
     assert kept.release is not None and kept.versions == [stable()] and "--allow-prune-all" in kept.release.message
+
+
+def test_changed_checks_recheck_the_serving_version_in_place():
+    serving = stable(V_NEW, NEW, gate_key="g0")
+    first = step("demo", NOW, desired(), record(), [serving], {"demo": router({V_NEW: 100})}, {})
+    assert [v.version for v in first.prepare] == [V_NEW] and first.release.phase == "Progressing"
+    assert "re-checking the serving version" in first.release.message
+
+    failing = Prepared(False, "checks failed: golden check failed: phash distance 30 > 8; SSIM 0.100 < 0.9", 2.0)
+    failed = step("demo", NOW, desired(), record(), [serving], {"demo": router({V_NEW: 100})}, {V_NEW: failing})
+    assert roles(failed) == {V_NEW: ("stable", 100, "ready")}  # it keeps serving
+    assert failed.release.phase == "Degraded" and "phash distance 30 > 8" in failed.release.message
+    held = step("demo", NOW, desired(), failed.release, failed.versions, {"demo": router({V_NEW: 100})}, {})
+    assert held.prepare == [] and held.release.phase == "Degraded"
+
+    passed = step("demo", NOW, desired(), record(), [serving], {"demo": router({V_NEW: 100})}, {V_NEW: Prepared(True, "checks passed", 2.0)})
+    assert passed.versions[0].gate_key == "g1" and [e.kind for e in passed.events] == ["rechecked"]
+    healthy = step("demo", NOW, desired(), passed.release, passed.versions, {"demo": router({V_NEW: 100})}, {})
+    assert healthy.release.phase == "Healthy"

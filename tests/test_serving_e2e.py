@@ -53,7 +53,7 @@ def test_committed_release_serves_png_and_json(live_demo):
     assert unknown.status_code == 404 and version in unknown.json()["message"]
 
     log = controller.logs
-    assert "demo: rolling out" in log and "next: fetch and verify the model" in log
+    assert "demo: rolling out" in log and "next: verify the model and run the checks" in log
     assert "traffic switched to it (100%)" in log
 
 

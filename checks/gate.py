@@ -1,0 +1,109 @@
+"""The gate: every check for one version, in order, each under the release's time limit.
+
+`run_gate` is what the gate job runs on the release's own resources, and what
+`diffops check` runs locally. Order: artifact (nothing else runs if the files
+are wrong), dependency, cuda, load, golden, performance. An exception inside a
+check (a crash, an out-of-memory) becomes an `error` result with the reason;
+a check past its limit becomes an `error` too, and the gate reports anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from checks import artifact, dependency, golden, performance
+from checks.report import CheckResult, GateReport
+from serving.artifacts import ModelCache, fetch
+from serving.generator import PipelineRunner
+from serving.manifest import ArtifactError
+from serving.pipeline import load_pipeline, pick_device
+
+log = logging.getLogger("diffops.checks")
+
+
+class TimedOut(Exception):
+    pass
+
+
+def within(name: str, limit_s: float, work: Callable[[], Any]) -> Any:
+    """Run `work` in a thread; a check past its limit or raising becomes an `error` result."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as err:  # noqa: BLE001 - any crash in a check is that check's failure
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name=f"check-{name}", daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    if thread.is_alive():
+        raise TimedOut(f"{name} did not finish within {limit_s:.0f}s (checks.timeout)")
+    if "error" in box:
+        err = box["error"]
+        raise RuntimeError(f"{type(err).__name__}: {err}".strip()) from err
+    return box.get("value")
+
+
+def run_gate(gate_input: dict[str, Any], progress: Callable[[str], None] = lambda line: None) -> GateReport:
+    started = time.monotonic()
+    spec, name, version = gate_input["spec"], gate_input["release"], gate_input["version"]
+    checks_spec, limit = spec.get("checks") or {}, float(gate_input.get("timeout_s", 600))
+    results: list[CheckResult] = []
+    artifacts: dict[str, str] = {}
+
+    def report() -> GateReport:
+        return GateReport(name, version, tuple(results), round(time.monotonic() - started, 3), artifacts)
+
+    def attempt(check: str, work: Callable[[], Any]) -> Any:
+        progress(f"{name}--{version}: running the {check} check")
+        try:
+            return within(check, limit, work)
+        except (TimedOut, RuntimeError) as err:
+            results.append(CheckResult(check, "error", str(err)))
+            return None
+
+    model = gate_input["model"]
+    try:
+        fetched = fetch(model["uri"], model["digest"], ModelCache(Path(gate_input["cache_dir"])),
+                        repo=Path(gate_input["repo"]) if gate_input.get("repo") else None, commit=gate_input.get("commit"))
+    except ArtifactError as err:
+        results.append(CheckResult("artifact", "failed", str(err)))
+        return report()
+    found = attempt("artifact", lambda: artifact.run(fetched.path, model["digest"]))
+    if found is not None:
+        results.append(found)
+    if not results or results[-1].blocking:
+        return report()
+    requires, image = spec["runtime"].get("requires") or {}, spec["runtime"]["image"]
+    results.append(dependency.run(requires, image))
+    results.append(dependency.run_cuda(requires))
+
+    def load() -> PipelineRunner:
+        device = pick_device()
+        pipeline = load_pipeline(fetched.path, dtype=model.get("dtype", "float32"), sampler=spec["generation"]["sampler"], device=device)
+        return PipelineRunner(pipeline, device)
+
+    load_started = time.monotonic()
+    runner = attempt("load", load)
+    if runner is None:
+        for check in ("golden", "performance"):
+            results.append(CheckResult(check, "skipped", "not run: the pipeline did not load"))
+        return report()
+    load_seconds = time.monotonic() - load_started
+    results.append(CheckResult("load", "passed", f"pipeline loaded on {runner.device} in {load_seconds:.2f}s",
+                               {"load_seconds": round(load_seconds, 3), "device": runner.device}))
+    reference = gate_input.get("reference")
+    outcome = attempt("golden", lambda: golden.run(runner, checks_spec.get("golden"), spec["generation"], reference))
+    if outcome is not None:
+        results.append(outcome[0])
+        artifacts.update(outcome[1])
+    measured = attempt("performance", lambda: performance.run(runner, checks_spec.get("performance"), spec["generation"]))
+    if measured is not None:
+        results.append(measured)
+    return report()

@@ -1,0 +1,126 @@
+"""The gate on the real thing: checks as Ray jobs on the release's resources, holding back what fails."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import ReleaseRepo
+from tests.live import DASHBOARD, DIFFOPS, Controller, Load, generate, healthy_on, stable_version, wait_for
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture
+def live_demo(model_repo: ReleaseRepo, serve, tmp_path):
+    controller = Controller(model_repo.path, tmp_path / "state").start()
+    release = controller.wait_release(healthy_on())
+    yield model_repo, controller, release
+    if controller.process and controller.process.poll() is None:
+        controller.stop()
+
+
+def gate_jobs() -> list[dict]:
+    from controller.serve_client import ray_token
+
+    jobs = httpx.get(f"{DASHBOARD}/api/jobs/", headers={"Authorization": f"Bearer {ray_token()}"}, timeout=10).json()
+    return [j for j in jobs if (j.get("submission_id") or "").startswith("diffops-gate-")]
+
+
+def test_first_rollout_passed_the_gate_as_a_ray_job(live_demo):
+    _, controller, release = live_demo
+    version = stable_version(release)
+    [job] = [j for j in gate_jobs() if j["metadata"].get("version") == version][-1:]
+    assert job["status"] == "SUCCEEDED"
+    assert (job["metadata"]["num_cpus"], job["metadata"]["num_gpus"]) == ("0.5", "0")  # the release's replica resources
+    gate = release["versions"][0]["gate"]
+    assert gate["ok"] and {name: c["outcome"] for name, c in gate["checks"].items()} == {
+        "artifact": "passed", "dependency": "passed", "cuda": "skipped", "load": "passed", "golden": "passed", "performance": "passed"}
+    assert gate["checks"]["golden"]["figures"]["phash_distance"] == 0
+    assert gate["checks"]["performance"]["figures"]["p95_latency_s"] > 0
+
+
+def test_changed_golden_reference_is_held_back_and_stable_keeps_serving(live_demo, tmp_path):
+    repo, controller, release = live_demo
+    version = stable_version(release)
+    other = Image.effect_noise((64, 64), 100).convert("RGB")
+    buffer = io.BytesIO()
+    other.save(buffer, format="PNG")
+    with Load() as load:
+        repo.write("releases/golden/demo.png", buffer.getvalue())
+        repo.commit("a different golden reference")
+        release = controller.wait_release(lambda r: r["phase"] == "Degraded", timeout=120)
+    message = release["message"]
+    assert f"{version} failed its changed checks" in message and "golden check failed" in message
+    assert "phash distance" in message and "> 8" in message and "SSIM" in message and "< 0.9" in message
+    assert f"{version} failed its changed checks" in message and "it keeps serving" in message
+    assert set(load.codes) == {200} and {v for _, v in load.versions} == {version}
+    assert (controller.state_dir / "gate" / "demo" / version / "golden-compare.png").is_file()
+    status = controller.status()
+    assert status["applied_commit"] != status["commit"]  # the commit is not live
+
+
+def test_impossible_latency_is_held_back_with_the_measured_p95(live_demo):
+    repo, controller, release = live_demo
+    version = stable_version(release)
+    repo.release(**{"max_p95_latency_s: 5.0": "max_p95_latency_s: 0.0001", "steps: 4": "steps: 5"})
+    repo.commit("impossible latency")
+    release = controller.wait_release(lambda r: r["phase"] == "Degraded", timeout=120)
+    assert "performance check failed: p95 latency" in release["message"] and "> 0.0001s" in release["message"]
+    assert [(v["id"], v["role"]) for v in release["versions"]] == [(version, "stable")]
+    assert generate().headers["X-Diffops-Version"] == version
+
+
+def test_old_torch_requirement_fails_naming_the_installed_torch(live_demo):
+    from importlib.metadata import version as installed
+
+    repo, controller, release = live_demo
+    repo.release(**{'torch: ">=2.4"': 'torch: "<2.0"'})
+    repo.commit("impossible torch")
+    release = controller.wait_release(lambda r: r["phase"] == "Degraded", timeout=120)
+    assert f"dependency check failed: torch {installed('torch')} is installed; release requires torch<2.0" in release["message"]
+
+
+def test_revert_to_a_version_that_passed_does_not_run_the_checks_again(live_demo):
+    repo, controller, release = live_demo
+    first = stable_version(release)
+    repo.release(**{"scale_down_delay: 10m": "scale_down_delay: 1s"})
+    repo.commit("short standby")
+    repo.release(**{"scale_down_delay: 10m": "scale_down_delay: 1s", "steps: 4": "steps: 6"})
+    repo.commit("more steps")
+    second = stable_version(controller.wait_release(lambda r: healthy_on()(r) and stable_version(r) != first, timeout=120))
+    wait_for(lambda: len(controller.release()["versions"]) == 1, 30, "the standby to be scaled down")
+    jobs_before = len(gate_jobs())
+    repo.repo.git.revert("--no-edit", "HEAD")
+    release = controller.wait_release(lambda r: healthy_on()(r) and stable_version(r) == first, timeout=120)
+    assert len(gate_jobs()) == jobs_before
+    assert "reusing its passed checks" in controller.logs
+    assert second != first
+
+
+def test_check_command_passes_on_cpu_with_every_figure(model_repo: ReleaseRepo, tmp_path):
+    started = time.monotonic()
+    result = subprocess.run([DIFFOPS, "check", "demo", "--format", "json", "--state-dir", str(tmp_path / "s")],
+                            cwd=model_repo.path, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert elapsed < 60
+    report = json.loads(result.stdout)
+    figures = {c["name"]: c["figures"] for c in report["checks"]}
+    assert report["ok"] is True
+    assert {"pipeline_class", "files", "total_bytes", "component_bytes", "weight_dtypes"} <= set(figures["artifact"])
+    assert {"torch", "diffusers", "transformers"} <= set(figures["dependency"]["packages"])
+    assert {"phash_distance", "ssim", "psnr_db"} <= set(figures["golden"])
+    assert {"p50_latency_s", "p95_latency_s", "images_per_s", "peak_memory_gb"} <= set(figures["performance"])
+    assert figures["load"]["device"] == "cpu"
+
+    model_repo.release(**{'torch: ">=2.4"': 'torch: "<2.0"'})
+    model_repo.commit("bad pin")
+    failed = subprocess.run([DIFFOPS, "check", "demo", "--state-dir", str(tmp_path / "s")], cwd=model_repo.path, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and "✗ dependency" in failed.stdout and "release requires torch<2.0" in failed.stdout
