@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ import httpx
 
 from controller import logs
 from controller.cli_common import fail, open_source, repo_option, state_dir_option
+from controller.records import Command
 from controller.status_view import history_rows, history_text, status_json, status_text
 from controller.store import Store
 
@@ -45,10 +48,11 @@ def controller() -> None:
 @click.option("--allow-prune-all", is_flag=True, help="Allow a commit that removes every release file to delete every release.")
 @click.option("--gate-python", default=None, metavar="PATH",
               help="Python with diffops installed on the Ray cluster, for gate jobs (default: this interpreter, right for a local head).")
+@click.option("--allow-fault-injection", is_flag=True, help="Honour spec.faults (rollback drills); refused without this flag.")
 @click.option("--once", is_flag=True, help="Reconcile once and exit.")
 def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: str | None, interval: float, http_port: int,
                    num_gpus: int | None, metrics_port: int | None, log_format: str, allow_prune_all: bool, gate_python: str | None,
-                   once: bool) -> None:
+                   allow_fault_injection: bool, once: bool) -> None:
     """Make Ray Serve match the releases at the branch head, continuously."""
     from controller import ray_cluster
     from controller.daemon import StateDirLocked, install_signal_handlers, lock_state_dir, run_loop
@@ -82,7 +86,8 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     settings = RenderSettings(repo=str(source.path), cache_dir=str(state_dir / "models"), http_port=http_port)
     reconciler = Reconciler(source, Store(state_dir / "state.db"), serve, settings, branch=branch,
                             allow_prune_all=allow_prune_all, on_prepared=wake.set, metrics=metrics,
-                            gate=RayJobGate(dashboard, ray_cluster.ensure_token(), python=gate_python), gate_dir=state_dir / "gate")
+                            gate=RayJobGate(dashboard, ray_cluster.ensure_token(), python=gate_python), gate_dir=state_dir / "gate",
+                            allow_faults=allow_fault_injection)
     click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}); serving at http://127.0.0.1:{http_port}/<release>/generate", err=True)
     try:
         if once:
@@ -164,6 +169,31 @@ def generate(release: str, prompt: str, output: Path, url: str, seed: int | None
                f"(request {response.headers.get('X-Request-Id')}) in {time.monotonic() - started:.2f}s")
 
 
+def manual(action: str, help_text: str) -> click.Command:
+    @click.command(action, help=help_text)
+    @click.argument("release")
+    @state_dir_option
+    def command(release: str, state_dir: Path, **options: bool) -> None:
+        path = state_dir / "state.db"
+        if not path.exists():
+            fail(f"no controller state in {state_dir}")
+        store = Store(path)
+        if release not in store.load().releases:
+            fail(f"no release {release!r} in {state_dir}")
+        who = f"{getpass.getuser()}@{socket.gethostname()}"
+        store.add_command(Command(release, action, who, time.time(), full=options.get("full", False)))  # type: ignore[arg-type]
+        click.echo(f"{release}: {action} recorded for the controller (as {who}); `diffops status --watch` shows it take effect")
+
+    if action == "promote":
+        command = click.option("--full", is_flag=True, help="Skip every remaining step: straight to 100%.")(command)
+    return command
+
+
+promote = manual("promote", "Move a canary past its current pause (--full: to the end of its steps).")
+abort = manual("abort", "Abort a rollout: all traffic back to the stable version; the version is held.")
+retry = manual("retry", "Lift the hold on a failed or aborted version so the controller tries it again.")
+
+
 @click.group()
 def ray() -> None:
     """The local Ray head the controller starts (it outlives the controller)."""
@@ -190,4 +220,4 @@ def ray_stop() -> None:
     raise SystemExit(ray_cluster.stop_head())
 
 
-COMMANDS = [controller, status, history, generate, ray]
+COMMANDS = [controller, status, history, generate, promote, abort, retry, ray]

@@ -15,6 +15,7 @@ import json
 import logging
 import shlex
 import sys
+import threading
 import time
 import uuid
 from typing import Any, Protocol
@@ -76,6 +77,7 @@ class RayJobGate:
         self.http = httpx.Client(base_url=dashboard_url.rstrip("/"), headers=headers, timeout=10)
         self.python = python or sys.executable  # the cluster's Python with diffops installed; this one for a local head
         self.poll_s = poll_s
+        self.stopping = threading.Event()  # set when the controller stops: running gate jobs are stopped
 
     def run(self, gate: dict[str, Any], cpus: float, gpus: float) -> GateReport:
         started = time.monotonic()
@@ -110,10 +112,10 @@ class RayJobGate:
             status = self.http.get(f"{JOBS_PATH}{job_id}").json().get("status", "UNKNOWN")
             if status in FINAL:
                 return status
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or self.stopping.is_set():
                 self.http.post(f"{JOBS_PATH}{job_id}/stop")
-                return f"STOPPED after {limit_s:.0f}s"
-            time.sleep(self.poll_s)
+                return "STOPPED (the controller is stopping)" if self.stopping.is_set() else f"STOPPED after {limit_s:.0f}s"
+            self.stopping.wait(self.poll_s)
 
 
 class LocalGate:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -19,11 +20,11 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from checks.report import GateReport
-from controller import rollout
+from controller import git_notes, rollout
 from controller.gate_runner import Gate, LocalGate, gate_input, gate_key, golden_blob
-from controller.records import Event, ObservedApp, ReleaseRecord, VersionRecord, app_name
+from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name
 from controller.serve_client import ServeApi, ServeError
-from controller.serve_config import RenderSettings, render, router_weights
+from controller.serve_config import ROUTER_CPUS, RenderSettings, render, rendered_versions, router_weights
 from controller.source import ReleaseSource, ReleaseFile, Snapshot, SourceError
 from controller.store import State, Store
 from controller.versions import version_id
@@ -45,9 +46,10 @@ class Reconciler:
     def __init__(self, source: ReleaseSource, store: Store, serve: ServeApi, settings: RenderSettings, *,
                  branch: str | None = None, allow_prune_all: bool = False, clock: Callable[[], float] = time.time,
                  on_prepared: Callable[[], None] = lambda: None, metrics: object | None = None,
-                 gate: Gate | None = None, gate_dir: Path | None = None):
+                 gate: Gate | None = None, gate_dir: Path | None = None, allow_faults: bool = False):
         self.source, self.store, self.serve, self.settings = source, store, serve, settings
         self.gate = gate or LocalGate()
+        self.allow_faults = allow_faults
         self.gate_dir = gate_dir or Path(settings.cache_dir).parent / "gate"
         self.branch, self.allow_prune_all, self.clock = branch, allow_prune_all, clock
         self.on_prepared, self.metrics = on_prepared, metrics
@@ -95,11 +97,15 @@ class Reconciler:
         versions: list[VersionRecord] = []
         events: list[Event] = []
         to_prepare: list[tuple[VersionRecord, rollout.Desired]] = []
+        commands = self.store.pending_commands()
+        free = self._free_resources() if any(v.status in ("preparing", "verified") for v in state.versions) or \
+            set(files) - set(state.releases) else None
         for name in sorted(set(state.releases) | set(files)):
             record = state.releases.get(name)
             mine = [v for v in state.versions if v.release == name]
+            asked = [c for c in commands if c.release == name]
             try:
-                result, desired = self._step(name, files.get(name), record, mine, observed, head, every_file_gone, now)
+                result, desired = self._step(name, files.get(name), record, mine, observed, head, every_file_gone, now, asked, free)
             except Exception:  # a failing release never blocks another
                 log.exception("%s: reconcile step failed; state left as it was; next: retry on the next tick", name)
                 result, desired = rollout.Step(record, mine), None
@@ -109,16 +115,20 @@ class Reconciler:
             events += [replace(e, commit=e.commit or head, at=now) for e in result.events]
             to_prepare += [(version, desired) for version in result.prepare if desired is not None]
         self.prepared = {}  # a result is seen by exactly one tick; passing gates are kept in the store
-        config = render(releases.values(), versions, self.settings)
-        if config != self.applied_config:
-            self.serve.apply(config)
-            self.applied_config = config
+        for command in commands:
+            if command.release not in releases:
+                log.warning("%s: `%s` from %s ignored: no such release", command.release, command.action, command.who)
         all_live = all(r.phase == "Healthy" for r in releases.values())
         controller = replace(state.controller, last_attempted_commit=head, attempted_at=now)
         if all_live and controller.last_applied_commit != head:
             controller = replace(controller, last_applied_commit=head, applied_at=now)
         self.state = State(controller, releases, versions, observed)
-        self.store.save(self.state, events, gates)
+        self.store.save(self.state, events, gates, consumed=commands)  # recorded before it is acted on
+        config = render(releases.values(), versions, self.settings)
+        if config != self.applied_config:
+            self.serve.apply(config)
+            self.applied_config = config
+        git_notes.annotate(self.source.repo, events)
         took_ms = (time.monotonic() - started) * 1000
         for event in events:
             log.info("%s: %s (decided in %.0f ms)", event.release, event.message, took_ms,
@@ -127,7 +137,24 @@ class Reconciler:
             self._prepare(version, desired)
         if self.metrics is not None:
             self.metrics.observe_state(self.state)  # type: ignore[attr-defined]
-        return any(r.phase == "Progressing" for r in releases.values())
+        return any(r.phase == "Progressing" or r.step is not None for r in releases.values())
+
+    def _free_resources(self) -> dict[str, float] | None:
+        """Free CPUs/GPUs: the cluster's total minus the larger of Ray's reported usage (seconds old) and what our
+        own apps and gate jobs hold right now, so a lagging report never lets a replica be overcommitted."""
+        report = self.serve.cluster_resources()
+        if report is None:
+            return None
+        held = {"CPU": ROUTER_CPUS * len({v.release for v in rendered_versions(self.state.versions)}), "GPU": 0.0}
+        for version in rendered_versions(self.state.versions):
+            held["CPU"] += version.spec["replicas"]["count"] * version.spec["replicas"]["cpus"]
+            held["GPU"] += version.spec["replicas"]["count"] * version.spec["replicas"]["gpus"]
+        for release, version_id_, _ in self.preparing:
+            version = next((v for v in self.state.versions if (v.release, v.version) == (release, version_id_)), None)
+            if version is not None:
+                held["CPU"] += version.spec["replicas"]["cpus"]
+                held["GPU"] += version.spec["replicas"]["gpus"]
+        return {name: max(0.0, total - max(used, held.get(name, 0.0))) for name, (used, total) in report.items()}
 
     def _confirm_weights(self, observed: dict[str, ObservedApp]) -> dict[str, ObservedApp]:
         """Attach each router's live weights; a router is asked only until it confirms the recorded ones."""
@@ -142,19 +169,25 @@ class Reconciler:
         return observed
 
     def _step(self, name: str, file: ReleaseFile | None, record: ReleaseRecord | None, versions: list[VersionRecord],
-              observed: dict[str, ObservedApp], head: str, every_file_gone: bool, now: float) -> tuple[rollout.Step, rollout.Desired | None]:
+              observed: dict[str, ObservedApp], head: str, every_file_gone: bool, now: float,
+              commands: list[Command], free: dict[str, float] | None) -> tuple[rollout.Step, rollout.Desired | None]:
         if file is None:
             assert record is not None
             return rollout.removed(record, versions, allowed=self.allow_prune_all or not every_file_gone, now=now), None
         if file.release is None:
             return rollout.invalid(record, name, [str(e) for e in file.errors], versions, now), None
+        if file.release.spec.faults is not None and not self.allow_faults:
+            refusal = f"{file.path}: spec.faults is refused: fault injection needs the controller flag --allow-fault-injection"
+            return rollout.invalid(record, name, [refusal], versions, now), None
         _, reference_sha = golden_blob(self.source, head, file.release)
         key = gate_key(file.release, reference_sha)
         desired = rollout.Desired(file.release, version_id(file.release), head, f"{file.blob}:{key}", key)
         if record is None and not versions:
             versions = adopt(desired, observed, now)
         prepared = {version: result for (release, version, gate), result in self.prepared.items() if release == name and gate == key}
-        return rollout.step(name, now, desired, record, versions, observed, prepared), desired
+        walking = record is not None and any(v.role == "canary" and v.status == "ready" for v in versions)
+        stats = self.serve.router_stats(name, record.analysis_at or now) if walking and record else None
+        return rollout.step(name, now, desired, record, versions, observed, prepared, stats, commands, free), desired
 
     def _prepare(self, version: VersionRecord, desired: rollout.Desired) -> None:
         """Fetch and verify a version's model, then gate it, in the background; a later tick reads the result."""
@@ -205,6 +238,8 @@ class Reconciler:
             self.metrics.observe_reconcile(result, seconds)  # type: ignore[attr-defined]
 
     def close(self) -> None:
+        """Stop: cancel queued preparations and stop running gate jobs so the process can exit now."""
+        getattr(self.gate, "stopping", threading.Event()).set()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 Phase = Literal["Healthy", "Progressing", "Paused", "Degraded", "Failed", "Invalid"]
 Role = Literal["stable", "canary", "standby"]
-Status = Literal["preparing", "starting", "ready"]
+Status = Literal["preparing", "verified", "starting", "ready", "retiring"]
 
 
 def app_name(release: str, version: str) -> str:
@@ -36,6 +36,7 @@ class VersionRecord:
     standby_since: float | None = None
     deployed_args: dict[str, Any] | None = None  # app args taken over from a running app (adopted), else rendered
     gate_key: str | None = None  # the checks (config + golden reference) this version passed
+    retire_at: float | None = None  # an aborted canary's app is deleted then, once in-flight requests drained
 
     @property
     def app(self) -> str:
@@ -54,6 +55,23 @@ class ReleaseRecord:
     failed_version: str | None = None  # not retried until the release file or its checks change, or `diffops retry`
     held_fingerprint: str | None = None  # the desired fingerprint it failed under
     load_seconds: float | None = None  # measured start-to-ready time of the last version that came up
+    step: int | None = None  # canary: index of the current step in rollout.steps
+    step_started_at: float | None = None  # wall clock: a restarted controller resumes a pause at its deadline
+    analysis_at: float | None = None  # start of the current analysis interval
+    failures: int = 0  # consecutive failed analysis intervals
+    analysis: dict[str, Any] | None = None  # the latest analysis figures per version, with the verdict
+
+
+@dataclass(frozen=True)
+class Command:
+    """A manual instruction from `diffops promote|abort|retry`, consumed by the next tick."""
+
+    release: str
+    action: Literal["promote", "abort", "retry"]
+    who: str
+    at: float
+    full: bool = False
+    id: int = 0
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,9 @@ class Analysis(SpecModel):
 
 
 class Rollout(SpecModel):
-    strategy: Literal["bluegreen", "canary"] = "bluegreen"
-    """bluegreen: start the new version beside the old, switch at once; canary: shift by steps."""
+    strategy: Literal["bluegreen", "canary", "auto"] = "bluegreen"
+    """bluegreen: start the new version beside the old, switch at once; canary: shift by steps;
+    auto: blue/green when the cluster has room for both, else a surge-limited rollout that shrinks the old version as the new one grows."""
     steps: list[Step] = Field(default_factory=list, max_length=64)
     """Canary steps, ending at weight 100."""
     analysis: Analysis = Field(default_factory=Analysis)
@@ -80,6 +81,8 @@ class Spec(SpecModel):
     rollout: Rollout = Field(default_factory=Rollout)
     checks: ChecksSpec = Field(default_factory=ChecksSpec)
     cost: Cost = Field(default_factory=Cost)
+    faults: serving.FaultsSpec | None = None
+    """Fault injection for rollback drills; refused unless the controller runs with --allow-fault-injection."""
 
 
 class Release(SpecModel):
@@ -94,7 +97,7 @@ class Release(SpecModel):
 
 
 def rollout_rules(rollout: Rollout) -> list[tuple[str, str]]:
-    if rollout.strategy == "bluegreen":
+    if rollout.strategy != "canary":
         if rollout.steps:
             return [("rollout.steps", "steps are for strategy: canary; remove them or switch the strategy")]
         return []

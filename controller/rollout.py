@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from controller.records import Event, ObservedApp, ReleaseRecord, VersionRecord, app_name
+from controller import canary as canary_walk
+from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name
 from controller.release import Release
 from controller.serve_config import router_weights
 
@@ -88,7 +89,8 @@ def removed(record: ReleaseRecord, versions: list[VersionRecord], allowed: bool,
 
 
 def step(name: str, now: float, desired: Desired, record: ReleaseRecord | None, versions: list[VersionRecord],
-         observed: dict[str, ObservedApp], prepared: dict[str, Prepared]) -> Step:
+         observed: dict[str, ObservedApp], prepared: dict[str, Prepared], stats: dict[str, Any] | None = None,
+         commands: list[Command] = (), free: dict[str, float] | None = None) -> Step:
     """Advance one valid release toward its desired version."""
     rollout = desired.release.spec.rollout
     spec = desired.release.model_dump(mode="json")["spec"]
@@ -98,9 +100,14 @@ def step(name: str, now: float, desired: Desired, record: ReleaseRecord | None, 
     )
     out = Step(record, list(versions))
     target = desired.version
+    for command in commands:
+        if command.action == "retry" and record.failed_version:
+            out.release = replace(record, failed_version=None, held_fingerprint=None)
+            out.events.append(Event(name, "retry", f"{command.who} asked to retry {record.failed_version}; its hold is lifted", record.failed_version))
+    record = out.release
     _expire_standbys(out, rollout.scale_down_delay.total_seconds(), now)
     _abandon_other_canaries(out, target)
-    current = {v.version: v for v in out.versions}
+    current = {v.version: v for v in out.versions if v.status != "retiring"}
     stable = next(iter(role_of(out.versions, "stable")), None)
 
     if stable is not None and stable.version == target:
@@ -115,25 +122,91 @@ def step(name: str, now: float, desired: Desired, record: ReleaseRecord | None, 
     canary = current.get(target)
     if canary is None:
         canary = VersionRecord(name, target, "canary", 0, "preparing", desired.commit, spec, now, gate_key=desired.gate_key)
-        out.versions.append(canary)
+        out.versions = [v for v in out.versions if v.version != target] + [canary]  # a retiring attempt makes way
         out.events.append(Event(name, "rollout-started", f"rolling out {target} ({rollout.strategy}) from {desired.commit[:12]}; next: verify the model and run the checks", target, desired.commit))
-    if canary.status == "preparing":
-        return _preparing(out, canary, prepared.get(target), desired, now)
-    return _starting(out, canary, stable, observed.get(canary.app), desired, now)
+    if any(c.action == "abort" for c in commands) and canary.status != "ready":
+        who = next(c.who for c in commands if c.action == "abort")
+        return _fail(out, canary, f"aborted by {who}", desired, now)
+    if canary.status in ("preparing", "verified"):
+        return _preparing(out, canary, prepared.get(target), desired, now, free)
+    if canary.status == "starting":
+        out = _starting(out, canary, stable, observed.get(canary.app), desired, now)
+        canary = next((v for v in out.versions if v.version == target and v.role == "canary"), None)
+        if canary is None or canary.status != "ready":
+            return out
+    return _walk(out, canary, stable, desired, observed.get(name), stats, [c for c in commands if c.action != "retry"], now)
 
 
-def _preparing(out: Step, canary: VersionRecord, result: Prepared | None, desired: Desired, now: float) -> Step:
+def _walk(out: Step, canary: VersionRecord, stable: VersionRecord | None, desired: Desired, router: ObservedApp | None,
+          stats: dict[str, Any] | None, commands: list[Command], now: float) -> Step:
+    assert stable is not None and out.release is not None
+    walk = canary_walk.Walk(out, canary, stable, desired, now)
+    outcome = walk.run(router, stats, commands)
+    if outcome == "promote":
+        out.release = replace(out.release, step=None, step_started_at=None)
+        return _switch(out, walk.canary, walk.stable, now, rollback=False)
+    if outcome.startswith("abort:"):
+        return _abort(out, walk.canary, walk.stable, outcome.removeprefix("abort:"), desired, now)
+    return out
+
+
+def _abort(out: Step, canary: VersionRecord, stable: VersionRecord, reason: str, desired: Desired, now: float) -> Step:
+    """All traffic back to stable at once; the canary retires; git still asks for it, so say so."""
     assert out.release is not None
+    out.versions = [canary_walk.retire(v, now) if v.version == canary.version else replace(v, weight=100) if v.version == stable.version else v
+                    for v in out.versions]
+    message = (f"canary {canary.version} rolled back: {reason}; {stable.version} serves 100%; "
+               f"git still asks for {canary.version}: revert the commit (it is held until a new commit or `diffops retry {canary.release}`)")
+    out.release = replace(out.release, failed_version=canary.version, held_fingerprint=desired.fingerprint, step=None, step_started_at=None)
+    out.release = _with_phase(out.release, "Degraded", message, now)
+    out.events.append(Event(canary.release, "aborted", message, canary.version, desired.commit))
+    return out
+
+
+def shortfall(spec: dict[str, Any], replicas: int, free: dict[str, float] | None) -> str | None:
+    """Why `replicas` of this version do not fit the cluster's free resources now, or None if they do."""
+    if free is None:
+        return None
+    short = []
+    for resource, per_replica in (("GPU", spec["replicas"]["gpus"]), ("CPU", spec["replicas"]["cpus"])):
+        need, have = replicas * per_replica, free.get(resource, 0.0)
+        if need > have + 1e-9:
+            short.append(f"needs {need:g} {resource}{'s' * (need != 1)}, {have:g} free")
+    return "; ".join(short) or None
+
+
+def _preparing(out: Step, canary: VersionRecord, result: Prepared | None, desired: Desired, now: float,
+               free: dict[str, float] | None = None) -> Step:
+    assert out.release is not None
+    if canary.status == "verified":
+        return _start_when_it_fits(out, canary, free, now)
     if result is None:
+        lacking = shortfall(canary.spec, 1, free)
+        if lacking:
+            out.release = _with_phase(out.release, "Progressing", f"{canary.version}: waiting for capacity to run its checks: {lacking}", now)
+            return out
         out.prepare.append(canary)
         out.release = _with_phase(out.release, "Progressing", f"{canary.version}: verifying the model and running checks", now)
         return out
     if not result.ok:
         return _fail(out, canary, result.message, desired, now)
-    started = replace(canary, status="starting", created_at=now, gate_key=desired.gate_key)
-    out.versions = [started if v is canary else v for v in out.versions]
+    verified = replace(canary, status="verified", gate_key=desired.gate_key)
+    out.versions = [verified if v is canary else v for v in out.versions]
+    out.events.append(Event(canary.release, "prepared", f"model verified, {result.message} ({result.seconds:.1f}s); next: start {canary.spec['replicas']['count']} replica(s) of {canary.version} at weight 0", canary.version))
+    return _start_when_it_fits(out, verified, free, now)
+
+
+def _start_when_it_fits(out: Step, canary: VersionRecord, free: dict[str, float] | None, now: float) -> Step:
+    """Create the version's app only when every replica can be scheduled: never a silently pending replica."""
+    assert out.release is not None
     count = canary.spec["replicas"]["count"]
-    out.events.append(Event(canary.release, "prepared", f"model verified, {result.message} ({result.seconds:.1f}s); next: start {count} replica(s) of {canary.version} at weight 0", canary.version))
+    lacking = shortfall(canary.spec, count, free)
+    if lacking:
+        message = f"{canary.version}: waiting for capacity: {count} replica(s) beside the serving version {lacking}; free GPUs or lower replicas.count"
+        out.release = _with_phase(out.release, "Progressing", message, now)
+        return out
+    started = replace(canary, status="starting", created_at=now)
+    out.versions = [started if v is canary else v for v in out.versions]
     out.release = _with_phase(out.release, "Progressing", f"{canary.version}: starting {count} replica(s)", now)
     return out
 
@@ -141,6 +214,12 @@ def _preparing(out: Step, canary: VersionRecord, result: Prepared | None, desire
 def _starting(out: Step, canary: VersionRecord, stable: VersionRecord | None, app: ObservedApp | None, desired: Desired, now: float) -> Step:
     assert out.release is not None
     if app is not None and app.ready:
+        if desired.release.spec.rollout.strategy == "canary" and stable is not None:
+            ready = replace(canary, status="ready", ready_at=now)
+            out.versions = [ready if v is canary else v for v in out.versions]
+            out.release = replace(out.release, load_seconds=now - canary.created_at)
+            out.events.append(Event(canary.release, "ready", f"{canary.version} ready after {now - canary.created_at:.1f}s; next: walk the canary steps", canary.version))
+            return out
         return _switch(out, canary, stable, now, rollback=False)
     if app is not None and app.failed:
         return _fail(out, canary, f"replicas failed to start: {app.message or app.status}", desired, now)
@@ -242,6 +321,9 @@ def _follow_light_changes(out: Step, stable: VersionRecord, spec: dict[str, Any]
 
 
 def _expire_standbys(out: Step, delay_s: float, now: float) -> None:
+    for version in [v for v in out.versions if v.status == "retiring" and v.retire_at is not None and now >= v.retire_at]:
+        out.versions.remove(version)
+        out.events.append(Event(version.release, "retired", f"rolled-back canary {version.version} deleted", version.version))
     for version in role_of(out.versions, "standby"):
         if version.standby_since is not None and now - version.standby_since >= delay_s:
             out.versions.remove(version)
@@ -250,6 +332,6 @@ def _expire_standbys(out: Step, delay_s: float, now: float) -> None:
 
 def _abandon_other_canaries(out: Step, target: str) -> None:
     for version in role_of(out.versions, "canary"):
-        if version.version != target:
+        if version.version != target and version.status != "retiring":
             out.versions.remove(version)
             out.events.append(Event(version.release, "abandoned", f"{version.version} is no longer desired; its rollout stops and its app is deleted", version.version))

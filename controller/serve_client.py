@@ -34,6 +34,8 @@ class ServeApi(Protocol):
     def apply(self, config: dict[str, Any]) -> None: ...
     def observe(self) -> dict[str, ObservedApp]: ...
     def router_weights(self, release: str) -> dict[str, int] | None: ...
+    def router_stats(self, release: str, since: float) -> dict[str, dict[str, Any]] | None: ...
+    def cluster_resources(self) -> dict[str, tuple[float, float]] | None: ...
 
 
 def parse_applications(details: dict[str, Any]) -> dict[str, ObservedApp]:
@@ -98,6 +100,23 @@ class ServeClient:
         try:
             response = self.proxy.get(f"/{release}")
             return response.json().get("weights") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def cluster_resources(self) -> dict[str, tuple[float, float]] | None:
+        """(used, total) logical CPUs and GPUs as Ray's autoscaler last reported them (seconds old), or None."""
+        try:
+            data = self._request("GET", "/api/cluster_status").json()
+            usage = data["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
+        except (ServeError, KeyError, TypeError, ValueError):
+            return None
+        return {name: (float(usage[name][0]), float(usage[name][1])) for name in ("CPU", "GPU") if name in usage} or None
+
+    def router_stats(self, release: str, since: float) -> dict[str, dict[str, Any]] | None:
+        """Per-version requests, errors and p95 latency the router saw since `since` (canary analysis)."""
+        try:
+            response = self.proxy.get(f"/{release}", params={"since": f"{since:.3f}"})
+            return response.json().get("stats") if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
 

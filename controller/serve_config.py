@@ -49,6 +49,7 @@ def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any
             "commit": version.commit,
             "cache_dir": settings.cache_dir,
             "gpus": resources["gpus"],
+            "faults": spec.get("faults"),
         },
         "deployments": [
             {
@@ -101,8 +102,8 @@ def router_weights(versions: Iterable[VersionRecord]) -> dict[str, int]:
 
 
 def rendered_versions(versions: Iterable[VersionRecord]) -> list[VersionRecord]:
-    """Versions that have a Serve app: everything past preparation."""
-    return [v for v in versions if v.status in ("starting", "ready")]
+    """Versions that have a Serve app: everything past preparation, aborted canaries until they retire."""
+    return [v for v in versions if v.status in ("starting", "ready", "retiring")]
 
 
 def render(releases: Iterable[ReleaseRecord], versions: Iterable[VersionRecord], settings: RenderSettings) -> dict[str, Any]:

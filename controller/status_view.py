@@ -13,7 +13,8 @@ from controller.records import Event, app_name
 from controller.store import State
 
 ROLE_ORDER = {"stable": 0, "canary": 1, "standby": 2}
-OUTCOMES = {"promoted": "promoted", "failed": "failed", "abandoned": "abandoned", "rolled-back": "rolled back"}
+OUTCOMES = {"promoted": "promoted", "failed": "failed", "abandoned": "abandoned", "rolled-back": "rolled back",
+            "aborted": "rolled back (aborted)"}
 
 
 def checks_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -28,6 +29,8 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
     releases = []
     for release in state.releases.values():
         versions = sorted((v for v in state.versions if v.release == release.name), key=lambda v: (ROLE_ORDER[v.role], v.version))
+        router = state.apps.get(release.name)
+        live = router.weights if router is not None and router.weights is not None else {}
         rows = []
         for version in versions:
             app = state.apps.get(app_name(release.name, version.version))
@@ -35,6 +38,7 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
                 "id": version.version,
                 "role": version.role,
                 "weight": version.weight,
+                "live_weight": live.get(version.version),
                 "ready_replicas": app.running if app else 0,
                 "replicas": version.spec["replicas"]["count"],
                 "status": version.status,
@@ -48,6 +52,8 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
             "desired_commit": release.desired_commit,
             "desired_version": release.desired_version,
             "updated_at": release.updated_at,
+            "step": step_text(release),
+            "analysis": release.analysis,
             "versions": rows,
         })
     return {
@@ -55,6 +61,13 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
         "applied_commit": state.controller.last_applied_commit,
         "releases": releases,
     }
+
+
+def step_text(release: Any) -> str | None:
+    """'2/3' while a canary walks its steps."""
+    if release.step is None or not release.spec:
+        return None
+    return f"{release.step + 1}/{len(release.spec['rollout']['steps'])}"
 
 
 def _age(seconds: float) -> str:
@@ -72,11 +85,20 @@ def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
         lines.append("no releases")
     for release in data["releases"]:
         lines.append(f"{release['name']:<20} {release['phase']:<12} {_age(now - release['updated_at'])} ago  {release['message']}")
+        if release["step"]:
+            lines.append(f"  canary step {release['step']}")
+        analysis = release["analysis"]
+        if analysis:
+            canary = analysis.get("canary", {})
+            lines.append(f"  analysis: {analysis['verdict']} ({analysis['failures']} failed in a row): canary {canary.get('requests', 0)} requests, "
+                         f"error rate {canary.get('error_rate', '-')}, p95 {canary.get('p95_latency_s', '-')}s"
+                         + (f"; {'; '.join(analysis['reasons'])}" if analysis.get("reasons") else ""))
         for v in release["versions"]:
             gate = v["gate"]
             checks = "" if gate is None else "  checks " + " ".join(
                 f"{name}:{'ok' if c['outcome'] == 'passed' else c['outcome']}" for name, c in gate["checks"].items())
-            lines.append(f"  {v['id']:<12} {v['role']:<8} weight {v['weight']:>3}%  replicas {v['ready_replicas']}/{v['replicas']}  from {v['commit'][:12]}{checks}")
+            actual = "" if v["live_weight"] in (None, v["weight"]) else f" (router: {v['live_weight']}%)"
+            lines.append(f"  {v['id']:<12} {v['role']:<8} weight {v['weight']:>3}%{actual}  replicas {v['ready_replicas']}/{v['replicas']}  from {v['commit'][:12]}{checks}")
     return "\n".join(lines)
 
 
@@ -87,17 +109,20 @@ def history_rows(events: list[Event]) -> list[dict[str, Any]]:
     for event in events:
         if event.kind == "rollout-started":
             row = {"version": event.version, "commit": event.commit, "started_at": event.at, "finished_at": None,
-                   "outcome": "in progress", "message": event.message}
+                   "outcome": "in progress", "message": event.message, "timeline": []}
             open_rollouts[event.version or ""] = row
             rows.append(row)
         elif event.kind == "rolled-back":
             rows.append({"version": event.version, "commit": event.commit, "started_at": event.at, "finished_at": event.at,
-                         "outcome": "rolled back", "message": event.message})
-        elif event.kind == "prepared" and (event.version or "") in open_rollouts:
-            open_rollouts[event.version or ""]["checks"] = event.message
-        elif event.kind in OUTCOMES and (event.version or "") in open_rollouts:
-            row = open_rollouts.pop(event.version or "")
-            row.update(finished_at=event.at, outcome=OUTCOMES[event.kind], message=event.message)
+                         "outcome": "rolled back", "message": event.message, "timeline": []})
+        elif (event.version or "") in open_rollouts:
+            row = open_rollouts[event.version or ""]
+            row["timeline"].append({"after_s": round(event.at - row["started_at"], 1), "event": event.kind, "message": event.message})
+            if event.kind == "prepared":
+                row["checks"] = event.message
+            if event.kind in OUTCOMES:
+                open_rollouts.pop(event.version or "")
+                row.update(finished_at=event.at, outcome=OUTCOMES[event.kind], message=event.message)
     return rows
 
 
@@ -109,4 +134,5 @@ def history_text(release: str, rows: list[dict[str, Any]]) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["started_at"]))
         took = f"{row['finished_at'] - row['started_at']:.1f}s" if row["finished_at"] else "-"
         lines.append(f"{started:<20} {row['version'] or '':<12} {(row['commit'] or '')[:12]:<12} {row['outcome']:<12} {took:>7}  {row['message']}")
+        lines += [f"{'':<20}   +{item['after_s']:>6.1f}s  {item['event']}: {item['message']}" for item in row["timeline"]]
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.records import Event, ObservedApp, ReleaseRecord, VersionRecord
+from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -28,12 +28,13 @@ CREATE TABLE IF NOT EXISTS controller (
 CREATE TABLE IF NOT EXISTS releases (
     name TEXT PRIMARY KEY, phase TEXT NOT NULL, message TEXT NOT NULL,
     desired_commit TEXT, desired_version TEXT, spec TEXT, updated_at REAL NOT NULL,
-    failed_version TEXT, held_fingerprint TEXT, load_seconds REAL
+    failed_version TEXT, held_fingerprint TEXT, load_seconds REAL,
+    step INTEGER, step_started_at REAL, analysis_at REAL, failures INTEGER NOT NULL DEFAULT 0, analysis TEXT
 );
 CREATE TABLE IF NOT EXISTS versions (
     release TEXT NOT NULL, version TEXT NOT NULL, role TEXT NOT NULL, weight INTEGER NOT NULL,
     status TEXT NOT NULL, "commit" TEXT NOT NULL, spec TEXT NOT NULL, created_at REAL NOT NULL,
-    ready_at REAL, standby_since REAL, deployed_args TEXT, gate_key TEXT,
+    ready_at REAL, standby_since REAL, deployed_args TEXT, gate_key TEXT, retire_at REAL,
     PRIMARY KEY (release, version)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -46,12 +47,17 @@ CREATE TABLE IF NOT EXISTS gates (
     report TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (release, version, gate_key)
 );
+CREATE TABLE IF NOT EXISTS commands (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, release TEXT NOT NULL, action TEXT NOT NULL, who TEXT NOT NULL,
+    at REAL NOT NULL, "full" INTEGER NOT NULL DEFAULT 0, consumed_at REAL
+);
 CREATE TABLE IF NOT EXISTS apps (
-    name TEXT PRIMARY KEY, status TEXT NOT NULL, message TEXT NOT NULL, running INTEGER NOT NULL, target INTEGER NOT NULL
+    name TEXT PRIMARY KEY, status TEXT NOT NULL, message TEXT NOT NULL, running INTEGER NOT NULL, target INTEGER NOT NULL,
+    weights TEXT
 );
 """
-APP_COLUMNS = ("name", "status", "message", "running", "target")
-JSON_FIELDS = {"spec", "deployed_args"}
+APP_COLUMNS = ("name", "status", "message", "running", "target", "weights")
+JSON_FIELDS = {"spec", "deployed_args", "analysis"}
 
 
 @dataclass(frozen=True)
@@ -104,11 +110,14 @@ class Store:
         controller = _record(ControllerRecord, row) if row else ControllerRecord()
         releases = {r["name"]: _record(ReleaseRecord, r) for r in self.db.execute("SELECT * FROM releases ORDER BY name")}
         versions = [_record(VersionRecord, r) for r in self.db.execute("SELECT * FROM versions ORDER BY release, created_at")]
-        apps = {r["name"]: ObservedApp(**dict(r)) for r in self.db.execute("SELECT * FROM apps")}
+        apps = {r["name"]: ObservedApp(**{**dict(r), "weights": json.loads(r["weights"]) if r["weights"] else None})
+                for r in self.db.execute("SELECT * FROM apps")}
         return State(controller, releases, versions, apps)
 
-    def save(self, state: State, events: list[Event] = (), gates: list[tuple[str, str, str, dict]] = ()) -> None:
-        """Replace the recorded state, append events, record gate reports (release, version, gate key, report), atomically."""
+    def save(self, state: State, events: list[Event] = (), gates: list[tuple[str, str, str, dict]] = (),
+             consumed: list[Command] = ()) -> None:
+        """Replace the recorded state, append events, record gate reports (release, version, gate key, report)
+        and mark manual commands consumed, atomically."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -122,8 +131,11 @@ class Store:
                 _insert(db, "versions", _row(version))
             db.execute("DELETE FROM apps")
             for app in state.apps.values():
-                _insert(db, "apps", {column: getattr(app, column) for column in APP_COLUMNS})
+                row = {column: getattr(app, column) for column in APP_COLUMNS}
+                _insert(db, "apps", {**row, "weights": json.dumps(row["weights"]) if row["weights"] is not None else None})
             now = time.time()
+            for command in consumed:
+                db.execute("UPDATE commands SET consumed_at = ? WHERE id = ?", (now, command.id))
             for release, version, key, report in gates:
                 db.execute('INSERT OR REPLACE INTO gates VALUES (?, ?, ?, ?, ?, ?)', (release, version, key, int(report["ok"]), json.dumps(report), now))
             for event in events:
@@ -137,6 +149,15 @@ class Store:
         where, args = ("WHERE release = ?", (release,)) if release else ("", ())
         rows = self.db.execute(f"SELECT * FROM (SELECT * FROM events {where} ORDER BY id DESC LIMIT ?) ORDER BY id", (*args, limit))
         return [_record(Event, r) for r in rows]
+
+    def add_command(self, command: Command) -> int:
+        cursor = self.db.execute('INSERT INTO commands (release, action, who, at, "full") VALUES (?, ?, ?, ?, ?)',
+                                 (command.release, command.action, command.who, command.at, int(command.full)))
+        return int(cursor.lastrowid or 0)
+
+    def pending_commands(self) -> list[Command]:
+        rows = self.db.execute('SELECT id, release, action, who, at, "full" FROM commands WHERE consumed_at IS NULL ORDER BY id')
+        return [Command(r["release"], r["action"], r["who"], r["at"], bool(r["full"]), r["id"]) for r in rows]
 
     def passed_gate(self, release: str, version: str, gate_key: str) -> dict[str, Any] | None:
         """A passing gate report for exactly this version and these checks, if one was recorded."""

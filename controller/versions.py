@@ -34,6 +34,7 @@ FIELD_CLASSES: tuple[tuple[str, ChangeClass], ...] = (
     ("spec.rollout", "policy"),
     ("spec.checks", "policy"),
     ("spec.cost", "policy"),
+    ("spec.faults", "version"),  # a drill makes its own version, so the stable one stays healthy
 )
 COST_ORDER: dict[ChangeClass, int] = {"policy": 0, "light": 1, "version": 2}
 

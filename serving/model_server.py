@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,20 @@ from serving.pipeline import load_pipeline, pick_device
 
 log = logging.getLogger("ray.serve")
 
+class InjectedFault(RuntimeError):
+    """A failure a drill asked for (`spec.faults`)."""
+
+
 class ModelServer:
     def __init__(self, release: str, version: str, model: dict, generation: dict, repo: str | None, commit: str | None,
-                 cache_dir: str, gpus: float = 0):
+                 cache_dir: str, gpus: float = 0, faults: dict | None = None):
         started = time.monotonic()
         self.release, self.version, self.generation = release, version, generation
         self.tags = {"release": release, "version": version}
         self.gpus, self.gpu_hour_usd = gpus, None
+        self.faults = faults or {}
+        if self.faults:
+            log.warning("%s--%s: fault injection on (%s); this version is a drill", release, version, self.faults)
         self.metrics = serving_metrics()
         fetched = fetch(model["uri"], model["digest"], ModelCache(Path(cache_dir)), repo=Path(repo) if repo else None, commit=commit)
         self.device = pick_device()
@@ -57,6 +65,10 @@ class ModelServer:
         self._batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
 
     async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
+        if self.faults.get("added_latency_s"):
+            await asyncio.sleep(self.faults["added_latency_s"])
+        if random.random() < self.faults.get("error_rate", 0):
+            raise InjectedFault(f"{self.release}--{self.version}: injected fault (spec.faults.error_rate {self.faults['error_rate']})")
         self.in_flight += 1
         self.metrics["in_flight"].set(self.in_flight, tags=self.tags)
         try:

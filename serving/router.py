@@ -17,6 +17,7 @@ import logging
 import random
 import time
 import uuid
+from collections import deque
 from typing import Any
 
 from ray import serve
@@ -31,6 +32,7 @@ log = logging.getLogger("ray.serve")
 
 VERSION_HEADER = "X-Diffops-Version"
 REQUEST_ID_HEADER = "X-Request-Id"
+STATS_WINDOW = 20_000  # recent answers kept for canary analysis
 
 
 def pick_version(weights: dict[str, int], pinned: str | None, rng: random.Random) -> str | None:
@@ -53,6 +55,7 @@ class Router:
         self.handles: dict[str, Any] = {}
         self.rng = random.Random()
         self.metrics = serving_metrics()
+        self.recent: deque[tuple[float, str, bool, float]] = deque(maxlen=STATS_WINDOW)  # (time, version, ok, seconds)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.weights = {str(k): int(v) for k, v in config.get("weights", {}).items()}
@@ -71,7 +74,8 @@ class Router:
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex  # set by the Serve proxy
         path = request.url.path.rstrip("/")
         if request.method == "GET" and (path.endswith(f"/{self.release}") or path.endswith("/versions")):
-            return JSONResponse({"release": self.release, "weights": self.weights})
+            since = float(request.query_params.get("since") or 0)
+            return JSONResponse({"release": self.release, "weights": self.weights, "stats": self.stats(since)})
         if not path.endswith("/generate"):
             return self._error(404, request_id, None, {"error": "not found", "message": f"use POST /{self.release}/generate"})
         if request.method != "POST":
@@ -91,11 +95,18 @@ class Router:
         try:
             result = await self._handle(version).generate.remote(params)
         except BackPressureError:
+            self._remember(version, False, time.monotonic() - started)
             body = {"error": "overloaded", "message": f"version {version} queue is full; retry after {self.retry_after_s}s"}
             return self._error(503, request_id, version, body, self._retry())
         except DeploymentUnavailableError:
+            self._remember(version, False, time.monotonic() - started)
             return self._error(503, request_id, version, {"error": "version unavailable", "message": f"{version} is not running"}, self._retry())
+        except Exception as err:  # the version failed to generate (not the request's fault)
+            self._remember(version, False, time.monotonic() - started)
+            log.warning("router %s: version %s failed request %s: %s", self.release, version, request_id, err)
+            return self._error(500, request_id, version, {"error": "generation failed", "message": f"version {version} failed: {type(err).__name__}"})
         seconds = time.monotonic() - started
+        self._remember(version, True, seconds)
         self._count(version, 200, seconds)
         headers = {VERSION_HEADER: version}
         if "application/json" in request.headers.get("accept", ""):
@@ -104,6 +115,22 @@ class Router:
                     "seconds": round(seconds, 4), "batch_size": result["batch_size"]}
             return JSONResponse({"images": images, "metadata": meta}, headers=headers)
         return Response(result["images"][0], media_type="image/png", headers=headers)
+
+    def _remember(self, version: str, ok: bool, seconds: float) -> None:
+        self.recent.append((time.time(), version, ok, seconds))
+
+    def stats(self, since: float) -> dict[str, dict[str, Any]]:
+        """Per version since `since` (epoch seconds): requests, errors (5xx) and p95 latency of those served."""
+        per: dict[str, list[tuple[bool, float]]] = {}
+        for at, version, ok, seconds in self.recent:
+            if at >= since:
+                per.setdefault(version, []).append((ok, seconds))
+        out = {}
+        for version, rows in per.items():
+            latencies = sorted(seconds for ok, seconds in rows if ok)
+            p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None
+            out[version] = {"requests": len(rows), "errors": sum(1 for ok, _ in rows if not ok), "p95_latency_s": p95}
+        return out
 
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}

@@ -98,6 +98,13 @@ class ReplicasSpec(SpecModel):
     """Requests waiting per deployment before new ones get 503 + Retry-After."""
 
 
+class FaultsSpec(SpecModel):
+    error_rate: float = Field(0, ge=0, le=1)
+    """Fraction of requests this version answers with HTTP 500 (drills only)."""
+    added_latency_s: float = Field(0, ge=0, le=60)
+    """Seconds added to every generation (drills only)."""
+
+
 def rules(generation: GenerationSpec, limits: LimitsSpec, replicas: ReplicasSpec) -> list[tuple[str, str]]:
     """Cross-field rules of serving's part; (field path under spec, message) per violation."""
     problems = []

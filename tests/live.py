@@ -112,6 +112,7 @@ class Load:
     """A client sending requests back to back from a thread, recording every answer."""
 
     release: str = "demo"
+    pin: str | None = None  # send every request to this version (X-Diffops-Version)
     codes: Counter = field(default_factory=Counter)
     versions: list[tuple[float, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -130,7 +131,8 @@ class Load:
         with httpx.Client(timeout=60) as client:
             while not self.stop.is_set():
                 try:
-                    response = client.post(f"{SERVE_URL}/{self.release}/generate", json={"prompt": "load", "steps": 2})
+                    headers = {"X-Diffops-Version": self.pin} if self.pin else {}
+                    response = client.post(f"{SERVE_URL}/{self.release}/generate", json={"prompt": "load", "steps": 2}, headers=headers)
                     self.codes[response.status_code] += 1
                     self.versions.append((time.time(), response.headers.get("X-Diffops-Version", "")))
                     if response.status_code != 200:

@@ -36,6 +36,12 @@ class FakeServe:
             out[app["name"]] = ObservedApp(app["name"], "RUNNING", "", count, count, user_config=deployment.get("user_config"), args=app["args"])
         return out
 
+    def router_stats(self, release: str, since: float) -> dict | None:
+        return {}
+
+    def cluster_resources(self) -> dict[str, tuple[float, float]] | None:
+        return None
+
     def router_weights(self, release: str) -> dict[str, int] | None:
         for app in self.config["applications"]:
             if app["name"] == release:

@@ -1,0 +1,34 @@
+"""Git tells the truth: each decision about a commit is written as a note under `refs/notes/diffops`.
+
+`git log --notes=diffops` then shows which commits went live, were held back
+or were rolled back. Record step, after the state is saved; a note that cannot
+be written is logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import git
+
+from controller.records import Event
+
+log = logging.getLogger("diffops.controller")
+NOTES_REF = "diffops"
+NOTED = {"promoted": "live", "rolled-back": "live again (warm standby)", "failed": "held back", "aborted": "rolled back"}
+
+
+def note_line(event: Event) -> str:
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.at or time.time()))
+    return f"{when} {event.release} {event.version or '-'}: {NOTED[event.kind]}: {event.message}"
+
+
+def annotate(repo: git.Repo, events: list[Event]) -> None:
+    for event in events:
+        if event.kind not in NOTED or not event.commit:
+            continue
+        try:
+            repo.git.notes(f"--ref={NOTES_REF}", "append", "-m", note_line(event), event.commit)
+        except git.GitCommandError as err:
+            log.warning("%s: could not write a git note on %s (%s); next: carry on", event.release, event.commit[:12], err.stderr.strip())
