@@ -98,8 +98,7 @@ class Reconciler:
         events: list[Event] = []
         to_prepare: list[tuple[VersionRecord, rollout.Desired]] = []
         commands = self.store.pending_commands()
-        free = self._free_resources() if any(v.status in ("preparing", "verified") for v in state.versions) or \
-            set(files) - set(state.releases) else None
+        free = self._free_resources()
         for name in sorted(set(state.releases) | set(files)):
             record = state.releases.get(name)
             mine = [v for v in state.versions if v.release == name]
@@ -146,9 +145,10 @@ class Reconciler:
         if report is None:
             return None
         held = {"CPU": ROUTER_CPUS * len({v.release for v in rendered_versions(self.state.versions)}), "GPU": 0.0}
-        for version in rendered_versions(self.state.versions):
-            held["CPU"] += version.spec["replicas"]["count"] * version.spec["replicas"]["cpus"]
-            held["GPU"] += version.spec["replicas"]["count"] * version.spec["replicas"]["gpus"]
+        for version in rendered_versions(self.state.versions):  # retiring ones too: they hold resources until deleted
+            count = version.replicas if version.replicas is not None else version.spec["replicas"]["count"]
+            held["CPU"] += count * version.spec["replicas"]["cpus"]
+            held["GPU"] += count * version.spec["replicas"]["gpus"]
         for release, version_id_, _ in self.preparing:
             version = next((v for v in self.state.versions if (v.release, v.version) == (release, version_id_)), None)
             if version is not None:

@@ -37,6 +37,7 @@ class VersionRecord:
     deployed_args: dict[str, Any] | None = None  # app args taken over from a running app (adopted), else rendered
     gate_key: str | None = None  # the checks (config + golden reference) this version passed
     retire_at: float | None = None  # an aborted canary's app is deleted then, once in-flight requests drained
+    replicas: int | None = None  # replicas running when not spec.replicas.count (surge-limited rollouts)
 
     @property
     def app(self) -> str:

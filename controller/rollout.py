@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controller import canary as canary_walk
+from controller.surge import Surge
 from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name
 from controller.release import Release
 from controller.serve_config import router_weights
@@ -129,12 +130,22 @@ def step(name: str, now: float, desired: Desired, record: ReleaseRecord | None, 
         return _fail(out, canary, f"aborted by {who}", desired, now)
     if canary.status in ("preparing", "verified"):
         return _preparing(out, canary, prepared.get(target), desired, now, free)
+    if canary.replicas is not None:
+        return _surge(out, canary, stable, observed.get(canary.app), observed.get(name), free, now)
     if canary.status == "starting":
         out = _starting(out, canary, stable, observed.get(canary.app), desired, now)
         canary = next((v for v in out.versions if v.version == target and v.role == "canary"), None)
         if canary is None or canary.status != "ready":
             return out
     return _walk(out, canary, stable, desired, observed.get(name), stats, [c for c in commands if c.action != "retry"], now)
+
+
+def _surge(out: Step, canary: VersionRecord, stable: VersionRecord | None, app: ObservedApp | None,
+           router: ObservedApp | None, free: dict[str, float] | None, now: float) -> Step:
+    surge = Surge(out, canary, stable, now)
+    if surge.advance(app, router, free) != "promote":
+        return out
+    return _switch(out, replace(surge.canary, replicas=None), None, now, rollback=False)  # the old version already left
 
 
 def _walk(out: Step, canary: VersionRecord, stable: VersionRecord | None, desired: Desired, router: ObservedApp | None,
@@ -178,12 +189,15 @@ def shortfall(spec: dict[str, Any], replicas: int, free: dict[str, float] | None
 def _preparing(out: Step, canary: VersionRecord, result: Prepared | None, desired: Desired, now: float,
                free: dict[str, float] | None = None) -> Step:
     assert out.release is not None
+    stable = next(iter(role_of(out.versions, "stable")), None)
     if canary.status == "verified":
-        return _start_when_it_fits(out, canary, free, now)
+        return _start_when_it_fits(out, canary, stable, desired, free, now)
     if result is None:
         lacking = shortfall(canary.spec, 1, free)
         if lacking:
             out.release = _with_phase(out.release, "Progressing", f"{canary.version}: waiting for capacity to run its checks: {lacking}", now)
+            if desired.release.spec.rollout.strategy == "auto" and stable is not None:
+                Surge(out, canary, stable, now).make_room(f"its checks {lacking}")
             return out
         out.prepare.append(canary)
         out.release = _with_phase(out.release, "Progressing", f"{canary.version}: verifying the model and running checks", now)
@@ -193,14 +207,18 @@ def _preparing(out: Step, canary: VersionRecord, result: Prepared | None, desire
     verified = replace(canary, status="verified", gate_key=desired.gate_key)
     out.versions = [verified if v is canary else v for v in out.versions]
     out.events.append(Event(canary.release, "prepared", f"model verified, {result.message} ({result.seconds:.1f}s); next: start {canary.spec['replicas']['count']} replica(s) of {canary.version} at weight 0", canary.version))
-    return _start_when_it_fits(out, verified, free, now)
+    return _start_when_it_fits(out, verified, stable, desired, free, now)
 
 
-def _start_when_it_fits(out: Step, canary: VersionRecord, free: dict[str, float] | None, now: float) -> Step:
+def _start_when_it_fits(out: Step, canary: VersionRecord, stable: VersionRecord | None, desired: Desired,
+                        free: dict[str, float] | None, now: float) -> Step:
     """Create the version's app only when every replica can be scheduled: never a silently pending replica."""
     assert out.release is not None
     count = canary.spec["replicas"]["count"]
     lacking = shortfall(canary.spec, count, free)
+    if lacking and desired.release.spec.rollout.strategy == "auto" and stable is not None:
+        Surge(out, canary, stable, now).start(free)
+        return out
     if lacking:
         message = f"{canary.version}: waiting for capacity: {count} replica(s) beside the serving version {lacking}; free GPUs or lower replicas.count"
         out.release = _with_phase(out.release, "Progressing", message, now)

@@ -54,7 +54,7 @@ def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any
         "deployments": [
             {
                 "name": "Model",
-                "num_replicas": replicas["count"],
+                "num_replicas": version.replicas if version.replicas is not None else replicas["count"],
                 "max_ongoing_requests": replicas["max_ongoing_requests"],
                 "max_queued_requests": replicas["max_queued_requests"],
                 "ray_actor_options": {"num_cpus": resources["cpus"], "num_gpus": resources["gpus"]},

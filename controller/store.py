@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS releases (
 CREATE TABLE IF NOT EXISTS versions (
     release TEXT NOT NULL, version TEXT NOT NULL, role TEXT NOT NULL, weight INTEGER NOT NULL,
     status TEXT NOT NULL, "commit" TEXT NOT NULL, spec TEXT NOT NULL, created_at REAL NOT NULL,
-    ready_at REAL, standby_since REAL, deployed_args TEXT, gate_key TEXT, retire_at REAL,
+    ready_at REAL, standby_since REAL, deployed_args TEXT, gate_key TEXT, retire_at REAL, replicas INTEGER,
     PRIMARY KEY (release, version)
 );
 CREATE TABLE IF NOT EXISTS events (

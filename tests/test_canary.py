@@ -146,3 +146,34 @@ def test_manual_abort_and_full_promote():
     promoting.tick(commands=[Command("demo", "promote", "ops@host", NOW, full=True, id=3)])
     assert weights(promoting)[V_NEW] == 100
     assert promoting.tick().release.phase == "Progressing" and promoting.events[-1] == "promoted"
+
+
+def test_auto_surges_when_blue_green_does_not_fit():
+    """Two GPUs, the old version holds both: auto shrinks it as the new one grows, one replica at a time."""
+    edits = [("    strategy: bluegreen\n", "    strategy: auto\n"), ("gpus: 0", "gpus: 1"), ("count: 1", "count: 2")]
+    old, new = make_release(*edits), make_release(*edits, ("    steps: 4\n", "    steps: 8\n"))
+    v_old, v_new = version_id(old), version_id(new)
+    desired = Desired(new, v_new, "c2", "f2", "g1")
+    record = ReleaseRecord("demo", "Progressing", "", "c2", v_new, spec(new), NOW)
+    versions = [VersionRecord("demo", v_old, "stable", 100, "ready", "c1", spec(old), NOW - 99, gate_key="g1"),
+                VersionRecord("demo", v_new, "canary", 0, "verified", "c2", spec(new), NOW, gate_key="g1")]
+    total = 2.0
+
+    def free(vs):
+        held = sum((v.replicas if v.replicas is not None else v.spec["replicas"]["count"]) for v in vs if v.status in ("starting", "ready"))
+        return {"GPU": total - held, "CPU": 8.0}
+
+    seen = []
+    for tick in range(30):
+        live = {v.version: v.weight for v in versions if v.status in ("starting", "ready", "retiring")}
+        apps = {f"demo--{v.version}": ObservedApp(f"demo--{v.version}", "RUNNING", "", v.replicas or 2, v.replicas or 2) for v in versions}
+        apps["demo"] = ObservedApp("demo", "RUNNING", "", 1, 1, weights=live)
+        result = step("demo", NOW + tick * 20, desired, record, versions, apps, {}, None, [], free(versions))
+        record, versions = result.release, result.versions
+        assert free(versions)["GPU"] >= 0, f"tick {tick}: GPUs overcommitted"
+        seen.append({v.version: (v.role, v.weight, v.replicas, v.status) for v in versions})
+        if record.phase == "Healthy" or (len(versions) == 1 and versions[0].role == "stable" and versions[0].version == v_new):
+            break
+    assert versions[-1].version == v_new and versions[-1].role == "stable" and versions[-1].weight == 100
+    assert any(state.get(v_new, (None, 0))[1] not in (0, 100) for state in seen)  # traffic was split on the way
+    assert all(state.get(v_old, ("", 0))[1] + state.get(v_new, ("", 0))[1] == 100 for state in seen if v_old in state and v_new in state)

@@ -104,7 +104,7 @@ def test_kill_9_during_a_timed_pause_resumes_at_the_original_deadline(live):
     assert steps == ["step 1/3", "step 2/3", "step 3/3"], steps  # none applied twice
 
 
-def test_a_change_that_does_not_fit_waits_with_the_capacity_message(model_repo: ReleaseRepo, serve, tmp_path):
+def test_capacity_waits_for_blue_green_and_auto_surges(model_repo: ReleaseRepo, serve, tmp_path):
     """Ray advertises 2 GPUs (the pipeline itself falls back to CPU); the stable version holds both."""
     model_repo.release(**{"gpus: 0": "gpus: 1", "count: 1": "count: 2"})
     model_repo.commit("two GPU replicas")
@@ -118,5 +118,14 @@ def test_a_change_that_does_not_fit_waits_with_the_capacity_message(model_repo: 
         time.sleep(3)
         assert [name for name in serve.observe() if name.startswith("demo--")] == [f"demo--{stable}"]  # no pending replica
         assert generate().headers["X-Diffops-Version"] == stable
+
+        with Load() as load:
+            model_repo.release(**{"gpus: 0": "gpus: 1", "count: 1": "count: 2", "steps: 4": "steps: 7",
+                                  "strategy: bluegreen": "strategy: auto"})
+            model_repo.commit("auto: surge-limited when blue/green does not fit")
+            release = controller.wait_release(lambda r: healthy_on()(r) and stable_version(r) != stable, timeout=240)
+        assert [(v["role"], v["weight"], v["ready_replicas"]) for v in release["versions"]] == [("stable", 100, 2)]
+        assert load.codes[200] > 10 and set(load.codes) <= {200, 503}, load.codes  # at most brief overload while shrunk
+        assert "shrinks to 1 replica(s) to make room" in controller.logs and "traffic by replicas" in controller.logs
     finally:
         controller.stop()
