@@ -49,10 +49,12 @@ def controller() -> None:
 @click.option("--gate-python", default=None, metavar="PATH",
               help="Python with diffops installed on the Ray cluster, for gate jobs (default: this interpreter, right for a local head).")
 @click.option("--allow-fault-injection", is_flag=True, help="Honour spec.faults (rollback drills); refused without this flag.")
+@click.option("--revert-on-abort", type=click.Choice(["off", "branch", "tracked"]), default="off", show_default=True,
+              help="After an automatic rollback commit a revert: on diffops/revert-<release>-<sha> (branch) or on --branch (tracked).")
 @click.option("--once", is_flag=True, help="Reconcile once and exit.")
 def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: str | None, interval: float, http_port: int,
                    num_gpus: int | None, metrics_port: int | None, log_format: str, allow_prune_all: bool, gate_python: str | None,
-                   allow_fault_injection: bool, once: bool) -> None:
+                   allow_fault_injection: bool, revert_on_abort: str, once: bool) -> None:
     """Make Ray Serve match the releases at the branch head, continuously."""
     from controller import ray_cluster
     from controller.daemon import StateDirLocked, install_signal_handlers, lock_state_dir, run_loop
@@ -87,7 +89,7 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     reconciler = Reconciler(source, Store(state_dir / "state.db"), serve, settings, branch=branch,
                             allow_prune_all=allow_prune_all, on_prepared=wake.set, metrics=metrics,
                             gate=RayJobGate(dashboard, ray_cluster.ensure_token(), python=gate_python), gate_dir=state_dir / "gate",
-                            allow_faults=allow_fault_injection)
+                            allow_faults=allow_fault_injection, revert_on_abort=revert_on_abort)
     click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}); serving at http://127.0.0.1:{http_port}/<release>/generate", err=True)
     try:
         if once:

@@ -19,8 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+from git import GitCommandError
+
 from checks.report import GateReport
-from controller import git_notes, rollout
+from controller import git_notes, git_revert, rollout
 from controller.gate_runner import Gate, LocalGate, gate_input, gate_key, golden_blob
 from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name
 from controller.serve_client import ServeApi, ServeError
@@ -46,10 +48,12 @@ class Reconciler:
     def __init__(self, source: ReleaseSource, store: Store, serve: ServeApi, settings: RenderSettings, *,
                  branch: str | None = None, allow_prune_all: bool = False, clock: Callable[[], float] = time.time,
                  on_prepared: Callable[[], None] = lambda: None, metrics: object | None = None,
-                 gate: Gate | None = None, gate_dir: Path | None = None, allow_faults: bool = False):
+                 gate: Gate | None = None, gate_dir: Path | None = None, allow_faults: bool = False,
+                 revert_on_abort: str = "off"):
         self.source, self.store, self.serve, self.settings = source, store, serve, settings
         self.gate = gate or LocalGate()
         self.allow_faults = allow_faults
+        self.revert_on_abort = revert_on_abort
         self.gate_dir = gate_dir or Path(settings.cache_dir).parent / "gate"
         self.branch, self.allow_prune_all, self.clock = branch, allow_prune_all, clock
         self.on_prepared, self.metrics = on_prepared, metrics
@@ -128,6 +132,8 @@ class Reconciler:
             self.serve.apply(config)
             self.applied_config = config
         git_notes.annotate(self.source.repo, events)
+        if self.revert_on_abort != "off":
+            self._revert_aborted(events, head, state.controller.last_applied_commit)
         took_ms = (time.monotonic() - started) * 1000
         for event in events:
             log.info("%s: %s (decided in %.0f ms)", event.release, event.message, took_ms,
@@ -137,6 +143,23 @@ class Reconciler:
         if self.metrics is not None:
             self.metrics.observe_state(self.state)  # type: ignore[attr-defined]
         return any(r.phase == "Progressing" or r.step is not None for r in releases.values())
+
+    def _revert_aborted(self, events: list[Event], head: str, good: str | None) -> None:
+        """After an automatic rollback, commit a revert so desired and live state agree again."""
+        for event in events:
+            if event.kind != "aborted" or "aborted by" in event.message:
+                continue
+            if good is None:
+                log.warning("%s: no fully applied commit to revert to; next: revert the commit by hand", event.release)
+                continue
+            try:
+                commit, ref = git_revert.revert_release(self.source.repo, head, event.release, good, event.message,
+                                                        self.revert_on_abort, self.branch)
+            except (git_revert.RevertError, GitCommandError) as err:
+                log.warning("%s: could not commit a revert (%s); next: revert the commit by hand", event.release, err)
+                continue
+            log.info("%s: committed revert %s on %s (releases/%s.yaml as of %s); next: merge it so git matches what serves",
+                     event.release, commit[:12], ref, event.release, good[:12], extra={"subject": event.release, "event": "reverted"})
 
     def _free_resources(self) -> dict[str, float] | None:
         """Free CPUs/GPUs: the cluster's total minus the larger of Ray's reported usage (seconds old) and what our

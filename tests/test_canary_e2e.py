@@ -35,7 +35,7 @@ def canary_change(repo: ReleaseRepo, pause: str, *extra: tuple[str, str], steps:
 
 @pytest.fixture
 def live(model_repo: ReleaseRepo, serve, tmp_path):
-    controller = Controller(model_repo.path, tmp_path / "state", "--allow-fault-injection").start()
+    controller = Controller(model_repo.path, tmp_path / "state", "--allow-fault-injection", "--revert-on-abort", "branch").start()
     release = controller.wait_release(healthy_on())
     yield model_repo, controller, stable_version(release)
     if controller.process and controller.process.poll() is None:
@@ -60,6 +60,10 @@ def test_a_failing_canary_rolls_back_automatically(live):
     assert load.codes[500] > 0  # the drill really failed requests
     notes = repo.repo.git.log("--notes=diffops", "-1", commit)
     assert f"demo {canary}: rolled back" in notes and "error rate" in notes
+    branch = f"diffops/revert-demo-{commit[:7]}"
+    wait_for(lambda: branch in [h.name for h in repo.repo.heads], 10, "the revert branch")
+    reverted = repo.repo.commit(branch)
+    assert reverted.parents[0].hexsha == commit and "faults" not in (reverted.tree / "releases/demo.yaml").data_stream.read().decode()
     wait_for(lambda: all(v["id"] == stable for v in controller.release()["versions"]), 30, "the rolled-back canary to be deleted")
     assert generate().headers["X-Diffops-Version"] == stable
 
