@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord
+from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, with_phase
 from controller.release import Analysis, Step as RolloutStep
 from controller.serve_config import router_weights
 
@@ -150,8 +150,7 @@ class Walk:
         return None
 
     def phase(self, phase: str, message: str) -> None:
-        if self.record.phase != phase or self.record.message != message:
-            self.set_record(phase=phase, message=message, updated_at=self.now)
+        self.out.release = with_phase(self.record, phase, message, self.now)
 
 
 def retire(canary: VersionRecord, now: float) -> VersionRecord:

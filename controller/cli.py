@@ -14,10 +14,10 @@ from pathlib import Path
 import click
 
 from controller import cli_gate, cli_operate, diff_report
-from controller.cli_common import fail, open_source, repo_option, state_dir_option
+from controller.cli_common import fail, open_source, release_at, repo_option, state_dir_option
 from controller.plan import diff_releases
 from controller.release import Release
-from controller.source import ReleaseSource, Snapshot, SourceError
+from controller.source import ReleaseSource, SourceError
 from serving.manifest import MANIFEST_NAME, ArtifactError, manifest_of
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -141,20 +141,13 @@ def model_fetch(release_name: str, repo: str, state_dir: Path, rev: str | None, 
     from serving.artifacts import ModelCache, fetch
 
     source = open_source(repo, state_dir)
-    try:
-        snapshot: Snapshot = source.snapshot(rev)
-    except SourceError as err:
-        fail(str(err), 2)
-    release = snapshot.releases.get(release_name)
-    if release is None:
-        problems = [str(e) for e in snapshot.errors if Path(e.file).stem == release_name]
-        fail("\n".join(problems) or f"no release {release_name!r} at {snapshot.revision[:12]}")
+    release, commit = release_at(source, release_name, rev)
     started = time.monotonic()
     click.echo(f"{release_name}: fetching {release.spec.model.uri} ({release.spec.model.digest[:19]}…)", err=True)
     try:
         result = fetch(
             release.spec.model.uri, release.spec.model.digest, ModelCache(state_dir / "models"),
-            repo=source.path, commit=snapshot.revision, reverify=reverify,
+            repo=source.path, commit=commit, reverify=reverify,
         )
     except ArtifactError as err:
         fail(f"{release_name}: model refused: {err}; the model is not cached and nothing will load it")

@@ -9,6 +9,7 @@ from typing import NoReturn
 
 import click
 
+from controller.release import Release
 from controller.source import ReleaseSource, SourceError
 
 
@@ -43,3 +44,15 @@ def open_source(repo: str, state_dir: Path) -> ReleaseSource:
         return source
     except SourceError as err:
         fail(str(err), 2)
+
+
+def release_at(source: ReleaseSource, name: str, rev: str | None) -> tuple[Release, str]:
+    try:
+        snapshot = source.snapshot(rev)
+    except SourceError as err:
+        fail(str(err), 2)
+    release = snapshot.releases.get(name)
+    if release is None:
+        problems = [str(e) for e in snapshot.errors if Path(e.file).stem == name]
+        fail("\n".join(problems) or f"no release {name!r} at {snapshot.revision[:12]}")
+    return release, snapshot.revision

@@ -10,24 +10,10 @@ from pathlib import Path
 import click
 
 from checks.report import GateReport
-from controller.cli_common import fail, open_source, repo_option, state_dir_option
-from controller.release import Release
-from controller.source import ReleaseSource, SourceError
+from controller.cli_common import fail, open_source, release_at, repo_option, state_dir_option
 from controller.versions import version_id
 
 MARKS = {"passed": "✓", "failed": "✗", "error": "✗", "skipped": "-"}
-
-
-def release_at(source: ReleaseSource, name: str, rev: str | None) -> tuple[Release, str]:
-    try:
-        snapshot = source.snapshot(rev)
-    except SourceError as err:
-        fail(str(err), 2)
-    release = snapshot.releases.get(name)
-    if release is None:
-        problems = [str(e) for e in snapshot.errors if Path(e.file).stem == name]
-        fail("\n".join(problems) or f"no release {name!r} at {snapshot.revision[:12]}")
-    return release, snapshot.revision
 
 
 def report_text(report: GateReport, saved: list[Path]) -> str:

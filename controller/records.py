@@ -8,7 +8,7 @@ controller resumes deadlines and delays where they were.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Phase = Literal["Healthy", "Progressing", "Paused", "Degraded", "Failed", "Invalid"]
@@ -73,6 +73,13 @@ class Command:
     at: float
     full: bool = False
     id: int = 0
+
+
+def with_phase(record: ReleaseRecord, phase: Phase, message: str, now: float) -> ReleaseRecord:
+    """The record in this phase with this message; `updated_at` moves only when either changes."""
+    if record.phase == phase and record.message == message:
+        return record
+    return replace(record, phase=phase, message=message, updated_at=now)
 
 
 @dataclass(frozen=True)

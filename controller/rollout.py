@@ -18,7 +18,7 @@ from typing import Any
 
 from controller import canary as canary_walk
 from controller.surge import Surge
-from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name
+from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name, with_phase
 from controller.release import Release
 from controller.serve_config import router_weights
 
@@ -65,12 +65,6 @@ def role_of(versions: list[VersionRecord], role: str) -> list[VersionRecord]:
     return [v for v in versions if v.role == role]
 
 
-def _with_phase(record: ReleaseRecord, phase: str, message: str, now: float) -> ReleaseRecord:
-    if record.phase == phase and record.message == message:
-        return record
-    return replace(record, phase=phase, message=message, updated_at=now)
-
-
 def invalid(record: ReleaseRecord | None, name: str, errors: list[str], versions: list[VersionRecord], now: float) -> Step:
     """The release file does not validate: report it, change nothing that serves."""
     serving = role_of(versions, "stable")
@@ -78,13 +72,13 @@ def invalid(record: ReleaseRecord | None, name: str, errors: list[str], versions
     message = "; ".join(errors[:3]) + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else "") + tail
     record = record or ReleaseRecord(name, "Invalid", "", None, None, None, now)
     events = [] if record.phase == "Invalid" and record.message == message else [Event(name, "invalid", message)]
-    return Step(_with_phase(record, "Invalid", message, now), versions, events)
+    return Step(with_phase(record, "Invalid", message, now), versions, events)
 
 
 def removed(record: ReleaseRecord, versions: list[VersionRecord], allowed: bool, now: float) -> Step:
     if not allowed:
         message = "release file removed, but so is every other release: pruning all needs --allow-prune-all; still serving"
-        return Step(_with_phase(record, record.phase, message, now), versions)
+        return Step(with_phase(record, record.phase, message, now), versions)
     live = ", ".join(v.version for v in versions) or "none"
     return Step(None, [], [Event(record.name, "pruned", f"release file removed; deleting its apps (versions: {live})")])
 
@@ -150,7 +144,10 @@ def _surge(out: Step, canary: VersionRecord, stable: VersionRecord | None, app: 
 
 def _walk(out: Step, canary: VersionRecord, stable: VersionRecord | None, desired: Desired, router: ObservedApp | None,
           stats: dict[str, Any] | None, commands: list[Command], now: float) -> Step:
-    assert stable is not None and out.release is not None
+    assert out.release is not None
+    if stable is None or desired.release.spec.rollout.strategy != "canary":  # the strategy changed mid-walk
+        out.release = replace(out.release, step=None, step_started_at=None)
+        return _switch(out, canary, stable, now, rollback=False)
     walk = canary_walk.Walk(out, canary, stable, desired, now)
     outcome = walk.run(router, stats, commands)
     if outcome == "promote":
@@ -169,7 +166,7 @@ def _abort(out: Step, canary: VersionRecord, stable: VersionRecord, reason: str,
     message = (f"canary {canary.version} rolled back: {reason}; {stable.version} serves 100%; "
                f"git still asks for {canary.version}: revert the commit (it is held until a new commit or `diffops retry {canary.release}`)")
     out.release = replace(out.release, failed_version=canary.version, held_fingerprint=desired.fingerprint, step=None, step_started_at=None)
-    out.release = _with_phase(out.release, "Degraded", message, now)
+    out.release = with_phase(out.release, "Degraded", message, now)
     out.events.append(Event(canary.release, "aborted", message, canary.version, desired.commit))
     return out
 
@@ -195,12 +192,12 @@ def _preparing(out: Step, canary: VersionRecord, result: Prepared | None, desire
     if result is None:
         lacking = shortfall(canary.spec, 1, free)
         if lacking:
-            out.release = _with_phase(out.release, "Progressing", f"{canary.version}: waiting for capacity to run its checks: {lacking}", now)
+            out.release = with_phase(out.release, "Progressing", f"{canary.version}: waiting for capacity to run its checks: {lacking}", now)
             if desired.release.spec.rollout.strategy == "auto" and stable is not None:
                 Surge(out, canary, stable, now).make_room(f"its checks {lacking}")
             return out
         out.prepare.append(canary)
-        out.release = _with_phase(out.release, "Progressing", f"{canary.version}: verifying the model and running checks", now)
+        out.release = with_phase(out.release, "Progressing", f"{canary.version}: verifying the model and running checks", now)
         return out
     if not result.ok:
         return _fail(out, canary, result.message, desired, now)
@@ -221,11 +218,11 @@ def _start_when_it_fits(out: Step, canary: VersionRecord, stable: VersionRecord 
         return out
     if lacking:
         message = f"{canary.version}: waiting for capacity: {count} replica(s) beside the serving version {lacking}; free GPUs or lower replicas.count"
-        out.release = _with_phase(out.release, "Progressing", message, now)
+        out.release = with_phase(out.release, "Progressing", message, now)
         return out
     started = replace(canary, status="starting", created_at=now)
     out.versions = [started if v is canary else v for v in out.versions]
-    out.release = _with_phase(out.release, "Progressing", f"{canary.version}: starting {count} replica(s)", now)
+    out.release = with_phase(out.release, "Progressing", f"{canary.version}: starting {count} replica(s)", now)
     return out
 
 
@@ -246,7 +243,7 @@ def _starting(out: Step, canary: VersionRecord, stable: VersionRecord | None, ap
         return _fail(out, canary, f"not ready after {elapsed:.0f}s (progress deadline {limit:.0f}s)", desired, now)
     running = f"{app.running}/{app.target or canary.spec['replicas']['count']}" if app else "0"
     message = f"{canary.version}: {running} replicas running after {elapsed:.0f}s (deadline {limit:.0f}s)"
-    out.release = _with_phase(out.release, "Progressing", message, now)
+    out.release = with_phase(out.release, "Progressing", message, now)
     return out
 
 
@@ -273,7 +270,7 @@ def _switch(out: Step, target: VersionRecord, stable: VersionRecord | None, now:
         out.release = replace(out.release, load_seconds=took)
         out.events.append(Event(target.release, "promoted", f"{target.version} ready after {took:.1f}s; traffic switched to it (100%){after}", target.version))
     out.release = replace(out.release, failed_version=None, held_fingerprint=None)
-    out.release = _with_phase(out.release, "Progressing", f"{target.version}: switching traffic to it (100%)", now)
+    out.release = with_phase(out.release, "Progressing", f"{target.version}: switching traffic to it (100%)", now)
     return out
 
 
@@ -285,18 +282,18 @@ def _recheck(out: Step, stable: VersionRecord, result: Prepared | None, desired:
         return out
     if result is None:
         out.prepare.append(stable)
-        out.release = _with_phase(out.release, "Progressing", f"{stable.version}: checks changed; re-checking the serving version", now)
+        out.release = with_phase(out.release, "Progressing", f"{stable.version}: checks changed; re-checking the serving version", now)
         return out
     if not result.ok:
         message = f"{stable.version} failed its changed checks: {result.message}; it keeps serving; fix the checks or the reference and commit"
         out.release = replace(out.release, failed_version=stable.version, held_fingerprint=desired.fingerprint)
-        out.release = _with_phase(out.release, "Degraded", message, now)
+        out.release = with_phase(out.release, "Degraded", message, now)
         out.events.append(Event(stable.release, "failed", message, stable.version, desired.commit))
         return out
     out.versions = [replace(v, gate_key=desired.gate_key) if v is stable else v for v in out.versions]
     out.release = replace(out.release, failed_version=None, held_fingerprint=None)
     out.events.append(Event(stable.release, "rechecked", f"{stable.version} passed its changed checks: {result.message}", stable.version))
-    out.release = _with_phase(out.release, "Progressing", f"{stable.version}: checks passed again", now)
+    out.release = with_phase(out.release, "Progressing", f"{stable.version}: checks passed again", now)
     return out
 
 
@@ -307,7 +304,7 @@ def _fail(out: Step, canary: VersionRecord, reason: str, desired: Desired, now: 
     tail = f"{stable.version} keeps serving" if stable else "nothing is serving"
     message = f"{canary.version} failed: {reason}; {tail}; fix the release or its checks and commit"
     out.release = replace(out.release, failed_version=canary.version, held_fingerprint=desired.fingerprint)
-    out.release = _with_phase(out.release, "Degraded" if stable else "Failed", message, now)
+    out.release = with_phase(out.release, "Degraded" if stable else "Failed", message, now)
     out.events.append(Event(canary.release, "failed", message, canary.version, desired.commit))
     return out
 
@@ -320,13 +317,13 @@ def _healthy(out: Step, version: str, observed: dict[str, ObservedApp], now: flo
     if router is None or router.weights != expected:
         live = router.weights if router is not None else None
         message = f"{version}: switching traffic to it (100%); router reports {live if live is not None else 'nothing yet'}"
-        out.release = _with_phase(out.release, "Progressing", message, now)
+        out.release = with_phase(out.release, "Progressing", message, now)
         return out
     app = observed.get(app_name(out.release.name, version))
     message = f"{version} serving 100%"
     if app is not None and not app.ready and app.target:
         message += f" ({app.running}/{app.target} replicas running; Ray Serve is starting or replacing replicas)"
-    out.release = _with_phase(out.release, "Healthy", message, now)
+    out.release = with_phase(out.release, "Healthy", message, now)
     return out
 
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from controller import canary
-from controller.records import Event, ObservedApp, VersionRecord
+from controller.records import Event, ObservedApp, VersionRecord, with_phase
 from controller.serve_config import router_weights
 
 
@@ -53,9 +53,7 @@ class Surge:
         self.out.events.append(Event(self.canary.release, kind, message, self.canary.version))
 
     def say(self, message: str) -> None:
-        from controller.rollout import _with_phase
-
-        self.out.release = _with_phase(self.out.release, "Progressing", f"{self.canary.version} (auto, surge-limited): {message}", self.now)
+        self.out.release = with_phase(self.out.release, "Progressing", f"{self.canary.version} (auto, surge-limited): {message}", self.now)
 
     def make_room(self, why: str) -> bool:
         """Shrink the old version by one replica, if it keeps at least one."""

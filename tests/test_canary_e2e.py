@@ -95,7 +95,7 @@ def test_kill_9_during_a_timed_pause_resumes_at_the_original_deadline(live):
     time.sleep(3)
     restarted = Controller(repo.path, controller.state_dir, "--allow-fault-injection").start()
     try:
-        release = restarted.wait_release(lambda r: r["step"] == "3/3" or r["phase"] == "Healthy" and len(r["versions"]) == 2, timeout=60)
+        restarted.wait_release(lambda r: r["step"] == "3/3" or r["phase"] == "Healthy" and len(r["versions"]) == 2, timeout=60)
         ended = time.time()
         assert 12 - 1 <= ended - entered <= 12 + 4, ended - entered  # the pause kept its start
         restarted.wait_release(lambda r: healthy_on()(r) and stable_version(r) != stable, timeout=60)

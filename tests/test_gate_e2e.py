@@ -12,18 +12,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ReleaseRepo
-from tests.live import DASHBOARD, DIFFOPS, Controller, Load, generate, healthy_on, stable_version, wait_for
+from tests.live import DASHBOARD, DIFFOPS, Load, generate, healthy_on, stable_version, wait_for
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture
-def live_demo(model_repo: ReleaseRepo, serve, tmp_path):
-    controller = Controller(model_repo.path, tmp_path / "state").start()
-    release = controller.wait_release(healthy_on())
-    yield model_repo, controller, release
-    if controller.process and controller.process.poll() is None:
-        controller.stop()
 
 
 def gate_jobs() -> list[dict]:

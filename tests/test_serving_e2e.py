@@ -10,7 +10,6 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ReleaseRepo
 from tests.live import DIFFOPS, SERVE_URL, Controller, Load, generate, healthy_on, stable_version, wait_for
 
 pytestmark = pytest.mark.timeout(600)
@@ -18,15 +17,6 @@ pytestmark = pytest.mark.timeout(600)
 
 def model_replicas(serve, release: str, version: str) -> tuple[str, ...]:
     return serve.observe()[f"{release}--{version}"].replica_ids
-
-
-@pytest.fixture
-def live_demo(model_repo: ReleaseRepo, serve, tmp_path):
-    controller = Controller(model_repo.path, tmp_path / "state").start()
-    release = controller.wait_release(healthy_on())
-    yield model_repo, controller, release
-    if controller.process and controller.process.poll() is None:
-        controller.stop()
 
 
 def test_committed_release_serves_png_and_json(live_demo):
@@ -199,7 +189,7 @@ def test_removed_release_is_pruned_but_not_all_at_once(live_demo, serve):
     wait_for(lambda: not any(name.startswith("second") for name in serve.observe()), 30, "second's apps deleted")
     repo.remove("releases/demo.yaml")
     repo.commit("remove everything")
-    release = controller.wait_release(lambda r: "pruning all needs --allow-prune-all" in r["message"], timeout=30)
+    controller.wait_release(lambda r: "pruning all needs --allow-prune-all" in r["message"], timeout=30)
     assert generate().status_code == 200
 
 
@@ -242,7 +232,7 @@ def test_prometheus_metrics_from_controller_and_serving(model_repo, serve, tmp_p
         assert 'diffops_reconciles_total{result="ok"}' in own
         assert "diffops_last_applied_commit_timestamp_seconds" in own
 
-        wanted = [f'code="200"', f'code="422"', "ray_diffops_images_generated_total", "ray_diffops_model_load_seconds",
+        wanted = ['code="200"', 'code="422"', "ray_diffops_images_generated_total", "ray_diffops_model_load_seconds",
                   "ray_diffops_request_latency_seconds_bucket"]
         ray_text = wait_for(lambda: (lambda t: t if all(w in t for w in wanted) else None)(scrape(f"http://127.0.0.1:{METRICS_PORT}/metrics")),
                             90, "serving metrics in Ray's Prometheus export", every=2)
