@@ -74,7 +74,10 @@ class Router:
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex  # set by the Serve proxy
         path = request.url.path.rstrip("/")
         if request.method == "GET" and (path.endswith(f"/{self.release}") or path.endswith("/versions")):
-            since = float(request.query_params.get("since") or 0)
+            try:
+                since = float(request.query_params.get("since") or 0)
+            except ValueError:
+                return self._error(422, request_id, None, {"error": "invalid request", "field": "since", "message": "epoch seconds expected"})
             return JSONResponse({"release": self.release, "weights": self.weights, "stats": self.stats(since)})
         if not path.endswith("/generate"):
             return self._error(404, request_id, None, {"error": "not found", "message": f"use POST /{self.release}/generate"})

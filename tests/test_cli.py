@@ -20,7 +20,9 @@ def run(*args: str, cwd: Path, state: Path | None = None) -> subprocess.Complete
     return subprocess.run([DIFFOPS, *args, *env_state], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-COMMANDS = [[], ["lint"], ["diff"], ["schema"], ["model"], ["model", "digest"], ["model", "fetch"]]
+COMMANDS = [[], ["lint"], ["diff"], ["schema"], ["model"], ["model", "digest"], ["model", "fetch"], ["check"], ["golden"],
+            ["controller"], ["controller", "run"], ["status"], ["history"], ["generate"], ["promote"], ["abort"], ["retry"],
+            ["ray"], ["ray", "start"], ["ray", "stop"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "diffops")
