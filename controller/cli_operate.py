@@ -22,11 +22,12 @@ from controller.store import Store
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def open_store_readonly(state_dir: Path) -> Store:
+def open_store(state_dir: Path, readonly: bool = True) -> Store:
+    """The controller's store in `state_dir`; a clear error when no controller ever ran there."""
     path = state_dir / "state.db"
     if not path.exists():
         fail(f"no controller state in {state_dir}; start one with `diffops controller run --state-dir {state_dir}`")
-    return Store(path, readonly=True)
+    return Store(path, readonly=readonly)
 
 
 @click.group()
@@ -109,7 +110,7 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
 @click.option("--watch", is_flag=True, help="Redraw every second until interrupted.")
 def status(state_dir: Path, as_json: bool, watch: bool) -> None:
     """Every release: phase, message, versions, roles, weights and ready replicas."""
-    store = open_store_readonly(state_dir)
+    store = open_store(state_dir)
     while True:
         state, gates = store.load(), store.gate_reports()
         if as_json:
@@ -129,7 +130,7 @@ def status(state_dir: Path, as_json: bool, watch: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def history(release: str, state_dir: Path, as_json: bool) -> None:
     """A release's rollouts: commit, version, outcome and duration."""
-    rows = history_rows(open_store_readonly(state_dir).events(release))
+    rows = history_rows(open_store(state_dir).events(release))
     click.echo(json.dumps(rows, indent=2) if as_json else history_text(release, rows))
 
 
@@ -176,10 +177,7 @@ def manual(action: str, help_text: str) -> click.Command:
     @click.argument("release")
     @state_dir_option
     def command(release: str, state_dir: Path, **options: bool) -> None:
-        path = state_dir / "state.db"
-        if not path.exists():
-            fail(f"no controller state in {state_dir}")
-        store = Store(path)
+        store = open_store(state_dir, readonly=False)
         if release not in store.load().releases:
             fail(f"no release {release!r} in {state_dir}")
         who = f"{getpass.getuser()}@{socket.gethostname()}"

@@ -20,6 +20,7 @@ import time
 import uuid
 from typing import Any, Protocol
 
+import git
 import httpx
 
 from checks.job import REPORT_PREFIX
@@ -36,19 +37,16 @@ class Gate(Protocol):
     def run(self, gate: dict[str, Any], cpus: float, gpus: float) -> GateReport: ...
 
 
-def golden_blob(source: ReleaseSource, commit: str, release: Release) -> tuple[bytes | None, str]:
+def reference_blob(source: ReleaseSource, commit: str, release: Release) -> git.Blob | None:
+    """The golden reference image's blob at a commit (not read), or None."""
     golden = release.spec.checks.golden
-    if golden is None:
-        return None, "none"
-    blob = source.blob(commit, golden.reference)
-    if blob is None:
-        return None, "missing"
-    return blob.data_stream.read(), blob.hexsha
+    return source.blob(commit, golden.reference) if golden is not None else None
 
 
-def gate_key(release: Release, reference_sha: str) -> str:
+def gate_key(release: Release, reference: git.Blob | None) -> str:
     """What a gate result depends on beyond the version: the checks config and the reference image."""
     checks = json.dumps(release.spec.checks.model_dump(mode="json"), sort_keys=True)
+    reference_sha = "none" if release.spec.checks.golden is None else reference.hexsha if reference is not None else "missing"
     return hashlib.sha256(f"{checks}\n{reference_sha}".encode()).hexdigest()[:12]
 
 
@@ -56,7 +54,8 @@ def gate_input(release: Release, version: str, source: ReleaseSource, cache_dir:
                checks_commit: str, model: dict | None = None) -> dict[str, Any]:
     """What the gate job needs: the model as the version pins it, the checks as the desired commit has them."""
     spec = release.model_dump(mode="json")["spec"]
-    reference, _ = golden_blob(source, checks_commit, release)
+    blob = reference_blob(source, checks_commit, release)
+    reference = blob.data_stream.read() if blob is not None else None
     return {
         "release": release.name, "version": version, "spec": spec,
         "model": model or {k: spec["model"][k] for k in ("uri", "digest", "dtype")},

@@ -23,7 +23,8 @@ from git import GitCommandError
 
 from checks.report import GateReport
 from controller import git_notes, git_revert, rollout
-from controller.gate_runner import Gate, LocalGate, gate_input, gate_key, golden_blob
+from controller.gate_runner import Gate, LocalGate, gate_input, gate_key, reference_blob
+from controller.metrics import ControllerMetrics
 from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name
 from controller.serve_client import ServeApi, ServeError
 from controller.serve_config import ROUTER_CPUS, RenderSettings, render, rendered_versions, router_weights
@@ -47,7 +48,7 @@ class TickResult:
 class Reconciler:
     def __init__(self, source: ReleaseSource, store: Store, serve: ServeApi, settings: RenderSettings, *,
                  branch: str | None = None, allow_prune_all: bool = False, clock: Callable[[], float] = time.time,
-                 on_prepared: Callable[[], None] = lambda: None, metrics: object | None = None,
+                 on_prepared: Callable[[], None] = lambda: None, metrics: ControllerMetrics | None = None,
                  gate: Gate | None = None, gate_dir: Path | None = None, allow_faults: bool = False,
                  revert_on_abort: str = "off"):
         self.source, self.store, self.serve, self.settings = source, store, serve, settings
@@ -102,13 +103,17 @@ class Reconciler:
         events: list[Event] = []
         to_prepare: list[tuple[VersionRecord, rollout.Desired]] = []
         commands = self.store.pending_commands()
-        free = self._free_resources()
+        desired_versions = {name: version_id(f.release) for name, f in files.items() if f.release is not None}
+        settled = {(v.release, v.version) for v in state.versions if v.status == "ready" and v.replicas is None}
+        needs_room = any((name, version) not in settled for name, version in desired_versions.items())
+        free = self._free_resources() if needs_room else None  # asked of Ray only while something must start
         for name in sorted(set(state.releases) | set(files)):
             record = state.releases.get(name)
             mine = [v for v in state.versions if v.release == name]
             asked = [c for c in commands if c.release == name]
             try:
-                result, desired = self._step(name, files.get(name), record, mine, observed, head, every_file_gone, now, asked, free)
+                result, desired = self._step(name, files.get(name), desired_versions.get(name), record, mine, observed, head,
+                                             every_file_gone, now, asked, free)
             except Exception:  # a failing release never blocks another
                 log.exception("%s: reconcile step failed; state left as it was; next: retry on the next tick", name)
                 result, desired = rollout.Step(record, mine), None
@@ -141,7 +146,7 @@ class Reconciler:
         for version, desired in to_prepare:
             self._prepare(version, desired)
         if self.metrics is not None:
-            self.metrics.observe_state(self.state)  # type: ignore[attr-defined]
+            self.metrics.observe_state(self.state)
         return any(r.phase == "Progressing" or r.step is not None for r in releases.values())
 
     def _revert_aborted(self, events: list[Event], head: str, good: str | None) -> None:
@@ -191,8 +196,8 @@ class Reconciler:
             observed[name] = replace(app, weights=live)
         return observed
 
-    def _step(self, name: str, file: ReleaseFile | None, record: ReleaseRecord | None, versions: list[VersionRecord],
-              observed: dict[str, ObservedApp], head: str, every_file_gone: bool, now: float,
+    def _step(self, name: str, file: ReleaseFile | None, desired_version: str | None, record: ReleaseRecord | None,
+              versions: list[VersionRecord], observed: dict[str, ObservedApp], head: str, every_file_gone: bool, now: float,
               commands: list[Command], free: dict[str, float] | None) -> tuple[rollout.Step, rollout.Desired | None]:
         if file is None:
             assert record is not None
@@ -202,9 +207,8 @@ class Reconciler:
         if file.release.spec.faults is not None and not self.allow_faults:
             refusal = f"{file.path}: spec.faults is refused: fault injection needs the controller flag --allow-fault-injection"
             return rollout.invalid(record, name, [refusal], versions, now), None
-        _, reference_sha = golden_blob(self.source, head, file.release)
-        key = gate_key(file.release, reference_sha)
-        desired = rollout.Desired(file.release, version_id(file.release), head, f"{file.blob}:{key}", key)
+        key = gate_key(file.release, reference_blob(self.source, head, file.release))
+        desired = rollout.Desired(file.release, desired_version, head, f"{file.blob}:{key}", key)
         if record is None and not versions:
             versions = adopt(desired, observed, now)
         prepared = {version: result for (release, version, gate), result in self.prepared.items() if release == name and gate == key}
@@ -258,7 +262,7 @@ class Reconciler:
 
     def _count(self, result: str, seconds: float) -> None:
         if self.metrics is not None:
-            self.metrics.observe_reconcile(result, seconds)  # type: ignore[attr-defined]
+            self.metrics.observe_reconcile(result, seconds)
 
     def close(self) -> None:
         """Stop: cancel queued preparations and stop running gate jobs so the process can exit now."""
