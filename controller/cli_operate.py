@@ -52,10 +52,19 @@ def controller() -> None:
 @click.option("--allow-fault-injection", is_flag=True, help="Honour spec.faults (rollback drills); refused without this flag.")
 @click.option("--revert-on-abort", type=click.Choice(["off", "branch", "tracked"]), default="off", show_default=True,
               help="After an automatic rollback commit a revert: on diffops/revert-<release>-<sha> (branch) or on --branch (tracked).")
-@click.option("--once", is_flag=True, help="Reconcile once and exit.")
+@click.option("--require-signed-commits", is_flag=True,
+              help="Reconcile the branch head only if it is signed by a trusted key (git verify-commit); "
+                   "otherwise keep reconciling the last accepted commit and show the refusal in `diffops status`.")
+@click.option("--allowed-signers", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="Trust the SSH keys in FILE (git's gpg.ssh.allowedSignersFile format). "
+                   "Without it or --gnupghome, the OpenPGP keys in $GNUPGHOME (else ~/.gnupg) are trusted.")
+@click.option("--gnupghome", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help="Trust the OpenPGP keys in this GnuPG home (with --allowed-signers: both kinds are trusted).")
+@click.option("--once", is_flag=True, help="Reconcile once and exit (exit 1 if that failed or the head was refused).")
 def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: str | None, interval: float, http_port: int,
                    num_gpus: int | None, metrics_port: int | None, log_format: str, allow_prune_all: bool, gate_python: str | None,
-                   allow_fault_injection: bool, revert_on_abort: str, once: bool) -> None:
+                   allow_fault_injection: bool, revert_on_abort: str, require_signed_commits: bool,
+                   allowed_signers: Path | None, gnupghome: Path | None, once: bool) -> None:
     """Make Ray Serve match the releases at the branch head, continuously."""
     from controller import ray_cluster
     from controller.daemon import StateDirLocked, install_signal_handlers, lock_state_dir, run_loop
@@ -64,8 +73,20 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     from controller.reconciler import Reconciler
     from controller.serve_client import ServeClient
     from controller.serve_config import RenderSettings
+    from controller.signatures import SignatureGate, Trust, TrustError, check_trust
 
     logs.configure(log_format)
+    if (allowed_signers or gnupghome) and not require_signed_commits:
+        fail("--allowed-signers and --gnupghome take effect only with --require-signed-commits; add it")
+    if require_signed_commits and revert_on_abort == "tracked":
+        fail("--revert-on-abort tracked commits an unsigned revert that --require-signed-commits would refuse; "
+             "use --revert-on-abort branch and merge the revert as a signed commit")
+    trust = Trust.from_flags(allowed_signers, gnupghome) if require_signed_commits else None
+    if trust is not None:
+        try:
+            trusted = check_trust(trust)
+        except TrustError as err:
+            fail(str(err))
     try:
         lock = lock_state_dir(state_dir)
     except StateDirLocked as err:
@@ -90,12 +111,15 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     reconciler = Reconciler(source, Store(state_dir / "state.db"), serve, settings, branch=branch,
                             allow_prune_all=allow_prune_all, on_prepared=wake.set, metrics=metrics,
                             gate=RayJobGate(dashboard, ray_cluster.ensure_token(), python=gate_python), gate_dir=state_dir / "gate",
-                            allow_faults=allow_fault_injection, revert_on_abort=revert_on_abort)
+                            allow_faults=allow_fault_injection, revert_on_abort=revert_on_abort,
+                            signatures=SignatureGate(Path(source.repo.git_dir), trust) if trust is not None else None)
     click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}); serving at http://127.0.0.1:{http_port}/<release>/generate", err=True)
+    if trust is not None:
+        click.echo(f"diffops: reconciling only a branch head signed by one of {trusted}; an unsigned or unknown-key head is refused", err=True)
     try:
         if once:
             result = reconciler.reconcile()
-            raise SystemExit(0 if result.ok else 1)
+            raise SystemExit(0 if result.ok and reconciler.state.controller.refused is None else 1)
         install_signal_handlers(stop, wake)
         git_dir = None if source.url else Path(source.repo.git_dir)
         run_loop(reconciler, interval_s=interval, git_dir=git_dir, stop=stop, wake=wake)

@@ -1,8 +1,10 @@
 """Start, find and stop the local Ray head the controller serves on.
 
 `ray start --head` daemonizes, so serving outlives the controller: a restarted
-controller finds the running head through its dashboard and adopts it. The
-head binds to 127.0.0.1 with token auth on (`RAY_AUTH_MODE=token`); the token
+controller finds the running head through its dashboard and adopts it. Its
+dashboard (the REST API) listens on 127.0.0.1 only, with token auth on
+(`RAY_AUTH_MODE=token`); Serve's HTTP proxy is put on 127.0.0.1 by the
+rendered config. Ray's internal ports follow Ray's own choice of address. The token
 lives where Ray's own clients read it ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH,
 else ~/.ray/auth_token) and is created, mode 0600, when missing.
 """

@@ -28,6 +28,7 @@ from controller.metrics import ControllerMetrics
 from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name
 from controller.serve_client import ServeApi, ServeError
 from controller.serve_config import ROUTER_CPUS, RenderSettings, render, rendered_versions, router_weights
+from controller.signatures import SignatureError, SignatureGate
 from controller.source import ReleaseSource, ReleaseFile, Snapshot, SourceError
 from controller.store import State, Store
 from controller.versions import version_id
@@ -50,8 +51,9 @@ class Reconciler:
                  branch: str | None = None, allow_prune_all: bool = False, clock: Callable[[], float] = time.time,
                  on_prepared: Callable[[], None] = lambda: None, metrics: ControllerMetrics | None = None,
                  gate: Gate | None = None, gate_dir: Path | None = None, allow_faults: bool = False,
-                 revert_on_abort: str = "off"):
+                 revert_on_abort: str = "off", signatures: SignatureGate | None = None):
         self.source, self.store, self.serve, self.settings = source, store, serve, settings
+        self.signatures = signatures  # --require-signed-commits: only a HEAD signed by a trusted key is reconciled
         self.gate = gate or LocalGate()
         self.allow_faults = allow_faults
         self.revert_on_abort = revert_on_abort
@@ -73,10 +75,22 @@ class Reconciler:
         try:
             self.source.refresh()
             head = self.source.resolve(f"refs/heads/{self.branch}" if self.branch else None).hexsha
+            if self.signatures is not None:  # a refused HEAD: reconcile the last accepted commit, or nothing
+                recorded = self.state.controller
+                admitted = self.signatures.admit(head, recorded.last_attempted_commit, recorded.refused, self.clock())
+                if admitted.refused != recorded.refused:
+                    self.state = replace(self.state, controller=replace(recorded, refused=admitted.refused))
+                    if admitted.commit is None:
+                        self.store.save(self.state)  # nothing else to record: the refusal alone, for `diffops status`
+                if admitted.commit is None:
+                    seconds = time.monotonic() - started
+                    self._count("refused", seconds)
+                    return TickResult(True, False, seconds)
+                head = admitted.commit
             self.snapshot = self.source.snapshot(head, base=self.snapshot)
             observed = self._confirm_weights(self.serve.observe())
             busy = self._tick(head, observed)
-        except (SourceError, ServeError) as err:
+        except (SourceError, ServeError, SignatureError) as err:
             seconds = time.monotonic() - started
             log.warning("controller: reconcile stopped: %s; next: retry in 5s (%.0f ms)", err, seconds * 1000)
             self._count("error", seconds)

@@ -8,6 +8,7 @@ reconciler depends on, so unit tests can pass a fake at this boundary.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,6 +17,7 @@ import httpx
 from controller.records import ObservedApp
 
 APPLICATIONS_PATH = "/api/serve/applications/"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class ServeError(Exception):
@@ -38,6 +40,16 @@ class ServeApi(Protocol):
     def cluster_resources(self) -> dict[str, tuple[float, float]] | None: ...
 
 
+def brief(message: str) -> str:
+    """Ray's status message in one line: a traceback becomes its summary plus the exception it ended with."""
+    text = ANSI.sub("", message).strip()
+    if "Traceback" not in text:
+        return " ".join(text.split())
+    summary = " ".join(text.split("Error:", 1)[0].split()) if "Error:" in text else text.splitlines()[0].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{summary} Error: {lines[-1]}"
+
+
 def parse_applications(details: dict[str, Any]) -> dict[str, ObservedApp]:
     """Serve's application details -> ObservedApp per application name."""
     observed = {}
@@ -54,7 +66,7 @@ def parse_applications(details: dict[str, Any]) -> dict[str, ObservedApp]:
         observed[name] = ObservedApp(
             name=name,
             status=app.get("status", "UNKNOWN"),
-            message=" ".join(m for m in messages if m).strip(),
+            message=" ".join(dict.fromkeys(brief(m) for m in messages if m.strip())),
             running=running,
             target=target,
             replica_ids=tuple(sorted(replica_ids)),

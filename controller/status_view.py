@@ -1,11 +1,13 @@
 """What `diffops status` and `diffops history` show, built from the recorded state. Pure.
 
-`status_json` is the contract in DESIGN.md; `status_text` is the same for a
+`status_json` is the contract in DESIGN.md (plus `refused_commit`, the branch
+head `--require-signed-commits` refused); `status_text` is the same for a
 terminal; `history_rows` pairs each rollout's start with its outcome.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -59,6 +61,7 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
     return {
         "commit": state.controller.last_attempted_commit,
         "applied_commit": state.controller.last_applied_commit,
+        "refused_commit": dataclasses.asdict(refused) if (refused := state.controller.refused) else None,
         "releases": releases,
     }
 
@@ -81,6 +84,10 @@ def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
     commit = (data["commit"] or "none")[:12]
     applied = (data["applied_commit"] or "none")[:12]
     lines = [f"reconciled {commit} (fully live: {applied})", ""]
+    refused = data["refused_commit"]
+    if refused:
+        lines[1:1] = [f"refused   {refused['commit'][:12]} ({refused['reason']}, {_age(now - refused['at'])} ago): "
+                      f"nothing from it is applied; {refused['message']}"]
     if not data["releases"]:
         lines.append("no releases")
     for release in data["releases"]:

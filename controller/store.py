@@ -3,7 +3,9 @@
 Record step of a reconcile: `save()` writes the whole recorded state (small,
 fixed-schema rows) and appends events in one transaction, so a killed
 controller leaves either the old state or the new one, never a mix. Readers
-(`diffops status`, `history`) open the same file read-only.
+(`diffops status`, `history`) open the same file read-only. A refused commit
+(`--require-signed-commits`) has a table of its own rather than new columns,
+so an older `diffops` still reads a newer state file and the reverse.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: refused_commit
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS controller (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -51,6 +53,9 @@ CREATE TABLE IF NOT EXISTS commands (
     id INTEGER PRIMARY KEY AUTOINCREMENT, release TEXT NOT NULL, action TEXT NOT NULL, who TEXT NOT NULL,
     at REAL NOT NULL, "full" INTEGER NOT NULL DEFAULT 0, consumed_at REAL
 );
+CREATE TABLE IF NOT EXISTS refused_commit (
+    id INTEGER PRIMARY KEY CHECK (id = 1), "commit" TEXT NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL, at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS apps (
     name TEXT PRIMARY KEY, status TEXT NOT NULL, message TEXT NOT NULL, running INTEGER NOT NULL, target INTEGER NOT NULL,
     weights TEXT
@@ -61,11 +66,22 @@ JSON_FIELDS = {"spec", "deployed_args", "analysis"}
 
 
 @dataclass(frozen=True)
+class RefusedCommit:
+    """A branch head refused by `--require-signed-commits`: nothing from it was applied."""
+
+    commit: str
+    reason: str  # unsigned | untrusted-key | bad-signature
+    message: str  # what happened and what to do
+    at: float  # when it was first refused
+
+
+@dataclass(frozen=True)
 class ControllerRecord:
     last_attempted_commit: str | None = None
     attempted_at: float | None = None
     last_applied_commit: str | None = None
     applied_at: float | None = None
+    refused: RefusedCommit | None = None  # kept in its own table, cleared once a signed head is accepted
 
 
 @dataclass
@@ -108,6 +124,7 @@ class Store:
     def load(self) -> State:
         row = self.db.execute("SELECT * FROM controller WHERE id = 1").fetchone()
         controller = _record(ControllerRecord, row) if row else ControllerRecord()
+        controller = dataclasses.replace(controller, refused=self._refused())
         releases = {r["name"]: _record(ReleaseRecord, r) for r in self.db.execute("SELECT * FROM releases ORDER BY name")}
         versions = [_record(VersionRecord, r) for r in self.db.execute("SELECT * FROM versions ORDER BY release, created_at")]
         apps = {r["name"]: ObservedApp(**{**dict(r), "weights": json.loads(r["weights"]) if r["weights"] else None})
@@ -122,7 +139,12 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("DELETE FROM controller")
-            _insert(db, "controller", {"id": 1, **_row(state.controller)})
+            controller = _row(state.controller)
+            refused = controller.pop("refused")
+            _insert(db, "controller", {"id": 1, **controller})
+            db.execute("DELETE FROM refused_commit")
+            if refused is not None:
+                _insert(db, "refused_commit", {"id": 1, **refused})
             db.execute("DELETE FROM releases")
             for release in state.releases.values():
                 _insert(db, "releases", _row(release))
@@ -144,6 +166,13 @@ class Store:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _refused(self) -> RefusedCommit | None:
+        try:
+            row = self.db.execute('SELECT "commit", reason, message, at FROM refused_commit WHERE id = 1').fetchone()
+        except sqlite3.OperationalError:  # a read-only look at a state file written before the table existed
+            return None
+        return RefusedCommit(**dict(row)) if row else None
 
     def events(self, release: str | None = None, limit: int = 1000) -> list[Event]:
         where, args = ("WHERE release = ?", (release,)) if release else ("", ())

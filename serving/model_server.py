@@ -40,6 +40,8 @@ class ModelServer:
         self.faults = faults or {}
         if self.faults:
             log.warning("%s--%s: fault injection on (%s); this version is a drill", release, version, self.faults)
+        if self.faults.get("startup_error"):
+            raise InjectedFault(f"{release}--{version}: injected startup failure (spec.faults.startup_error)")
         self.metrics = serving_metrics()
         fetched = fetch(model["uri"], model["digest"], ModelCache(Path(cache_dir)), repo=Path(repo) if repo else None, commit=commit)
         self.device = pick_device()

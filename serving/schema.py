@@ -103,6 +103,8 @@ class FaultsSpec(SpecModel):
     """Fraction of requests this version answers with HTTP 500 (drills only)."""
     added_latency_s: float = Field(0, ge=0, le=60)
     """Seconds added to every generation (drills only)."""
+    startup_error: bool = False
+    """Replicas of this version raise while starting, so Ray Serve never gets one running (drills only)."""
 
 
 def rules(generation: GenerationSpec, limits: LimitsSpec, replicas: ReplicasSpec) -> list[tuple[str, str]]:

@@ -107,6 +107,9 @@ def generate(release: str = "demo", body: dict | None = None, **kwargs: Any) -> 
     return httpx.post(f"{SERVE_URL}/{release}/generate", json=body or {"prompt": "a red cube"}, timeout=60, **kwargs)
 
 
+LOAD_REQUEST = {"prompt": "load", "steps": 2, "seed": 1}
+
+
 @dataclass
 class Load:
     """A client sending requests back to back from a thread, recording every answer."""
@@ -115,6 +118,7 @@ class Load:
     pin: str | None = None  # send every request to this version (X-Diffops-Version)
     codes: Counter = field(default_factory=Counter)
     versions: list[tuple[float, str]] = field(default_factory=list)
+    answers: list[tuple[float, int, str, bytes]] = field(default_factory=list)  # (at, status, version, body)
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -132,9 +136,11 @@ class Load:
             while not self.stop.is_set():
                 try:
                     headers = {"X-Diffops-Version": self.pin} if self.pin else {}
-                    response = client.post(f"{SERVE_URL}/{self.release}/generate", json={"prompt": "load", "steps": 2}, headers=headers)
+                    response = client.post(f"{SERVE_URL}/{self.release}/generate", json=LOAD_REQUEST, headers=headers)
                     self.codes[response.status_code] += 1
-                    self.versions.append((time.time(), response.headers.get("X-Diffops-Version", "")))
+                    version = response.headers.get("X-Diffops-Version", "")
+                    self.versions.append((time.time(), version))
+                    self.answers.append((time.time(), response.status_code, version, response.content))
                     if response.status_code != 200:
                         self.errors.append(response.text[:300])
                 except httpx.HTTPError as err:
@@ -153,3 +159,27 @@ def clear_serve() -> None:
     client = serve_client()
     client.apply({"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": HTTP_PORT}, "applications": []})
     wait_for(lambda: not client.observe(), 60, "Serve applications to be deleted", every=0.5)
+
+
+def pixels(png: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+
+
+def misattributed(answers: list[tuple[float, int, str, bytes]], references: dict[str, bytes]) -> list[str]:
+    """Answers whose image is not the one their `X-Diffops-Version` makes for the load request (nearest reference)."""
+    refs = {version: pixels(png) for version, png in references.items()}
+    wrong = []
+    for at, status, version, body in answers:
+        if status != 200:
+            continue
+        image = pixels(body)
+        nearest = min(refs, key=lambda v: float(abs(refs[v] - image).mean()))
+        if nearest != version:
+            wrong.append(f"{at:.2f}: header says {version}, image is {nearest}'s")
+    return wrong
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,16 @@ def flip_byte(path: Path, offset: int = 1000) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def marker_pickle(marker: Path) -> bytes:
+    """A real pickle that creates `marker` when unpickled (what a hostile .bin checkpoint does)."""
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    return pickle.dumps(Payload())
 
 
 def files_under(root: Path) -> set[Path]:
@@ -70,7 +81,8 @@ CORRUPTIONS = [
     ("truncated file", lambda m: (m / UNET).write_bytes((m / UNET).read_bytes()[:-100]), f"{UNET}: sha256"),
     ("extra file", lambda m: (m / "unet" / "extra.safetensors").write_bytes(b"x"), "unet/extra.safetensors: extra file"),
     ("missing file", lambda m: (m / "vae" / "config.json").unlink(), "vae/config.json: missing"),
-    ("pickle weights", lambda m: (m / "unet" / "model.bin").write_bytes(b"x"), "unet/model.bin: .bin files are refused"),
+    ("pickle weights", lambda m: (m / "unet" / "model.bin").write_bytes(marker_pickle(m.parent / "pickle-ran")),
+     "unet/model.bin: .bin files are refused"),
     ("checkpoint", lambda m: (m / "model.ckpt").write_bytes(b"x"), "model.ckpt: .ckpt files are refused"),
     ("code file", lambda m: (m / "pipeline.py").write_text("import os"), "pipeline.py: .py files are refused"),
     ("symlink out of the tree", lambda m: (m / "unet" / "link.safetensors").symlink_to("/etc/passwd"), "symlink escapes"),
@@ -82,10 +94,22 @@ def test_refused_before_load(case, tmp_path):
     _, corrupt, fragment = case
     model = copy_model(tmp_path / "m")
     corrupt(model)
+    before = files_under(tmp_path)
     cache = ModelCache(tmp_path / "cache")
     with pytest.raises(ArtifactError, match=fragment):
         fetch(f"file://{model}", DEMO_DIGEST, cache, allowed_roots=(tmp_path,))
-    assert files_under(cache.root) == set()
+    assert files_under(tmp_path) == before  # nothing in the cache, nothing anywhere else
+    assert not (tmp_path / "pickle-ran").exists()
+
+
+def test_a_pickle_in_the_repo_never_runs(model_repo: ReleaseRepo, tmp_path):
+    marker = tmp_path / "pickle-ran"
+    model_repo.write("models/tiny-sd/unet/diffusion_pytorch_model.bin", marker_pickle(marker))
+    commit = model_repo.commit("pickle weights beside the safetensors")
+    cache = ModelCache(tmp_path / "cache")
+    with pytest.raises(ArtifactError, match="unet/diffusion_pytorch_model.bin: .bin files are refused"):
+        fetch("file://models/tiny-sd", DEMO_DIGEST, cache, repo=model_repo.path, commit=commit)
+    assert not marker.exists() and files_under(cache.root) == set()
 
 
 def test_repo_paths_never_escape(model_repo: ReleaseRepo, tmp_path):

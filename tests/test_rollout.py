@@ -114,6 +114,21 @@ def test_healthy_only_when_the_router_confirms():
     assert confirmed.release.phase == "Healthy"
 
 
+def test_a_lost_replica_is_reported_once_and_never_rolls_back():
+    versions, observed = [stable(V_NEW, NEW)], {"demo": router({V_NEW: 100}), f"demo--{V_NEW}": app(V_NEW)}
+    healthy = step("demo", NOW, desired(), record(phase="Healthy"), versions, observed, {})
+    assert healthy.release.message == f"{V_NEW} serving 100%" and healthy.events == []
+    lost = {**observed, f"demo--{V_NEW}": app(V_NEW, status="DEPLOYING", running=0)}
+    ticks = [step("demo", NOW + 1, desired(), healthy.release, versions, lost, {})]
+    ticks.append(step("demo", NOW + 2, desired(), ticks[-1].release, versions, lost, {}))
+    assert [e.kind for t in ticks for e in t.events] == ["replicas-lost"]  # once, not every tick
+    assert all(t.release.phase == "Healthy" and roles(t) == {V_NEW: ("stable", 100, "ready")} and not t.prepare for t in ticks)
+    assert "0/1 replicas running" in ticks[-1].release.message
+    back = step("demo", NOW + 7, desired(), ticks[-1].release, versions, observed, {})
+    assert [e.kind for e in back.events] == ["replicas-restored"] and "after 6.0s" in back.events[0].message
+    assert back.release.message == f"{V_NEW} serving 100%"
+
+
 def test_standby_expires_after_scale_down_delay():
     versions = [stable(V_NEW, NEW), replace(standby(since=NOW - 601), version=V_OLD)]
     result = step("demo", NOW, desired(), record(), versions, {"demo": router({V_NEW: 100})}, {})

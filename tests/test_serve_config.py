@@ -65,3 +65,22 @@ def test_render_is_deterministic():
     release_a, stable_a = records(make_release(name="alpha"))
     release_b, stable_b = records(make_release(name="beta"))
     assert render([release_b, release_a], [stable_b, stable_a], SETTINGS) == render([release_a, release_b], [stable_a, stable_b], SETTINGS)
+
+
+def test_a_ray_traceback_becomes_one_line_naming_the_exception():
+    from controller.serve_client import brief
+
+    ray_message = (
+        "Failed to update the deployments ['Model']. The deployment failed to start 3 times in a row. This may be due to "
+        "a problem with its constructor or initial health check failing. See controller logs for details. Error:\n"
+        "\x1b[36mray::ServeReplica:demo--fbc25fc6de:Model.initialize_and_get_metadata()\x1b[39m (pid=8051)\n"
+        "RuntimeError: Traceback (most recent call last):\n  File \"/x/replica.py\", line 1867, in initialize\n"
+        "    await self._user_callable_wrapper.initialize_callable()\n"
+        "serving.model_server.InjectedFault: demo--fbc25fc6de: injected startup failure (spec.faults.startup_error)\n"
+    )
+    assert brief(ray_message) == (
+        "Failed to update the deployments ['Model']. The deployment failed to start 3 times in a row. This may be due to "
+        "a problem with its constructor or initial health check failing. See controller logs for details. "
+        "Error: serving.model_server.InjectedFault: demo--fbc25fc6de: injected startup failure (spec.faults.startup_error)"
+    )
+    assert brief("Deploying app 'demo'.\n  Waiting for replicas.") == "Deploying app 'demo'. Waiting for replicas."

@@ -1,0 +1,178 @@
+"""Faults on the real thing: load through every traffic move, replicas killed or never starting, hostile files, loopback and secrets.
+
+Each test drives the controller process against the session's local Ray
+(tests/live.py) and asserts what a user sees: HTTP answers under constant
+load, `diffops status`, the controller's log and Ray Serve's replicas.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import ReleaseRepo
+from tests.live import (DIFFOPS, HTTP_PORT, LOAD_REQUEST, Controller, Load, generate, healthy_on, misattributed, serve_client,
+                        stable_version, wait_for)
+from tests.test_hostile_releases import HOSTILE
+
+pytestmark = pytest.mark.timeout(600)
+
+NEW_GUIDANCE = ("guidance_scale: 7.5", "guidance_scale: 2.0")  # a version change the load request's image shows
+
+
+def replicas_of(release: str, version: str) -> tuple[str, ...]:
+    app = serve_client().observe().get(f"{release}--{version}")
+    return app.replica_ids if app is not None and app.ready else ()
+
+
+def replica_processes(release: str, version: str) -> list[psutil.Process]:
+    mark = f"ServeReplica:{release}--{version}"
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(mark in part for part in process.info["cmdline"] or []):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def references(*versions: str) -> dict[str, bytes]:
+    """The load request's image from each version, asked for by pinning it."""
+    out = {}
+    for version in versions:
+        response = generate(body=LOAD_REQUEST, headers={"X-Diffops-Version": version})
+        assert response.status_code == 200 and response.headers["X-Diffops-Version"] == version, response.text
+        out[version] = response.content
+    assert len(set(out.values())) == len(out), "versions must draw different images for this test to mean anything"
+    return out
+
+
+@pytest.fixture
+def drill(model_repo: ReleaseRepo, serve, tmp_path):
+    """The demo served by a controller that allows fault injection: (repo, controller, stable version)."""
+    controller = Controller(model_repo.path, tmp_path / "state", "--allow-fault-injection").start()
+    release = controller.wait_release(healthy_on())
+    yield model_repo, controller, stable_version(release)
+    if controller.process and controller.process.poll() is None:
+        controller.stop()
+
+
+def test_load_through_bluegreen_revert_and_canary_abort_never_fails(live_demo):
+    repo, controller, release = live_demo
+    old = stable_version(release)
+    with Load() as load:
+        repo.release(**dict([NEW_GUIDANCE]))
+        repo.commit("blue/green to a new guidance scale")
+        new = stable_version(controller.wait_release(lambda r: healthy_on()(r) and stable_version(r) != old))
+        wait_for(lambda: any(v == new for _, v in load.versions[-3:]), 30, "traffic on the new version")
+        repo.repo.git.revert("--no-edit", "HEAD")
+        controller.wait_release(healthy_on(old))
+        wait_for(lambda: all(v == old for _, v in load.versions[-3:]), 30, "traffic back on the old version")
+
+        repo.release(**{"    strategy: bluegreen\n": "    strategy: canary\n    steps:\n      - weight: 50\n      - pause:\n      - weight: 100\n",
+                        NEW_GUIDANCE[0]: "guidance_scale: 3.0"})
+        repo.commit("canary to another guidance scale")
+        paused = controller.wait_release(lambda r: r["phase"] == "Paused", timeout=120)
+        canary = next(v["id"] for v in paused["versions"] if v["role"] == "canary")
+        wait_for(lambda: any(v == canary for _, v in load.versions[-5:]), 30, "traffic on the canary")
+        refs = references(old, new, canary)
+        subprocess.run([DIFFOPS, "abort", "demo", "--state-dir", str(controller.state_dir)], check=True, capture_output=True)
+        aborted = controller.wait_release(lambda r: r["phase"] == "Degraded", timeout=30)
+        wait_for(lambda: all(v == old for _, v in load.versions[-3:]), 30, "traffic back on the stable version")
+    assert "aborted by" in aborted["message"]
+    assert set(load.codes) == {200} and load.codes[200] > 20, (load.codes, load.errors[:3])
+    assert {v for _, v in load.versions} == {old, new, canary}
+    assert misattributed(load.answers, refs) == []  # every answer came whole from the version that took it
+
+
+def test_kill_9_of_a_replica_under_load_is_replaced_and_reported_once(live_demo):
+    repo, controller, release = live_demo
+    version = stable_version(release)
+    before = replicas_of("demo", version)
+    [victim] = replica_processes("demo", version)
+    phases = []
+    with Load() as load:
+        wait_for(lambda: load.codes[200] >= 3, 30, "load to flow")
+        victim.kill()
+        killed_at = time.time()
+        after = wait_for(lambda: (phases.append(controller.release()["phase"]) or True) and (replicas_of("demo", version) or ()) != before
+                         and replicas_of("demo", version), 120, "Ray Serve to replace the killed replica")
+        wait_for(lambda: any(t > killed_at and code == 200 for t, code, _, _ in load.answers[-3:]), 60, "answers again")
+        time.sleep(1)
+    assert len(after) == len(before) and set(after).isdisjoint(before)
+    failed = [(round(t - killed_at, 2), code) for t, code, _, _ in load.answers if code != 200]
+    assert len(failed) <= 2, failed  # at most what was in flight on the dead replica (one client)
+    assert all(code in (500, 503) for _, code in failed) and load.codes["transport"] == 0
+    stats = serve_client().router_stats("demo", killed_at - 1)
+    assert stats.get(version, {}).get("errors", 0) == len(failed)  # the router counted each one
+    assert set(phases) == {"Healthy"}  # no flapping into rollouts or rollbacks
+    release = controller.wait_release(lambda r: r["message"] == f"{version} serving 100%", timeout=60)
+    assert stable_version(release) == version and release["desired_version"] == version
+    log = controller.logs
+    assert log.count("Ray Serve is replacing the lost ones") == 1 and log.count("every replica running again") == 1
+    assert "rolling out" not in log.split("Ray Serve is replacing the lost ones")[1]
+
+
+def test_a_version_whose_replicas_fail_to_start_never_gets_traffic(drill):
+    repo, controller, stable = drill
+    with Load() as load:
+        repo.release(**{"steps: 4": "steps: 5", "  cost:\n": "  faults:\n    startup_error: true\n  cost:\n"})
+        repo.commit("a version that cannot start")
+        release = controller.wait_release(lambda r: r["phase"] == "Degraded", timeout=180)
+    failed, message = release["desired_version"], release["message"]
+    assert failed != stable and "replicas failed to start" in message and "failed to start 3 times in a row" in message
+    assert "InjectedFault: demo--" in message and "Traceback" not in message and "\n" not in message  # one line
+    assert f"{stable} keeps serving" in message
+    assert set(load.codes) == {200} and {v for _, v in load.versions} == {stable}
+    wait_for(lambda: f"demo--{failed}" not in serve_client().observe(), 60, "the failed version's app to be deleted")
+    time.sleep(6)  # held: the failed version is not retried tick after tick
+    assert controller.release()["phase"] == "Degraded" and f"demo--{failed}" not in serve_client().observe()
+    assert generate().headers["X-Diffops-Version"] == stable
+
+
+def test_hostile_release_files_leave_serving_unchanged(live_demo):
+    repo, controller, release = live_demo
+    version = stable_version(release)
+    before = replicas_of("demo", version)
+    for name, content, _ in HOSTILE:
+        repo.write(f"releases/{name}.yaml", content)
+    with Load() as load:
+        repo.commit("hostile release files")
+        for name, _, fragment in HOSTILE:
+            invalid = controller.wait_release(lambda r: r.get("phase") == "Invalid", timeout=30, name=name)
+            assert fragment in invalid["message"] and invalid["versions"] == [], invalid
+    assert set(load.codes) == {200} and {v for _, v in load.versions} == {version}
+    assert controller.release()["phase"] == "Healthy" and replicas_of("demo", version) == before
+    assert set(serve_client().observe()) == {"demo", f"demo--{version}"}  # nothing deployed for the hostile files
+
+
+def test_ray_listens_on_loopback_only_and_the_token_never_reaches_a_log(live_demo, ray_head):
+    import os
+    from pathlib import Path
+
+    _, controller, _ = live_demo
+    listening = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if not any(ray_head.temp_dir in part or "ray::" in part for part in process.info["cmdline"] or []):
+                continue
+            listening += [(c.laddr.ip, c.laddr.port, process.pid) for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    # The dashboard (Ray's REST API: Serve deploys, jobs, cluster state) and Serve's HTTP proxy: loopback only.
+    # (Ray puts its internal gRPC ports, metrics exporter and client server on the machine's address whatever the
+    # node IP says; the README says so.)
+    served = {ray_head.dashboard_port: "dashboard", HTTP_PORT: "Serve HTTP"}
+    exposed = [(ip, port, served[port]) for ip, port, _ in listening if port in served]
+    assert {port for _, port, _ in exposed} == set(served), listening
+    assert [entry for entry in exposed if entry[0] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")] == []
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert len(token) >= 16
+    logs = [controller.log_path, *Path(ray_head.temp_dir).rglob("*.log"), *Path(ray_head.temp_dir).rglob("*.out"),
+            *Path(ray_head.temp_dir).rglob("*.err")]
+    leaked = [str(path) for path in logs if path.is_file() and token in path.read_text(errors="replace")]
+    assert leaked == []
