@@ -4,7 +4,9 @@ Builds the gate input (spec, model pin, the golden reference read from git at
 the version's commit), keys results by what they depend on (`gate_key`), and
 submits `python -m checks.job` through Ray's job REST API with the release's
 CPUs and GPUs, polling it under a time limit. A job that crashes (an OOM
-kill, a missing GPU) yields a report whose one failed check says why.
+kill, a missing GPU) yields a report whose one failed check says why. Job ids
+carry a hash of the gate input, so a controller restarted after kill -9 picks
+up the job its predecessor left running instead of starting it again.
 """
 
 from __future__ import annotations
@@ -81,19 +83,26 @@ class RayJobGate:
     def run(self, gate: dict[str, Any], cpus: float, gpus: float) -> GateReport:
         started = time.monotonic()
         payload = dict(gate, reference=base64.b64encode(gate["reference"]).decode() if gate.get("reference") else None)
-        job_id = f"diffops-gate-{gate['release']}-{gate['version']}-{uuid.uuid4().hex[:6]}"
-        body = {
-            "entrypoint": f"{shlex.quote(self.python)} -m checks.job",
-            "submission_id": job_id,
-            "entrypoint_num_cpus": cpus,
-            "entrypoint_num_gpus": gpus,
-            "runtime_env": {"env_vars": {"DIFFOPS_GATE_INPUT": base64.b64encode(json.dumps(payload).encode()).decode()}},
-            "metadata": {"release": gate["release"], "version": gate["version"], "num_cpus": f"{cpus:g}", "num_gpus": f"{gpus:g}"},
-        }
+        encoded = base64.b64encode(json.dumps(payload, sort_keys=True).encode()).decode()
+        base = f"diffops-gate-{gate['release']}-{gate['version']}-{hashlib.sha256(encoded.encode()).hexdigest()[:8]}"
         try:
-            response = self.http.post(JOBS_PATH, json=body)
-            if response.status_code >= 400:
-                return crashed(gate, f"Ray refused the gate job: HTTP {response.status_code} {response.text[:300]}", time.monotonic() - started)
+            job_id = self._left_behind(base)
+            if job_id is not None:
+                log.info("%s: gate job %s for %s is still running, started by an earlier controller; next: wait "
+                         "for its report instead of starting it again", gate["release"], job_id, gate["version"])
+            else:
+                job_id = f"{base}-{uuid.uuid4().hex[:6]}"
+                body = {
+                    "entrypoint": f"{shlex.quote(self.python)} -m checks.job",
+                    "submission_id": job_id,
+                    "entrypoint_num_cpus": cpus,
+                    "entrypoint_num_gpus": gpus,
+                    "runtime_env": {"env_vars": {"DIFFOPS_GATE_INPUT": encoded}},
+                    "metadata": {"release": gate["release"], "version": gate["version"], "num_cpus": f"{cpus:g}", "num_gpus": f"{gpus:g}"},
+                }
+                response = self.http.post(JOBS_PATH, json=body)
+                if response.status_code >= 400:
+                    return crashed(gate, f"Ray refused the gate job: HTTP {response.status_code} {response.text[:300]}", time.monotonic() - started)
             limit = gate["timeout_s"] * 4 + 60  # every check has its own limit inside; this bounds the whole job
             status = self._wait(job_id, limit)
             logs = self.http.get(f"{JOBS_PATH}{job_id}/logs").json().get("logs", "")
@@ -104,6 +113,14 @@ class RayJobGate:
                 return GateReport.from_dict(json.loads(line[len(REPORT_PREFIX):]))
         tail = " | ".join(logs.strip().splitlines()[-3:])[-600:]
         return crashed(gate, f"gate job {job_id} ended {status} without a report: {tail or 'no output'}", time.monotonic() - started)
+
+    def _left_behind(self, base: str) -> str | None:
+        """A job for exactly this gate input still running after its controller was killed (a finished one is run again)."""
+        jobs = self.http.get(JOBS_PATH).json()
+        for job in jobs if isinstance(jobs, list) else []:
+            if str(job.get("submission_id") or "").startswith(f"{base}-") and job.get("status") in ("PENDING", "RUNNING"):
+                return job["submission_id"]
+        return None
 
     def _wait(self, job_id: str, limit_s: float) -> str:
         deadline = time.monotonic() + limit_s

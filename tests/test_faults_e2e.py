@@ -7,12 +7,19 @@ load, `diffops status`, the controller's log and Ray Serve's replicas.
 
 from __future__ import annotations
 
+import random
+import signal
+import sqlite3
 import subprocess
 import time
+from collections import Counter
+from pathlib import Path
 
 import psutil
 import pytest
 
+from controller.loader import parse_release
+from controller.versions import version_id
 from tests.conftest import ReleaseRepo
 from tests.live import (DIFFOPS, HTTP_PORT, LOAD_REQUEST, Controller, Load, generate, healthy_on, misattributed, serve_client,
                         stable_version, wait_for)
@@ -176,3 +183,55 @@ def test_ray_listens_on_loopback_only_and_the_token_never_reaches_a_log(live_dem
             *Path(ray_head.temp_dir).rglob("*.err")]
     leaked = [str(path) for path in logs if path.is_file() and token in path.read_text(errors="replace")]
     assert leaked == []
+
+
+TIMED_CANARY = "    strategy: canary\n    steps:\n      - weight: 50\n      - pause: 4s\n      - weight: 100\n"
+
+
+def recorded(db: Path, versions: set[str]) -> tuple:
+    """The state a killed controller left: integrity checked, then the invariants every committed tick keeps."""
+    with sqlite3.connect(db) as con:  # recovers the WAL as the next controller will
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        con.row_factory = sqlite3.Row
+        release = con.execute("SELECT phase, desired_version, step FROM releases WHERE name = 'demo'").fetchone()
+        rows = con.execute("SELECT version, role, weight, status FROM versions WHERE release = 'demo'").fetchall()
+    assert release is not None and release["desired_version"] in versions
+    assert {r["version"] for r in rows} <= versions and [r["role"] for r in rows].count("stable") == 1, [dict(r) for r in rows]
+    assert sum(r["weight"] for r in rows if r["status"] != "retiring") == 100, [dict(r) for r in rows]
+    if release["step"] is not None:  # walking steps: a ready canary exists
+        assert any(r["role"] == "canary" and r["status"] == "ready" for r in rows), [dict(r) for r in rows]
+    return release["phase"], release["step"], tuple(sorted((r["version"], r["role"], r["weight"], r["status"]) for r in rows))
+
+
+def test_kill_9_of_the_controller_at_random_points_of_a_rollout(model_repo: ReleaseRepo, serve, tmp_path):
+    rng = random.Random(2026)
+    state = tmp_path / "state"
+    controller = Controller(model_repo.path, state).start()
+    old = stable_version(controller.wait_release(healthy_on()))
+    path = model_repo.release(**{"    strategy: bluegreen\n": TIMED_CANARY, NEW_GUIDANCE[0]: NEW_GUIDANCE[1]})
+    new = version_id(parse_release(path.read_bytes(), "releases/demo.yaml"))
+    model_repo.commit("canary with a timed pause")
+    seen = []
+    try:
+        with Load() as load:
+            for _ in range(7):
+                time.sleep(rng.uniform(2.0, 10.0))  # anywhere: start-up, gate, replicas starting, steps, the pause
+                controller.stop(signal.SIGKILL)
+                seen.append(recorded(state / "state.db", {old, new}))
+                controller = Controller(model_repo.path, state).start()
+            release = controller.wait_release(lambda r: healthy_on(new)(r) and stable_version(r) == new, timeout=240)
+    finally:
+        controller.stop()
+    assert {v["id"]: v["role"] for v in release["versions"]} == {new: "stable", old: "standby"}
+    points = {(step, next((status for version, _, _, status in rows if version == new), None)) for _, step, rows in seen}
+    assert len(points) >= 3, seen  # the kills really landed at different points of the rollout
+    assert set(load.codes) == {200}, (load.codes, load.errors[:3])
+    kinds = Counter(event.kind for event in controller_events(state) if event.version == new)
+    assert kinds["rollout-started"] == 1 and kinds["ready"] == 1 and kinds["promoted"] == 1, kinds  # no step twice
+    assert kinds["step"] == 3, kinds
+
+
+def controller_events(state: Path):
+    from controller.store import Store
+
+    return Store(state / "state.db", readonly=True).events("demo")

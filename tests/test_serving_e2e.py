@@ -62,16 +62,25 @@ BAD_REQUESTS = [
 ]
 
 
-def test_bad_requests_get_422_naming_the_field(live_demo):
+def test_bad_requests_get_422_naming_the_field(live_demo, serve):
+    _, _, release = live_demo
+    replicas = model_replicas(serve, "demo", stable_version(release))
+    answers = []
     for case, body, field in BAD_REQUESTS:
         response = generate(body=body)
+        answers.append((case, response))
         assert response.status_code == 422, case
         assert response.json()["field"] == field, case
-    raw = [b"not json", b"[1, 2]", b'{"prompt": "x", "guidance_scale": NaN}']
+    raw = [b"not json", b"[1, 2]", b'{"prompt": "x", "guidance_scale": NaN}', b'{"prompt": "x", "guidance_scale": 1e999}']
     for body in raw:
         response = httpx.post(f"{SERVE_URL}/demo/generate", content=body, timeout=30)
+        answers.append((body, response))
         assert response.status_code == 422, body
+    for case, response in answers:  # refused by the router: no version was picked, no pipeline ran (1e6 steps would take hours)
+        assert "X-Diffops-Version" not in response.headers, case
+        assert response.elapsed.total_seconds() < 1.0, (case, response.elapsed)
     assert generate().status_code == 200  # nothing above hurt the replica
+    assert model_replicas(serve, "demo", stable_version(release)) == replicas
 
 
 def test_bluegreen_under_load_then_revert_is_instant(live_demo, serve):
@@ -249,13 +258,22 @@ def test_overload_gets_503_with_retry_after(model_repo, serve, tmp_path):
     model_repo.commit("tiny queue")
     controller = Controller(model_repo.path, tmp_path / "state").start()
     try:
-        controller.wait_release(healthy_on())
-        with ThreadPoolExecutor(24) as pool:
-            responses = list(pool.map(lambda _: generate(body={"prompt": "x", "steps": 40}), range(24)))
+        version = stable_version(controller.wait_release(healthy_on()))
+        replicas = model_replicas(serve, "demo", version)
+        heavy = {"prompt": "x", "steps": 40}
+        alone = min(generate(body=heavy).elapsed.total_seconds() for _ in range(2))
+        with ThreadPoolExecutor(20) as pool:  # ten times what one replica holds (1 running + 1 queued)
+            responses = list(pool.map(lambda _: generate(body=heavy), range(20)))
         codes = sorted({r.status_code for r in responses})
         assert codes == [200, 503], codes
         shed = [r for r in responses if r.status_code == 503]
+        served = [r for r in responses if r.status_code == 200]
         assert all(r.headers.get("Retry-After") == "1" and r.json()["error"] == "overloaded" for r in shed)
+        slowest_shed = max(r.elapsed.total_seconds() for r in shed)
+        slowest_served = max(r.elapsed.total_seconds() for r in served)
+        assert slowest_shed < alone, (slowest_shed, alone)  # refused at once, not after waiting for room
+        assert slowest_served < (len(served) + 2) * alone + 2, (slowest_served, alone)  # admitted: bounded by the queue
         assert generate().status_code == 200
+        assert model_replicas(serve, "demo", version) == replicas  # overload restarted nothing
     finally:
         controller.stop()
