@@ -235,3 +235,28 @@ def controller_events(state: Path):
     from controller.store import Store
 
     return Store(state / "state.db", readonly=True).events("demo")
+
+
+def test_an_unsigned_head_is_refused_while_the_signed_one_keeps_serving(model_repo: ReleaseRepo, serve, tmp_path):
+    from tests.test_signed_commits import Keys, ssh_commit
+
+    keys = Keys(tmp_path / "keys")
+    signed = ssh_commit(model_repo, keys.alice, "signed release")
+    controller = Controller(model_repo.path, tmp_path / "state", "--require-signed-commits", "--allowed-signers", str(keys.allowed)).start()
+    try:
+        version = stable_version(controller.wait_release(healthy_on()))
+        with Load() as load:
+            model_repo.release(**{"steps: 4": "steps: 5"})
+            unsigned = model_repo.commit("unsigned change")
+            wait_for(lambda: (controller.status().get("refused_commit") or {}).get("commit") == unsigned, 30, "the refusal")
+            ssh_commit(model_repo, keys.mallory, "signed by a key nobody allowed")
+            refused = wait_for(lambda: (r := controller.status().get("refused_commit")) and r["reason"] == "untrusted-key" and r, 30,
+                               "the unknown key's refusal")
+            time.sleep(3)
+        status = controller.status()
+        assert status["commit"] == signed and controller.release()["desired_version"] == version
+        assert "not in the allowed signers file" in refused["message"]
+        assert set(load.codes) == {200} and {v for _, v in load.versions} == {version}
+        assert "refused (unsigned)" in controller.logs and "refused (untrusted-key)" in controller.logs
+    finally:
+        controller.stop()
