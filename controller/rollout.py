@@ -322,14 +322,15 @@ def _healthy(out: Step, version: str, observed: dict[str, ObservedApp], now: flo
     app = observed.get(app_name(out.release.name, version))
     message = f"{version} serving 100%"
     was_short = out.release.phase == "Healthy" and out.release.message != message and out.release.message.startswith(message)
-    if app is not None and not app.ready and app.target:
+    short = app is not None and not app.ready and bool(app.target)
+    if short:
         message += f" ({app.running}/{app.target} replicas running; Ray Serve is starting or replacing replicas)"
         if out.release.phase == "Healthy" and not was_short:
             out.events.append(Event(out.release.name, "replicas-lost", f"{version}: {app.running}/{app.target} replicas running; "
                                     "Ray Serve is replacing the lost ones; next: traffic stays on it, nothing is rolled back", version))
-    elif was_short:
-        out.events.append(Event(out.release.name, "replicas-restored", f"{version}: every replica running again "
-                                f"after {now - out.release.updated_at:.1f}s short; next: nothing", version))
+    elif was_short and app is not None:
+        out.events.append(Event(out.release.name, "replicas-restored", f"{version}: all {app.running} replicas running again, "
+                                f"{now - out.release.updated_at:.1f}s after the last loss was reported; next: nothing", version))
     out.release = with_phase(out.release, "Healthy", message, now)
     return out
 

@@ -117,10 +117,14 @@ class Load:
     release: str = "demo"
     pin: str | None = None  # send every request to this version (X-Diffops-Version)
     codes: Counter = field(default_factory=Counter)
-    versions: list[tuple[float, str]] = field(default_factory=list)
     answers: list[tuple[float, int, str, bytes]] = field(default_factory=list)  # (at, status, version, body)
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def versions(self) -> list[tuple[float, str]]:
+        """(at, version) of every answer so far."""
+        return [(at, version) for at, _, version, _ in list(self.answers)]
 
     def __enter__(self) -> Load:
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -139,7 +143,6 @@ class Load:
                     response = client.post(f"{SERVE_URL}/{self.release}/generate", json=LOAD_REQUEST, headers=headers)
                     self.codes[response.status_code] += 1
                     version = response.headers.get("X-Diffops-Version", "")
-                    self.versions.append((time.time(), version))
                     self.answers.append((time.time(), response.status_code, version, response.content))
                     if response.status_code != 200:
                         self.errors.append(response.text[:300])

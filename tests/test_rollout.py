@@ -125,7 +125,7 @@ def test_a_lost_replica_is_reported_once_and_never_rolls_back():
     assert all(t.release.phase == "Healthy" and roles(t) == {V_NEW: ("stable", 100, "ready")} and not t.prepare for t in ticks)
     assert "0/1 replicas running" in ticks[-1].release.message
     back = step("demo", NOW + 7, desired(), ticks[-1].release, versions, observed, {})
-    assert [e.kind for e in back.events] == ["replicas-restored"] and "after 6.0s" in back.events[0].message
+    assert [e.kind for e in back.events] == ["replicas-restored"] and "6.0s after the last loss" in back.events[0].message
     assert back.release.message == f"{V_NEW} serving 100%"
 
 
