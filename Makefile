@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 STATE_DIR ?= $(CURDIR)/.state
 
-.PHONY: setup demo stop test lint schema lock clean
+.PHONY: setup demo stop test bench lint schema lock clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ stop: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# Benchmarks (bench/): progress on stderr, then a table; JSON in bench/results.json.
+# BENCH_ARGS="--quick" for smaller sizes, "--only reconcile,model_load" to pick families.
+bench: setup
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/diffops lint

@@ -31,6 +31,7 @@ class RayHead:
     dashboard_port: int = 8265
     metrics_port: int = 8266
     client_port: int = 10001
+    agent_port: int = 52365  # the dashboard agent (job API); two heads on one machine need two
     host: str = "127.0.0.1"
     temp_dir: str | None = None  # Ray's session/log root (default /tmp/ray)
 
@@ -82,7 +83,8 @@ def start_head(head: RayHead, num_cpus: float | None = None, num_gpus: int | Non
     command = [
         ray_executable(), "start", "--head", f"--node-ip-address={head.host}", f"--port={head.gcs_port}",
         f"--dashboard-host={head.host}", f"--dashboard-port={head.dashboard_port}",
-        f"--metrics-export-port={head.metrics_port}", f"--ray-client-server-port={head.client_port}", "--disable-usage-stats",
+        f"--metrics-export-port={head.metrics_port}", f"--dashboard-agent-listen-port={head.agent_port}",
+        f"--ray-client-server-port={head.client_port}", "--disable-usage-stats",
     ]
     if head.temp_dir:
         command.append(f"--temp-dir={head.temp_dir}")
@@ -105,3 +107,27 @@ def start_head(head: RayHead, num_cpus: float | None = None, num_gpus: int | Non
 def stop_head() -> int:
     """`ray stop` for this machine's Ray processes; returns its exit code."""
     return subprocess.run([ray_executable(), "stop"], env={**os.environ, "RAY_AUTH_MODE": "token"}).returncode
+
+
+def kill_head(head: RayHead) -> int:
+    """Kill one head's processes (those naming its temp dir or GCS port, and their children), sparing every other
+    Ray on the machine, unlike `ray stop`; for heads started with their own temp dir (tests, benchmarks)."""
+    import psutil
+
+    marks = tuple(m for m in (head.temp_dir, f":{head.gcs_port}") if m)
+    spared = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    doomed = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if process.pid not in spared and any(mark in part for part in process.info["cmdline"] or [] for mark in marks):
+                doomed += [process, *process.children(recursive=True)]  # Ray's workers rename themselves (ray::...)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for process in doomed:
+        try:
+            process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    psutil.wait_procs(doomed, timeout=10)
+    return len(doomed)
+

@@ -36,6 +36,7 @@ from serving.artifacts import ModelCache, fetch
 from serving.manifest import ArtifactError
 
 log = logging.getLogger("diffops.controller")
+VERSION_ID_CACHE = 10_000
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Reconciler:
         self.finished: queue.SimpleQueue[tuple[tuple[str, str, str], rollout.Prepared]] = queue.SimpleQueue()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prepare")
         self.cache = ModelCache(Path(settings.cache_dir))
+        self.version_ids: dict[str, str] = {}  # release file blob -> version id
 
     def reconcile(self) -> TickResult:
         started = time.monotonic()
@@ -117,7 +119,7 @@ class Reconciler:
         events: list[Event] = []
         to_prepare: list[tuple[VersionRecord, rollout.Desired]] = []
         commands = self.store.pending_commands()
-        desired_versions = {name: version_id(f.release) for name, f in files.items() if f.release is not None}
+        desired_versions = {name: self._version_id(f) for name, f in files.items() if f.release is not None}
         settled = {(v.release, v.version) for v in state.versions if v.status == "ready" and v.replicas is None}
         needs_room = any((name, version) not in settled for name, version in desired_versions.items())
         free = self._free_resources() if needs_room else None  # asked of Ray only while something must start
@@ -179,6 +181,14 @@ class Reconciler:
                 continue
             log.info("%s: committed revert %s on %s (releases/%s.yaml as of %s); next: merge it so git matches what serves",
                      event.release, commit[:12], ref, event.release, good[:12], extra={"subject": event.release, "event": "reverted"})
+
+    def _version_id(self, file: ReleaseFile) -> str:
+        """A release file's version id, computed once per blob (a tick asks for every release)."""
+        if file.blob not in self.version_ids:
+            self.version_ids[file.blob] = version_id(file.release)
+            if len(self.version_ids) > VERSION_ID_CACHE:
+                self.version_ids.pop(next(iter(self.version_ids)))
+        return self.version_ids[file.blob]
 
     def _free_resources(self) -> dict[str, float] | None:
         """Free CPUs/GPUs: the cluster's total minus the larger of Ray's reported usage (seconds old) and what our

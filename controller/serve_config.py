@@ -60,7 +60,7 @@ def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any
                 "ray_actor_options": {"num_cpus": resources["cpus"], "num_gpus": resources["gpus"]},
                 "user_config": {
                     "max_batch_size": replicas["max_batch_size"],
-                    "batch_wait_timeout_s": 0.01,
+                    "batch_wait_timeout_s": replicas.get("batch_wait_timeout_s", 0.01),  # absent from older records
                     "gpu_hour_usd": (spec.get("cost") or {}).get("gpu_hour_usd"),
                 },
                 "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,

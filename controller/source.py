@@ -71,6 +71,7 @@ def read_release_file(path: str, blob: git.Blob) -> ReleaseFile:
 class ReleaseSource:
     def __init__(self, repo: git.Repo, *, branch: str | None = None, url: str | None = None):
         self.repo, self.branch, self.url = repo, branch, url
+        self._blobs: tuple[str, dict[str, git.Blob | None]] = ("", {})  # one revision's looked-up blobs
 
     @classmethod
     def open(cls, location: str | Path, *, state_dir: Path | None = None, branch: str | None = None) -> ReleaseSource:
@@ -125,14 +126,23 @@ class ReleaseSource:
         return parents[0].hexsha if parents else EMPTY_TREE
 
     def blob(self, rev: str, path: str) -> git.Blob | None:
-        """The blob at `path` in a revision's tree, or None when there is none."""
-        obj = self.resolve(rev)
-        tree = obj.tree if obj.type == "commit" else obj
-        try:
-            item = tree / path
-        except KeyError:
-            return None
-        return item if item.type == "blob" else None
+        """The blob at `path` in a revision's tree, or None when there is none.
+
+        Lookups at the latest revision asked for are remembered: a tick asks once per release for the same commit,
+        and each fresh lookup re-reads the trees on the way.
+        """
+        if self._blobs[0] != rev:
+            self._blobs = (rev, {})
+        found = self._blobs[1]
+        if path not in found:
+            obj = self.resolve(rev)
+            tree = obj.tree if obj.type == "commit" else obj
+            try:
+                item = tree / path
+            except KeyError:
+                item = None
+            found[path] = item if item is not None and item.type == "blob" else None
+        return found[path]
 
     def snapshot(self, rev: str | None = None, base: Snapshot | None = None) -> Snapshot:
         obj = self.resolve(rev)

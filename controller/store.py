@@ -93,7 +93,8 @@ class State:
 
 
 def _row(record: Any) -> dict[str, Any]:
-    row = dataclasses.asdict(record)
+    """A record's fields as column values; JSON fields are encoded as they are (no deep copy on every tick)."""
+    row = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
     return {k: json.dumps(v, sort_keys=True) if k in JSON_FIELDS and v is not None else v for k, v in row.items()}
 
 
@@ -144,7 +145,7 @@ class Store:
             _insert(db, "controller", {"id": 1, **controller})
             db.execute("DELETE FROM refused_commit")
             if refused is not None:
-                _insert(db, "refused_commit", {"id": 1, **refused})
+                _insert(db, "refused_commit", {"id": 1, **_row(refused)})
             db.execute("DELETE FROM releases")
             for release in state.releases.values():
                 _insert(db, "releases", _row(release))

@@ -28,6 +28,7 @@ FIELD_CLASSES: tuple[tuple[str, ChangeClass], ...] = (
     ("spec.replicas.cpus", "version"),
     ("spec.replicas.count", "light"),
     ("spec.replicas.max_batch_size", "light"),
+    ("spec.replicas.batch_wait_timeout_s", "light"),
     ("spec.replicas.max_ongoing_requests", "light"),
     ("spec.replicas.max_queued_requests", "light"),
     ("spec.limits", "light"),

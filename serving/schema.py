@@ -92,6 +92,8 @@ class ReplicasSpec(SpecModel):
     """CPUs reserved per replica (fractions allowed)."""
     max_batch_size: int = Field(4, ge=1, le=256)
     """Requests of compatible shape batched into one pipeline call."""
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=1)
+    """Longest a batch waits for more requests before it runs (longer: fuller batches, more latency)."""
     max_ongoing_requests: int = Field(4, ge=1)
     """Requests a replica works on at once; more wait in the queue."""
     max_queued_requests: int = Field(16, ge=1)

@@ -92,8 +92,6 @@ def ray_head(tmp_path_factory):
     import os
     import tempfile
 
-    import psutil
-
     from controller import ray_cluster
     from tests import live
 
@@ -102,22 +100,10 @@ def ray_head(tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "token"
     temp_dir = tempfile.mkdtemp(prefix="dray-")
     head = ray_cluster.RayHead(gcs_port=live.GCS_PORT, dashboard_port=live.DASHBOARD_PORT, metrics_port=live.METRICS_PORT,
-                                 client_port=live.CLIENT_PORT, temp_dir=temp_dir)
+                                 client_port=live.CLIENT_PORT, agent_port=live.AGENT_PORT, temp_dir=temp_dir)
     ray_cluster.start_head(head, num_cpus=4, num_gpus=2)
     yield head
-    ours = (temp_dir, f":{live.GCS_PORT}")  # the session's processes, and Ray's client server bound to our GCS
-    doomed = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if any(mark in part for part in process.info["cmdline"] or [] for mark in ours):
-                doomed += [process, *process.children(recursive=True)]  # agents rename themselves (ray::...)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    for process in doomed:
-        try:
-            process.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
+    ray_cluster.kill_head(head)  # the session's processes only; never `ray stop`
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

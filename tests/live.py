@@ -25,7 +25,7 @@ import httpx
 from controller.serve_client import ServeClient
 
 DIFFOPS = str(Path(sys.executable).with_name("diffops"))
-GCS_PORT, DASHBOARD_PORT, METRICS_PORT, HTTP_PORT, CLIENT_PORT = 6391, 8291, 8292, 8191, 9291
+GCS_PORT, DASHBOARD_PORT, METRICS_PORT, AGENT_PORT, HTTP_PORT, CLIENT_PORT = 6391, 8291, 8292, 8293, 8191, 9291
 DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
 SERVE_URL = f"http://127.0.0.1:{HTTP_PORT}"
 

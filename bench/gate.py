@@ -1,0 +1,87 @@
+"""Gate wall time for the demo release, against the irreducible work: load the pipeline, generate one image.
+
+The gate (`checks.gate.run_gate`: artifact, dependency, cuda, load, golden and
+performance checks) runs once in this process, as `diffops check` runs it,
+and once as a Ray job on the bench's head (`controller.gate_runner.RayJobGate`),
+as the controller runs it: a fresh process on the release's resources that
+imports torch and diffusers first. Baseline: `serving.pipeline.load_pipeline`
+plus one golden image with the release's generation config, in this process
+(median of three). Imports are warmed up before either in-process figure; the
+model is in the cache for all of them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from bench import in_process
+from bench.context import Context
+from bench.gitrepo import ReleaseRepo, demo_release
+from bench.progress import Say
+from bench.ray_head import DASHBOARD, BenchHead
+from bench.report import Figure, ratio
+from checks.gate import run_gate
+from checks.report import GateReport
+from controller.gate_runner import RayJobGate, gate_input
+from controller.ray_cluster import ensure_token
+from controller.source import ReleaseSource
+from controller.versions import version_id
+
+BASELINE_RUNS = 3
+
+
+def baseline_seconds(model: Path, spec: dict, golden: dict) -> float:
+    started = time.perf_counter()
+    runner = in_process.load_runner(model, spec)
+    in_process.generate_seconds(runner, {"prompt": golden["prompt"], "seed": golden["seed"]}, spec["generation"])
+    return time.perf_counter() - started
+
+
+def check_seconds(report: GateReport) -> dict[str, float]:
+    """Seconds per check (the load check reports its time as a figure)."""
+    return {c.name: round(c.seconds or c.figures.get("load_seconds", 0.0), 3) for c in report.checks}
+
+
+def run(workdir: Path, say: Say, head: BenchHead | None) -> list[Figure]:
+    repo = ReleaseRepo(workdir / "repo")
+    repo.write_release(demo_release())
+    commit = repo.commit("demo release")
+    source = ReleaseSource.open(repo.path)
+    release = source.snapshot(commit).releases["demo"]
+    cache_dir = workdir / "cache"
+    gate = gate_input(release, version_id(release), source, str(cache_dir), model_commit=commit, checks_commit=commit)
+    spec = gate["spec"]
+    model = in_process.fetch_model(spec["model"], cache_dir, repo.path, commit)
+    say("warming up imports (load + one image, not timed)")
+    baseline_seconds(model, spec, spec["checks"]["golden"])
+    baselines = [baseline_seconds(model, spec, spec["checks"]["golden"]) for _ in range(BASELINE_RUNS)]
+    baseline = statistics.median(baselines)
+    say(f"baseline {baseline:.2f}s; running the gate in this process")
+    started = time.perf_counter()
+    report = run_gate(gate)
+    local_s = time.perf_counter() - started
+    if not report.ok:
+        raise RuntimeError(f"the demo's gate failed in-process: {report.summary()}")
+    checks = check_seconds(report)
+    detail = {"baseline_s": [round(s, 3) for s in baselines], "in_process_check_s": checks}
+    out = [Figure("gate", "gate wall time, in-process (diffops check)", local_s, "s", "load + 1 image", baseline,
+                  ratio(local_s, baseline), detail=detail)]
+    if head is not None:
+        say("running the same gate as a Ray job (what the controller does)")
+        resources = spec["replicas"]
+        started = time.perf_counter()
+        job_report = RayJobGate(DASHBOARD, ensure_token()).run(gate, resources["cpus"], resources["gpus"])
+        job_s = time.perf_counter() - started
+        if not job_report.ok:
+            raise RuntimeError(f"the demo's gate failed as a Ray job: {job_report.summary()}")
+        detail = {**detail, "ray_job_report_s": job_report.seconds,
+                  "ray_job_check_s": check_seconds(job_report)}
+        out.append(Figure("gate", "gate wall time, as a Ray job (controller)", job_s, "s", "load + 1 image", baseline,
+                          ratio(job_s, baseline), detail=detail))
+    return out
+
+
+def bench(ctx: Context) -> list[Figure]:
+    return run(ctx.workdir, ctx.say, ctx.ray())
