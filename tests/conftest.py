@@ -120,10 +120,7 @@ def serve(ray_head):
 @pytest.fixture
 def live_demo(model_repo: ReleaseRepo, serve, tmp_path):
     """The demo release served by a running controller process: (repo, controller, its status entry)."""
-    from tests.live import Controller, healthy_on
+    from tests.live import running_controller
 
-    controller = Controller(model_repo.path, tmp_path / "state").start()
-    release = controller.wait_release(healthy_on())
-    yield model_repo, controller, release
-    if controller.process and controller.process.poll() is None:
-        controller.stop()
+    with running_controller(model_repo.path, tmp_path / "state") as (controller, release):
+        yield model_repo, controller, release

@@ -18,7 +18,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -89,6 +90,17 @@ class Controller:
             return wait_for(ready, timeout, f"release {name}")
         except AssertionError as err:
             raise AssertionError(f"{err}\nstatus: {self.release(name)}\ncontroller log:\n{self.logs[-3000:]}") from None
+
+
+@contextmanager
+def running_controller(repo: Path, state_dir: Path, *flags: str) -> Iterator[tuple[Controller, dict[str, Any]]]:
+    """A controller on `repo` until its release is Healthy: (controller, its status entry); stopped on exit."""
+    controller = Controller(repo, state_dir, *flags).start()
+    try:
+        yield controller, controller.wait_release(healthy_on())
+    finally:
+        if controller.process and controller.process.poll() is None:
+            controller.stop()
 
 
 def healthy_on(version: str | None = None) -> Callable[[dict[str, Any]], bool]:

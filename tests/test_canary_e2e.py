@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.conftest import ReleaseRepo
-from tests.live import DIFFOPS, Controller, Load, generate, healthy_on, stable_version, wait_for
+from tests.live import DIFFOPS, Controller, Load, generate, healthy_on, running_controller, stable_version, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -35,11 +35,9 @@ def canary_change(repo: ReleaseRepo, pause: str, *extra: tuple[str, str], steps:
 
 @pytest.fixture
 def live(model_repo: ReleaseRepo, serve, tmp_path):
-    controller = Controller(model_repo.path, tmp_path / "state", "--allow-fault-injection", "--revert-on-abort", "branch").start()
-    release = controller.wait_release(healthy_on())
-    yield model_repo, controller, stable_version(release)
-    if controller.process and controller.process.poll() is None:
-        controller.stop()
+    flags = ("--allow-fault-injection", "--revert-on-abort", "branch")
+    with running_controller(model_repo.path, tmp_path / "state", *flags) as (controller, release):
+        yield model_repo, controller, stable_version(release)
 
 
 def test_a_failing_canary_rolls_back_automatically(live):

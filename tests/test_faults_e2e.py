@@ -21,8 +21,8 @@ import pytest
 from controller.loader import parse_release
 from controller.versions import version_id
 from tests.conftest import ReleaseRepo
-from tests.live import (DIFFOPS, HTTP_PORT, LOAD_REQUEST, Controller, Load, generate, healthy_on, misattributed, serve_client,
-                        stable_version, wait_for)
+from tests.live import (DIFFOPS, HTTP_PORT, LOAD_REQUEST, Controller, Load, generate, healthy_on, misattributed,
+                        running_controller, serve_client, stable_version, wait_for)
 from tests.test_hostile_releases import HOSTILE
 
 pytestmark = pytest.mark.timeout(600)
@@ -61,11 +61,8 @@ def references(*versions: str) -> dict[str, bytes]:
 @pytest.fixture
 def drill(model_repo: ReleaseRepo, serve, tmp_path):
     """The demo served by a controller that allows fault injection: (repo, controller, stable version)."""
-    controller = Controller(model_repo.path, tmp_path / "state", "--allow-fault-injection").start()
-    release = controller.wait_release(healthy_on())
-    yield model_repo, controller, stable_version(release)
-    if controller.process and controller.process.poll() is None:
-        controller.stop()
+    with running_controller(model_repo.path, tmp_path / "state", "--allow-fault-injection") as (controller, release):
+        yield model_repo, controller, stable_version(release)
 
 
 def test_load_through_bluegreen_revert_and_canary_abort_never_fails(live_demo):
