@@ -3,15 +3,17 @@
 Record step of a reconcile: `save()` writes the whole recorded state (small,
 fixed-schema rows) and appends events in one transaction, so a killed
 controller leaves either the old state or the new one, never a mix. Readers
-(`diffops status`, `history`) open the same file read-only. A refused commit
-(`--require-signed-commits`) has a table of its own rather than new columns,
-so an older `diffops` still reads a newer state file and the reverse.
+(`diffops status`, `history`) open the same file read-only. A state file
+written by an older diffops gets the columns added since when the controller
+opens it; columns a record does not know are ignored on reading. A refused
+commit (`--require-signed-commits`) has a table of its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord
+
+log = logging.getLogger("diffops.controller")
 
 SCHEMA_VERSION = 2  # 2: refused_commit
 SCHEMA = """
@@ -99,8 +103,25 @@ def _row(record: Any) -> dict[str, Any]:
 
 
 def _record(cls: type, row: sqlite3.Row) -> Any:
-    values = {k: json.loads(row[k]) if k in JSON_FIELDS and row[k] is not None else row[k] for k in row.keys() if k != "id"}
+    """A record from a row; columns the record does not know (a state file from another diffops) are left out."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {k: json.loads(row[k]) if k in JSON_FIELDS and row[k] is not None else row[k] for k in row.keys() if k in known}
     return cls(**values)
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> list[str]:
+    """Columns added since an older diffops wrote this state file are added (NULL or their default); returns them."""
+    fresh = sqlite3.connect(":memory:")
+    fresh.executescript(SCHEMA)
+    added = []
+    for (table,) in fresh.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"):
+        have = {row[1] for row in db.execute(f'PRAGMA table_info("{table}")')}
+        for _, name, kind, _, default, _ in fresh.execute(f'PRAGMA table_info("{table}")'):
+            if name not in have:
+                db.execute(f'ALTER TABLE "{table}" ADD COLUMN "{name}" {kind}' + (f" DEFAULT {default}" if default is not None else ""))
+                added.append(f"{table}.{name}")
+    fresh.close()
+    return added
 
 
 def _insert(db: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
@@ -119,6 +140,10 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
+            added = _add_missing_columns(self.db)
+            if added:
+                log.info("state: %s was written by an older diffops; added columns %s; next: load it as usual",
+                         self.path, ", ".join(added))
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self.db.row_factory = sqlite3.Row
 

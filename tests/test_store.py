@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 
 import pytest
 
@@ -75,3 +76,16 @@ def test_history_pairs_starts_with_outcomes():
     rows = history_rows(events)
     assert [(r["version"], r["outcome"], r["finished_at"] - r["started_at"]) for r in rows] == [
         ("v2", "promoted", 7.5), ("v1", "rolled back", 0.0), ("v3", "failed", 1.0)]
+
+
+def test_a_state_file_from_an_older_diffops_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as old:  # an early layout: fewer columns, one since renamed
+        old.execute("CREATE TABLE releases (name TEXT PRIMARY KEY, phase TEXT NOT NULL, message TEXT NOT NULL, desired_commit TEXT, "
+                    "desired_version TEXT, spec TEXT, updated_at REAL NOT NULL, failed_version TEXT, failed_blob TEXT, load_seconds REAL)")
+        old.execute("INSERT INTO releases VALUES ('demo', 'Healthy', 'v1 serving 100%', 'c1', 'v1', '{}', 1.0, NULL, 'b1', 4.2)")
+    store = Store(path)
+    [record] = store.load().releases.values()
+    assert (record.name, record.phase, record.load_seconds, record.failures, record.held_fingerprint) == ("demo", "Healthy", 4.2, 0, None)
+    store.save(State(releases={"demo": replace(record, phase="Progressing")}))
+    assert Store(path, readonly=True).load().releases["demo"].phase == "Progressing"
