@@ -5,7 +5,8 @@ controller moves traffic with a lightweight reconfigure (no replica restart).
 A request is validated before any pipeline work (422 naming the field), sent
 to one version app by weight (or to the version named in `X-Diffops-Version`),
 and answered as PNG or JSON with `X-Diffops-Version` and `X-Request-Id`.
-Backpressure from a full version queue becomes 503 with `Retry-After`. The
+Backpressure from a full version queue becomes 503 with `Retry-After`; a
+request whose replica dies under it is retried once. The
 Serve proxy assigns `X-Request-Id` (or keeps the client's) and echoes it on
 every response; the router reads it for bodies and logs.
 """
@@ -21,6 +22,7 @@ from collections import deque
 from typing import Any
 
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -96,7 +98,7 @@ class Router:
                 return self._error(404, request_id, None, body)
             return self._error(503, request_id, None, {"error": "no version is serving", "message": "retry shortly"}, self._retry())
         try:
-            result = await self._handle(version).generate.remote(params)
+            result = await self._generate(version, params, request_id)
         except BackPressureError:
             self._remember(version, False, time.monotonic() - started)
             body = {"error": "overloaded", "message": f"version {version} queue is full; retry after {self.retry_after_s}s"}
@@ -118,6 +120,15 @@ class Router:
                     "seconds": round(seconds, 4), "batch_size": result["batch_size"]}
             return JSONResponse({"images": images, "metadata": meta}, headers=headers)
         return Response(result["images"][0], media_type="image/png", headers=headers)
+
+    async def _generate(self, version: str, params: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """The version's answer; retried once if the replica died under it (generation has no side effects)."""
+        try:
+            return await self._handle(version).generate.remote(params)
+        except RayActorError as err:
+            log.warning("router %s: a replica of %s died during request %s (%s); next: retry it once",
+                        self.release, version, request_id, type(err).__name__)
+            return await self._handle(version).generate.remote(params)
 
     def _remember(self, version: str, ok: bool, seconds: float) -> None:
         self.recent.append((time.time(), version, ok, seconds))
