@@ -23,6 +23,7 @@ from controller.safe_yaml import MAX_BYTES
 
 RELEASES_DIR = "releases"
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+SHA_RE = re.compile(r"[0-9a-f]{40}")
 URL_RE = re.compile(r"^([a-z][a-z0-9+.-]*://|[\w.-]+@[\w.-]+:)", re.IGNORECASE)
 
 
@@ -128,21 +129,26 @@ class ReleaseSource:
     def blob(self, rev: str, path: str) -> git.Blob | None:
         """The blob at `path` in a revision's tree, or None when there is none.
 
-        Lookups at the latest revision asked for are remembered: a tick asks once per release for the same commit,
-        and each fresh lookup re-reads the trees on the way.
+        Lookups at the latest commit sha asked for are remembered (a sha never changes what it names): a tick
+        asks once per release for the same commit, and each fresh lookup re-reads the trees on the way.
         """
+        if not SHA_RE.fullmatch(rev):
+            return self._find_blob(rev, path)
         if self._blobs[0] != rev:
             self._blobs = (rev, {})
         found = self._blobs[1]
         if path not in found:
-            obj = self.resolve(rev)
-            tree = obj.tree if obj.type == "commit" else obj
-            try:
-                item = tree / path
-            except KeyError:
-                item = None
-            found[path] = item if item is not None and item.type == "blob" else None
+            found[path] = self._find_blob(rev, path)
         return found[path]
+
+    def _find_blob(self, rev: str, path: str) -> git.Blob | None:
+        obj = self.resolve(rev)
+        tree = obj.tree if obj.type == "commit" else obj
+        try:
+            item = tree / path
+        except KeyError:
+            return None
+        return item if item.type == "blob" else None
 
     def snapshot(self, rev: str | None = None, base: Snapshot | None = None) -> Snapshot:
         obj = self.resolve(rev)
