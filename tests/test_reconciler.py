@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from bench.fakes import InstantServe
 from controller.reconciler import Reconciler
 from controller.records import ObservedApp
 from controller.serve_client import ServeError
@@ -15,38 +16,17 @@ from controller.store import Store
 from tests.conftest import ReleaseRepo
 
 
-class FakeServe:
-    """Applies configs instantly: every app is RUNNING with its replicas, every router confirms its weights."""
+class FakeServe(InstantServe):
+    """Applies configs instantly (every app RUNNING, every router confirms its weights); `down` makes Ray unreachable."""
 
     def __init__(self) -> None:
-        self.config: dict = {"applications": []}
-        self.applies = 0
+        super().__init__()
         self.down = False
-
-    def apply(self, config: dict) -> None:
-        self.config, self.applies = config, self.applies + 1
 
     def observe(self) -> dict[str, ObservedApp]:
         if self.down:
             raise ServeError("Ray dashboard at http://127.0.0.1:1 unreachable (ConnectError); is Ray running?")
-        out = {}
-        for app in self.config["applications"]:
-            deployment = app["deployments"][0]
-            count = deployment["num_replicas"]
-            out[app["name"]] = ObservedApp(app["name"], "RUNNING", "", count, count, user_config=deployment.get("user_config"), args=app["args"])
-        return out
-
-    def router_stats(self, release: str, since: float) -> dict | None:
-        return {}
-
-    def cluster_resources(self) -> dict[str, tuple[float, float]] | None:
-        return None
-
-    def router_weights(self, release: str) -> dict[str, int] | None:
-        for app in self.config["applications"]:
-            if app["name"] == release:
-                return app["deployments"][0]["user_config"]["weights"]
-        return None
+        return super().observe()
 
 
 def reconciler(repo: ReleaseRepo, state_dir, serve: FakeServe) -> Reconciler:
