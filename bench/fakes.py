@@ -33,7 +33,7 @@ class InstantServe:
             deployment = app["deployments"][0]
             count = deployment["num_replicas"]
             observed[app["name"]] = ObservedApp(app["name"], "RUNNING", "", count, count,
-                                                user_config=deployment.get("user_config"), args=app["args"])
+                                                user_config=deployment.get("user_config"), args=app["args"], config=app)
         return observed
 
     def router_weights(self, release: str) -> dict[str, int] | None:

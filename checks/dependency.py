@@ -1,15 +1,25 @@
 """Dependency checks: what the replica really runs, against `runtime.requires` and `runtime.image`.
 
 `dependency` compares installed package versions (PEP 440 specifiers) and the
-image digest the runtime reports (`DIFFOPS_IMAGE_DIGEST`, set in the serving
-image). `cuda` compares CUDA/cuDNN and reports GPU model and driver (NVML); on
-a replica without a GPU it is skipped, and says so, never silently passed.
+image the replica proves it runs; `judge_image` is that decision, pure. The
+proof is the `DIFFOPS_IMAGE_DIGEST` variable in the replica's environment, set
+by the deployment next to the image reference it pulls by digest (an image
+cannot carry its own digest): `sha256:<64 hex>`, or a whole reference
+`<name>@sha256:<64 hex>` of which only the digest counts. Equal to the digest in
+`runtime.image` is proof; unset or empty is no proof, which fails the check
+unless the release sets `runtime.image_policy: unverified`; any other value
+fails it under either policy. `cuda` compares CUDA/cuDNN and reports GPU model
+and driver (NVML); on a replica without a GPU it is skipped, and says so,
+never silently passed.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from importlib import metadata
+from typing import Mapping
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -18,6 +28,8 @@ from checks.report import CheckResult
 
 ALWAYS_REPORTED = ("torch", "diffusers", "transformers", "safetensors")
 GPU_KEYS = ("cuda", "cudnn")
+IMAGE_ENV = "DIFFOPS_IMAGE_DIGEST"
+REPORTED_RE = re.compile(r"^(?:[a-z0-9]+(?:[._/:-][a-z0-9]+)*@)?(sha256:[0-9a-f]{64})$")
 
 
 def installed(package: str) -> str | None:
@@ -34,7 +46,34 @@ def satisfies(version: str, specifier: str) -> bool:
         return False
 
 
-def run(requires: dict[str, str], image: str) -> CheckResult:
+@dataclass(frozen=True)
+class ImageVerdict:
+    ok: bool
+    verified: bool  # the replica proved it runs the pinned image
+    message: str  # the problem when not ok, else what was (or was not) proven
+
+
+def judge_image(image: str, policy: str, reported: str | None) -> ImageVerdict:
+    """The image part of the dependency check, from the pin, the release's policy and what the replica reports."""
+    pinned = image.split("@", 1)[1]
+    value = (reported or "").strip()
+    if not value:
+        if policy == "unverified":
+            return ImageVerdict(True, False, f"image not verified ({IMAGE_ENV} not set; runtime.image_policy: unverified)")
+        return ImageVerdict(False, False, f"this replica cannot prove it runs {image}: {IMAGE_ENV} is not set in its environment; "
+                                          f"set it in the deployment to the digest the image is pulled by, "
+                                          f"or set spec.runtime.image_policy: unverified to run without proof")
+    match = REPORTED_RE.match(value)
+    if match is None:
+        return ImageVerdict(False, False, f"{IMAGE_ENV}={value[:100]!r} is not an image digest ('sha256:<64 hex>' or "
+                                          f"'<name>@sha256:<64 hex>'); fix the deployment's environment")
+    if match.group(1) != pinned:
+        return ImageVerdict(False, False, f"this replica runs image {match.group(1)}; the release pins {pinned}")
+    return ImageVerdict(True, True, f"image {pinned[:19]}… verified")
+
+
+def run(requires: dict[str, str], image: str, image_policy: str = "verify", environ: Mapping[str, str] | None = None) -> CheckResult:
+    environ = os.environ if environ is None else environ
     versions = {name: installed(name) for name in (*ALWAYS_REPORTED, *requires) if name not in GPU_KEYS}
     problems = []
     for name, specifier in requires.items():
@@ -45,16 +84,16 @@ def run(requires: dict[str, str], image: str) -> CheckResult:
             problems.append(f"{name} is not installed (release requires {specifier})")
         elif not satisfies(have, specifier):
             problems.append(f"{name} {have} is installed; release requires {name}{specifier}")
-    reported = os.environ.get("DIFFOPS_IMAGE_DIGEST") or None
-    pinned = image.split("@", 1)[1]
-    if reported and reported != pinned:
-        problems.append(f"runtime image is {reported}; release pins {pinned}")
-    figures = {"packages": versions, "image_reported": reported, "image_pinned": pinned}
+    reported = environ.get(IMAGE_ENV) or None
+    verdict = judge_image(image, image_policy, reported)
+    if not verdict.ok:
+        problems.append(verdict.message)
+    figures = {"packages": versions, "image_reported": reported and reported[:200], "image_pinned": image.split("@", 1)[1],
+               "image_policy": image_policy, "image_verified": verdict.verified}
     thresholds = {name: spec for name, spec in requires.items() if name not in GPU_KEYS}
     if problems:
         return CheckResult("dependency", "failed", "; ".join(problems), figures, thresholds)
-    image_note = "image digest matches" if reported else "image digest not reported by the runtime (not running in the release image)"
-    return CheckResult("dependency", "passed", f"{len(thresholds)} requirement(s) met; {image_note}", figures, thresholds)
+    return CheckResult("dependency", "passed", f"{len(thresholds)} requirement(s) met; {verdict.message}", figures, thresholds)
 
 
 def gpu_facts() -> dict[str, object]:

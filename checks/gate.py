@@ -5,6 +5,9 @@
 are wrong), dependency, cuda, load, golden, performance. An exception inside a
 check (a crash, an out-of-memory) becomes an `error` result with the reason;
 a check past its limit becomes an `error` too, and the gate reports anyway.
+
+A golden reference over `REFERENCE_MAX_BYTES` is never read: the golden check
+fails naming its size and the cap (the controller does not even read the blob).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from checks import artifact, dependency, golden, performance
+from checks.job import REFERENCE_MAX_BYTES, reference_refusal
 from checks.report import CheckResult, GateReport
 from serving.artifacts import ModelCache, fetch
 from serving.generator import PipelineRunner
@@ -50,7 +54,14 @@ def within(name: str, limit_s: float, work: Callable[[], Any]) -> Any:
     return box.get("value")
 
 
-def run_gate(gate_input: dict[str, Any], progress: Callable[[str], None] = lambda line: None) -> GateReport:
+def load_runner(model_dir: Path, model: dict[str, Any], sampler: str) -> PipelineRunner:
+    device = pick_device()
+    pipeline = load_pipeline(model_dir, dtype=model.get("dtype", "float32"), sampler=sampler, device=device)
+    return PipelineRunner(pipeline, device)
+
+
+def run_gate(gate_input: dict[str, Any], progress: Callable[[str], None] = lambda line: None,
+             loader: Callable[[Path, dict[str, Any], str], PipelineRunner] = load_runner) -> GateReport:
     started = time.monotonic()
     spec, name, version = gate_input["spec"], gate_input["release"], gate_input["version"]
     checks_spec, limit = spec.get("checks") or {}, float(gate_input.get("timeout_s", 600))
@@ -81,13 +92,11 @@ def run_gate(gate_input: dict[str, Any], progress: Callable[[str], None] = lambd
     if not results or results[-1].blocking:
         return report()
     requires, image = spec["runtime"].get("requires") or {}, spec["runtime"]["image"]
-    results.append(dependency.run(requires, image))
+    results.append(dependency.run(requires, image, spec["runtime"].get("image_policy", "verify")))
     results.append(dependency.run_cuda(requires))
 
     def load() -> PipelineRunner:
-        device = pick_device()
-        pipeline = load_pipeline(fetched.path, dtype=model.get("dtype", "float32"), sampler=spec["generation"]["sampler"], device=device)
-        return PipelineRunner(pipeline, device)
+        return loader(fetched.path, model, spec["generation"]["sampler"])
 
     load_started = time.monotonic()
     runner = attempt("load", load)
@@ -99,7 +108,12 @@ def run_gate(gate_input: dict[str, Any], progress: Callable[[str], None] = lambd
     results.append(CheckResult("load", "passed", f"pipeline loaded on {runner.device} in {load_seconds:.2f}s",
                                {"load_seconds": round(load_seconds, 3), "device": runner.device}))
     reference = gate_input.get("reference")
-    outcome = attempt("golden", lambda: golden.run(runner, checks_spec.get("golden"), spec["generation"], reference))
+    size = gate_input.get("reference_bytes") or (len(reference) if reference is not None else None)
+    refusal = reference_refusal((checks_spec.get("golden") or {}).get("reference", "?"), size)
+    if refusal is not None and checks_spec.get("golden") is not None:
+        outcome = (CheckResult("golden", "failed", refusal, {"reference_bytes": size}, {"max_reference_bytes": REFERENCE_MAX_BYTES}), {})
+    else:
+        outcome = attempt("golden", lambda: golden.run(runner, checks_spec.get("golden"), spec["generation"], reference))
     if outcome is not None:
         results.append(outcome[0])
         artifacts.update(outcome[1])

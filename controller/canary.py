@@ -4,10 +4,16 @@
 router weights (`{weight: N}`) or holds (`{pause: 30s}`, or `{pause:}` until
 `diffops promote`); a step moves on only once the router reports the weights.
 Every `analysis.interval` the canary's live figures since the interval began
-(error rate, p95 latency, from the router) are judged: too few requests is
-inconclusive, `failure_limit` failed intervals in a row abort the rollout. The
-step index and its wall-clock start are recorded, so a restarted controller
-resumes a pause at its original deadline.
+(error rate, p95 latency, from the router) are judged. Only requests the router
+assigned by weight are judged; pinned previews (`X-Diffops-Version`) are
+recorded beside them and never count. Fewer than `min_requests` judged requests
+is inconclusive; `failure_limit` failed intervals in a row abort the rollout.
+A step that gives the canary traffic completes only after an interval of its
+own passed (the analysis records `step` and `step_passed`), unless the release
+says `on_no_traffic: promote`; otherwise it waits, and aborts at
+`progress_deadline` saying there was not enough traffic. The step index and its
+wall-clock start are recorded, so a restarted controller resumes a pause at its
+original deadline.
 """
 
 from __future__ import annotations
@@ -29,13 +35,20 @@ class Verdict:
     figures: dict[str, Any]
 
 
+def pinned_requests(figures: dict[str, Any]) -> int:
+    pinned = figures.get("pinned")
+    return int(pinned.get("requests", 0)) if isinstance(pinned, dict) else 0
+
+
 def judge(stats: dict[str, Any] | None, analysis: Analysis) -> Verdict:
-    """One interval's verdict on the canary's figures against the release's thresholds."""
+    """One interval's verdict on the canary's judged figures (pinned previews never count) against the thresholds."""
     figures = dict(stats or {})
     requests, errors = int(figures.get("requests", 0)), int(figures.get("errors", 0))
     if requests < analysis.min_requests:
-        return Verdict("inconclusive", (f"{requests} requests < min_requests {analysis.min_requests}",), figures)
-    rate = errors / requests
+        pinned = pinned_requests(figures)
+        aside = f" ({pinned} pinned previews not counted)" if pinned else ""
+        return Verdict("inconclusive", (f"{requests} judged requests < min_requests {analysis.min_requests}{aside}",), figures)
+    rate = errors / requests if requests else 0.0
     figures["error_rate"] = round(rate, 4)
     reasons = []
     if rate > analysis.max_error_rate:
@@ -77,7 +90,7 @@ class Walk:
                              for v in self.out.versions]
 
     def enter(self, index: int) -> None:
-        self.set_record(step=index, step_started_at=self.now)
+        self.set_record(step=index, step_started_at=self.now, analysis_at=self.now)  # intervals start with the step
         step = self.steps[index]
         if not step.is_pause:
             self.set_weight(step.weight or 0)
@@ -101,6 +114,9 @@ class Walk:
             self.phase("Progressing", f"{describe(step, index, len(self.steps))}: waiting for the router to take the weights")
             return "walking"
         if not step.is_pause:
+            held = self.unjudged(index, self.record.step_started_at)
+            if held:
+                return held
             if index == len(self.steps) - 1:
                 return "promote"
             self.enter(index + 1)
@@ -110,6 +126,9 @@ class Walk:
             return "walking"
         remaining = self.record.step_started_at + step.pause.total_seconds() - self.now
         if remaining <= 0:
+            held = self.unjudged(index, self.record.step_started_at + step.pause.total_seconds())
+            if held:
+                return held
             self.enter(index + 1)
         else:
             self.phase("Progressing", f"{describe(step, index, len(self.steps))}: {remaining:.0f}s left; canary {self.canary.version} at {self.canary.weight}%")
@@ -122,9 +141,12 @@ class Walk:
             return "walking"
         index = self.record.step
         if command.full:
-            self.event("promoted-manually", f"{command.who} promoted {self.canary.version} to the end of its steps")
+            self.event("promoted-manually", f"{command.who} promoted {self.canary.version} to the end of its steps, unjudged")
             self.set_weight(100)
-            self.set_record(step=len(self.steps) - 1, step_started_at=self.now)
+            last = len(self.steps) - 1
+            waived = {"at": self.now, "verdict": "waived", "reasons": [f"promoted by {command.who}"], "failures": 0,
+                      "canary": {}, "stable": {}, "step": last, "step_passed": True}
+            self.set_record(step=last, step_started_at=self.now, analysis_at=self.now, failures=0, analysis=waived)
             return "walking"
         if self.steps[index].is_pause and index + 1 < len(self.steps):
             self.event("promoted-manually", f"{command.who} ended the pause at {describe(self.steps[index], index, len(self.steps))}")
@@ -139,15 +161,48 @@ class Walk:
             return None
         verdict = judge((stats or {}).get(self.canary.version), analysis)
         failures = self.record.failures + 1 if verdict.outcome == "failed" else 0 if verdict.outcome == "passed" else self.record.failures
+        prior = self.record.analysis or {}
+        passed_before = prior.get("step") == self.record.step and bool(prior.get("step_passed"))
         self.set_record(analysis_at=self.now, failures=failures, analysis={
             "at": self.now, "verdict": verdict.outcome, "reasons": list(verdict.reasons), "failures": failures,
             "canary": verdict.figures, "stable": (stats or {}).get(self.stable.version, {}),
+            "step": self.record.step, "step_passed": passed_before or verdict.outcome == "passed",
         })
         if verdict.outcome == "failed":
             self.event("analysis-failed", f"analysis {failures}/{analysis.failure_limit} failed: {'; '.join(verdict.reasons)}")
         if failures >= analysis.failure_limit:
             return f"abort:analysis failed {failures} intervals in a row: {'; '.join(verdict.reasons)}"
         return None
+
+    def unjudged(self, index: int, due_at: float) -> str | None:
+        """None when step `index` (due to complete at `due_at`) may complete; else 'walking' or a not-enough-traffic abort.
+
+        A step that gives the canary no traffic, or had an interval of its own
+        pass (and not fail since), completes. Otherwise `on_no_traffic: promote`
+        lets it complete unjudged (an event says so); `wait` holds it until
+        `progress_deadline` after it was due, then aborts naming the figures.
+        """
+        analysis, last = self.rollout.analysis, self.record.analysis or {}
+        mine = last.get("step") == index
+        if self.canary.weight == 0 or (mine and last.get("step_passed") and last.get("verdict") != "failed"):
+            return None
+        figures = last.get("canary", {}) if mine else {}
+        judged, pinned = int(figures.get("requests", 0)), pinned_requests(figures)
+        seen = f"last interval: {judged} judged requests, {pinned} pinned previews (not counted)" if mine else "no interval judged yet"
+        where = describe(self.steps[index], index, len(self.steps))
+        if analysis.on_no_traffic == "promote":
+            self.event("unjudged", f"{where} completes without a passing analysis ({seen}; min_requests {analysis.min_requests}); "
+                                   "on_no_traffic: promote")
+            return None
+        waited, deadline = self.now - due_at, self.rollout.progress_deadline.total_seconds()
+        interval = f"{analysis.interval.total_seconds():g}s"
+        if waited > deadline:
+            return (f"abort:not enough traffic to judge the canary: no {interval} interval of {where} reached min_requests "
+                    f"{analysis.min_requests} judged requests within progress_deadline {deadline:.0f}s ({seen}); send traffic "
+                    "through the router without X-Diffops-Version, lower analysis.min_requests, or set analysis.on_no_traffic: promote")
+        self.phase("Progressing", f"{where}: waiting for enough traffic to judge: min_requests {analysis.min_requests} judged "
+                                  f"requests in one {interval} interval ({seen}); aborts in {deadline - waited:.0f}s (progress_deadline)")
+        return "walking"
 
     def phase(self, phase: str, message: str) -> None:
         self.out.release = with_phase(self.record, phase, message, self.now)

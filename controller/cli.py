@@ -41,6 +41,8 @@ def lint(repo: str, state_dir: Path, rev: str | None) -> None:
         snapshot = source.snapshot(rev)
     except SourceError as err:
         fail(str(err), 2)
+    except Exception as err:  # whatever is committed, lint answers with a message, never a traceback
+        fail(f"could not read releases at {rev or 'HEAD'}: {type(err).__name__}: {err}; this is a bug in diffops, please report it", 2)
     for error in snapshot.errors:
         click.echo(str(error))
     bad = sum(1 for f in snapshot.files.values() if f.errors)

@@ -9,8 +9,10 @@ from typing import NoReturn
 
 import click
 
+from controller.credentials import private_dir, redact
 from controller.release import Release
 from controller.source import ReleaseSource, SourceError
+from controller.store import StateFileError, Store
 
 
 def default_state_dir() -> Path:
@@ -18,6 +20,12 @@ def default_state_dir() -> Path:
         return Path(os.environ["DIFFOPS_STATE_DIR"])
     base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
     return Path(base) / "diffops"
+
+
+def _private_state_dir(_ctx: click.Context, _param: click.Parameter, value: Path) -> Path:
+    """An existing state dir is tightened to 0700 (it holds the state file, mirrors, models); none is created here."""
+    private_dir(value, create=False)
+    return value
 
 
 repo_option = click.option(
@@ -28,7 +36,8 @@ state_dir_option = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     default=default_state_dir,
     show_default="$DIFFOPS_STATE_DIR or ~/.local/state/diffops",
-    help="Controller state: SQLite store, model cache, mirrors of remote repos.",
+    help="Controller state: SQLite store, model cache, mirrors of remote repos (kept 0700).",
+    callback=_private_state_dir,
 )
 
 
@@ -43,6 +52,14 @@ def open_source(repo: str, state_dir: Path) -> ReleaseSource:
         source.refresh()
         return source
     except SourceError as err:
+        fail(redact(str(err)), 2)
+
+
+def store_at(path: Path, readonly: bool = True) -> Store:
+    """The state store at `path`; a file this diffops cannot use (a newer schema) is an error with what to do."""
+    try:
+        return Store(path, readonly=readonly)
+    except StateFileError as err:
         fail(str(err), 2)
 
 

@@ -14,7 +14,8 @@ import click
 import httpx
 
 from controller import logs
-from controller.cli_common import fail, open_source, repo_option, state_dir_option
+from controller.cli_common import fail, open_source, repo_option, state_dir_option, store_at
+from controller.credentials import private_dir
 from controller.records import Command
 from controller.status_view import history_rows, history_text, status_json, status_text
 from controller.store import Store
@@ -27,7 +28,7 @@ def open_store(state_dir: Path, readonly: bool = True) -> Store:
     path = state_dir / "state.db"
     if not path.exists():
         fail(f"no controller state in {state_dir}; start one with `diffops controller run --state-dir {state_dir}`")
-    return Store(path, readonly=readonly)
+    return store_at(path, readonly=readonly)
 
 
 @click.group()
@@ -61,10 +62,17 @@ def controller() -> None:
 @click.option("--gnupghome", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Trust the OpenPGP keys in this GnuPG home (with --allowed-signers: both kinds are trusted).")
 @click.option("--once", is_flag=True, help="Reconcile once and exit (exit 1 if that failed or the head was refused).")
+@click.option("--controller-id", default=None, metavar="ID",
+              help="Owner mark on every Serve app this controller deploys; apps of other ids are never touched "
+                   "(default: derived from the state dir, stable across restarts).")
+@click.option("--cache-max-bytes", type=click.IntRange(min=0), default=None, metavar="BYTES",
+              help="Evict least-recently-used models no recorded version pins until the model cache is under BYTES "
+                   "(default: no limit).")
 def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: str | None, interval: float, http_port: int,
                    num_gpus: int | None, metrics_port: int | None, log_format: str, allow_prune_all: bool, gate_python: str | None,
                    allow_fault_injection: bool, revert_on_abort: str, require_signed_commits: bool,
-                   allowed_signers: Path | None, gnupghome: Path | None, once: bool) -> None:
+                   allowed_signers: Path | None, gnupghome: Path | None, once: bool, controller_id: str | None,
+                   cache_max_bytes: int | None) -> None:
     """Make Ray Serve match the releases at the branch head, continuously."""
     from controller import ray_cluster
     from controller.daemon import StateDirLocked, install_signal_handlers, lock_state_dir, run_loop
@@ -72,7 +80,7 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     from controller.metrics import ControllerMetrics
     from controller.reconciler import Reconciler
     from controller.serve_client import ServeClient
-    from controller.serve_config import RenderSettings
+    from controller.serve_config import RenderSettings, default_controller_id
     from controller.signatures import SignatureGate, Trust, TrustError, check_trust
 
     logs.configure(log_format)
@@ -87,10 +95,12 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
             trusted = check_trust(trust)
         except TrustError as err:
             fail(str(err))
+    private_dir(state_dir)  # 0700: the state file, mirrors and models are this user's
     try:
         lock = lock_state_dir(state_dir)
     except StateDirLocked as err:
         fail(str(err))
+    store = store_at(state_dir / "state.db", readonly=False)  # a newer diffops's state file: refused before Ray starts
     source = open_source(repo, state_dir)
     try:
         if ray_address:
@@ -107,13 +117,19 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     if metrics_port:
         metrics.serve(metrics_port)
     stop, wake = threading.Event(), threading.Event()
-    settings = RenderSettings(repo=str(source.path), cache_dir=str(state_dir / "models"), http_port=http_port)
-    reconciler = Reconciler(source, Store(state_dir / "state.db"), serve, settings, branch=branch,
+    settings = RenderSettings(repo=str(source.path), cache_dir=str(state_dir / "models"), http_port=http_port,
+                              owner=controller_id or default_controller_id(str(state_dir)))
+    try:
+        gate = RayJobGate(dashboard, ray_cluster.ensure_token(), python=gate_python)
+    except ValueError as err:  # DIFFOPS_GATE_START_DEADLINE_S / DIFFOPS_GATE_RESOURCES malformed
+        fail(str(err))
+    reconciler = Reconciler(source, store, serve, settings, branch=branch,
                             allow_prune_all=allow_prune_all, on_prepared=wake.set, metrics=metrics,
-                            gate=RayJobGate(dashboard, ray_cluster.ensure_token(), python=gate_python), gate_dir=state_dir / "gate",
+                            gate=gate, gate_dir=state_dir / "gate",
                             allow_faults=allow_fault_injection, revert_on_abort=revert_on_abort,
-                            signatures=SignatureGate(Path(source.repo.git_dir), trust) if trust is not None else None)
-    click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}); serving at http://127.0.0.1:{http_port}/<release>/generate", err=True)
+                            signatures=SignatureGate(Path(source.repo.git_dir), trust) if trust is not None else None,
+                            cache_max_bytes=cache_max_bytes)
+    click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}, id {settings.owner}); serving at http://127.0.0.1:{http_port}/<release>/generate", err=True)
     if trust is not None:
         click.echo(f"diffops: reconciling only a branch head signed by one of {trusted}; an unsigned or unknown-key head is refused", err=True)
     try:

@@ -4,7 +4,9 @@ Holds the state dir's lock (a second controller exits with a clear message),
 then reconciles in a loop: at once when a local repo's refs change (watchfiles
 on `.git`, so a commit starts a reconcile within a second), every 0.5 s while a
 rollout is in progress, and every `--interval` otherwise (the poll for remote
-URLs). SIGTERM / SIGINT stop the loop; Ray Serve keeps serving.
+URLs). A tick that ends early on an error waits the delay the reconciler
+mapped it to (capped exponential backoff with jitter, `controller.errors`).
+SIGTERM / SIGINT stop the loop; Ray Serve keeps serving.
 """
 
 from __future__ import annotations

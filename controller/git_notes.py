@@ -2,7 +2,9 @@
 
 `git log --notes=diffops` then shows which commits went live, were held back
 or were rolled back. Record step, after the state is saved; a note that cannot
-be written is logged, never fatal.
+be written is logged, never fatal. In the mirror of a `--repo URL` the notes
+are pushed to the remote right away, and again on every fetch until a push
+succeeds (`git_remote`); fetches merge the remote's notes, never drop ours.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 
 import git
 
+from controller import git_remote
 from controller.records import Event
 
 log = logging.getLogger("diffops.controller")
@@ -25,10 +28,17 @@ def note_line(event: Event) -> str:
 
 
 def annotate(repo: git.Repo, events: list[Event]) -> None:
+    written = False
     for event in events:
         if event.kind not in NOTED or not event.commit:
             continue
         try:
             repo.git.notes(f"--ref={NOTES_REF}", "append", "-m", note_line(event), event.commit)
+            written = True
         except git.GitCommandError as err:
             log.warning("%s: could not write a git note on %s (%s); next: carry on", event.release, event.commit[:12], err.stderr.strip())
+    if written and git_remote.is_mirror(repo):
+        try:
+            git_remote.publish(repo, repo.remotes.origin.url)
+        except git.GitCommandError as err:  # publish logs push failures itself; this is the mirror failing locally
+            log.warning("git: could not push notes from %s (%s); next: retry on the next fetch", repo.git_dir, err.stderr.strip())

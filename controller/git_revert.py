@@ -5,7 +5,10 @@ commit restores `releases/<name>.yaml` as it was at the last fully applied
 commit, built with git plumbing (a temporary index, `commit-tree`), so no work
 tree is touched. `branch` puts it on `diffops/revert-<release>-<shortsha>` for a
 pull request; `tracked` moves the followed branch itself, only if it still
-points at the commit that was rolled back.
+points at the commit that was rolled back. In the mirror of a `--repo URL`
+the commit is pushed to the remote (the mirror's branches are the remote's:
+the next fetch would drop a local one); until a push succeeds it waits in the
+mirror's outbox and is retried (`git_remote`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import tempfile
 
 import git
 
-AUTHOR = {"GIT_AUTHOR_NAME": "diffops controller", "GIT_AUTHOR_EMAIL": "diffops@localhost",
-          "GIT_COMMITTER_NAME": "diffops controller", "GIT_COMMITTER_EMAIL": "diffops@localhost"}
+from controller import git_remote
+
+AUTHOR = git_remote.IDENTITY
 
 
 class RevertError(Exception):
@@ -38,15 +42,19 @@ def revert_release(repo: git.Repo, head: str, release: str, good: str, reason: s
             tree = repo.git.write_tree()
             message = f"diffops: revert {release} to {good[:12]} after an automatic rollback\n\n{reason}\n"
             commit = repo.git.commit_tree(tree, "-p", head, "-m", message)
+    if mode == "tracked" and not branch:
+        raise RevertError("--revert-on-abort tracked needs --branch")
+    ref = f"refs/heads/{branch}" if mode == "tracked" else f"refs/heads/diffops/revert-{release}-{head[:7]}"
+    if git_remote.is_mirror(repo):
+        git_remote.queue(repo, commit, ref)
+        if ref in git_remote.publish(repo, repo.remotes.origin.url).refused:
+            raise RevertError(f"{branch} moved on since {head[:12]} on the remote; the revert {commit[:12]} was not pushed")
+        return commit, ref  # pushed, or waiting in the mirror's outbox for the next try
     if mode == "tracked":
-        if not branch:
-            raise RevertError("--revert-on-abort tracked needs --branch")
-        ref = f"refs/heads/{branch}"
         try:
             repo.git.update_ref(ref, commit, head)  # only if the branch still points at the rolled-back commit
         except git.GitCommandError:
             raise RevertError(f"{branch} moved on since {head[:12]}; the revert is left at {commit[:12]}") from None
     else:
-        ref = f"refs/heads/diffops/revert-{release}-{head[:7]}"
         repo.git.update_ref(ref, commit)
     return commit, ref

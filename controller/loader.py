@@ -2,11 +2,14 @@
 
 Second step of a reconcile, after `controller.source` reads the blob. Runs the
 safe YAML reader, the pydantic schema, then every package's cross-field rules,
-and turns each problem into a `ReleaseError` placed on its line.
+and turns each problem into a `ReleaseError` placed on its line. Whatever the
+bytes, the outcome is a `Release` or `InvalidRelease`: an exception nobody
+classified is logged with its traceback and becomes the file's error too.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -15,6 +18,10 @@ from pydantic import BaseModel, ValidationError
 
 from controller import safe_yaml
 from controller.release import Release, rules
+from controller.safe_yaml import shown
+
+log = logging.getLogger("diffops.loader")
+log.addHandler(logging.NullHandler())  # the controller's handler gets the traceback; `diffops lint` prints none
 
 
 @dataclass(frozen=True)
@@ -69,14 +76,25 @@ def _message(error: dict[str, Any]) -> str:
         return f"missing required field {loc[-1]!r}"
     message = error["msg"].removeprefix("Value error, ")
     if kind in ("literal_error", "enum"):
-        return f"{message}, got {error['input']!r}"
+        return f"{message}, got {shown(error['input'])}"
     if kind.endswith("_type") or kind.endswith("_parsing"):
-        return f"{message}, got {type(error['input']).__name__} {error['input']!r}"
+        return f"{message}, got {type(error['input']).__name__} {shown(error['input'])}"
     return message
 
 
 def parse_release(raw: bytes, file: str) -> Release:
     """Validate one release file; raise InvalidRelease listing every problem found."""
+    try:
+        return _parse(raw, file)
+    except InvalidRelease:
+        raise
+    except Exception as err:  # a bug, not the file's fault; still only this file's problem
+        log.exception("%s: validation raised %s; next: the file is Invalid until it changes", file, type(err).__name__)
+        summary = f"{type(err).__name__}: {shown(str(err), 200)}"
+        raise InvalidRelease([ReleaseError(file, 1, 1, f"could not be validated ({summary}); this is a bug in diffops, please report it")]) from None
+
+
+def _parse(raw: bytes, file: str) -> Release:
     try:
         doc = safe_yaml.load(raw)
     except safe_yaml.YamlError as err:

@@ -1,8 +1,8 @@
 """The controller's Prometheus metrics (`--metrics-port`).
 
-Reconciles by result and duration, phase per release, weight per version and
-the time of the last applied commit, refreshed after every reconcile from the
-recorded state.
+Reconciles by result and duration, phase per release, weight per version,
+drift healed per release and the time of the last applied commit, refreshed
+after every reconcile from the recorded state.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ class ControllerMetrics:
                                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.phase = Gauge("diffops_release_phase", "1 for the release's current phase.", ["release", "phase"], registry=self.registry)
         self.weight = Gauge("diffops_version_weight", "Traffic weight set per version.", ["release", "version", "role"], registry=self.registry)
+        self.drift_healed = Counter("diffops_drift_healed_total", "Applications re-applied because Ray Serve no longer ran "
+                                    "them as applied (missing, deleted, changed).", ["release"], registry=self.registry)
+        self.cache_bytes = Gauge("diffops_cache_bytes", "Bytes of verified models in the controller's model cache.",
+                                 registry=self.registry)
         self.applied = Gauge("diffops_last_applied_commit_timestamp_seconds", "When the last commit became fully live.", registry=self.registry)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
@@ -30,6 +34,9 @@ class ControllerMetrics:
     def observe_reconcile(self, result: str, seconds: float) -> None:
         self.reconciles.labels(result).inc()
         self.duration.observe(seconds)
+
+    def observe_drift(self, release: str) -> None:
+        self.drift_healed.labels(release).inc()
 
     def observe_state(self, state: State) -> None:
         self.phase.clear()

@@ -2,16 +2,19 @@
 
 The shell around the pure steps. Each tick recomputes from the branch head,
 the recorded state and what Ray Serve reports; long work (model fetch and
-verification) runs in a thread pool and is picked up by a later tick. A
-release whose step raises is logged and left as it was; the others go on.
-Temporary trouble (git fetch, Ray unreachable) ends the tick early with a
-retry delay, in exactly one place (`reconcile`).
+verification) runs in a thread pool and is picked up by a later tick. Only
+applications this controller owns are observed as its own (`controller.drift`);
+the apply step re-applies what drifted (`controller.applier`). Errors follow
+one taxonomy (`controller.errors`), mapped here only: in `reconcile` for the
+tick (temporary: backoff with jitter) and in `_failed_step` for one release
+(its phase and message; the loop and the other releases go on).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,14 +25,15 @@ from typing import Callable
 from git import GitCommandError
 
 from checks.report import GateReport
-from controller import git_notes, git_revert, rollout
+from controller import drift, errors, git_notes, git_revert, rollout
+from controller.applier import Applier
 from controller.gate_runner import Gate, LocalGate, gate_input, gate_key, reference_blob
 from controller.metrics import ControllerMetrics
-from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name
-from controller.serve_client import ServeApi, ServeError
+from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name, with_phase
+from controller.serve_client import ServeApi
 from controller.serve_config import ROUTER_CPUS, RenderSettings, render, rendered_versions, router_weights
-from controller.signatures import SignatureError, SignatureGate
-from controller.source import ReleaseSource, ReleaseFile, Snapshot, SourceError
+from controller.signatures import SignatureGate
+from controller.source import ReleaseSource, ReleaseFile, Snapshot
 from controller.store import State, Store
 from controller.versions import version_id
 from serving.artifacts import ModelCache, fetch
@@ -52,7 +56,8 @@ class Reconciler:
                  branch: str | None = None, allow_prune_all: bool = False, clock: Callable[[], float] = time.time,
                  on_prepared: Callable[[], None] = lambda: None, metrics: ControllerMetrics | None = None,
                  gate: Gate | None = None, gate_dir: Path | None = None, allow_faults: bool = False,
-                 revert_on_abort: str = "off", signatures: SignatureGate | None = None):
+                 revert_on_abort: str = "off", signatures: SignatureGate | None = None,
+                 rand: Callable[[], float] = random.random, cache_max_bytes: int | None = None):
         self.source, self.store, self.serve, self.settings = source, store, serve, settings
         self.signatures = signatures  # --require-signed-commits: only a HEAD signed by a trusted key is reconciled
         self.gate = gate or LocalGate()
@@ -63,13 +68,18 @@ class Reconciler:
         self.on_prepared, self.metrics = on_prepared, metrics
         self.state: State = store.load()
         self.snapshot: Snapshot | None = None
-        self.applied_config: dict | None = None
+        self.applier = Applier(serve, metrics)
+        self.rand = rand  # jitter of the retry backoff
+        self.failed_ticks = 0  # consecutive ticks that ended early on an error (the backoff's attempt)
+        self.reported: dict[str, str] = {}  # subject -> summary of the traceback last logged for it (logged once)
         self.confirmed: dict[str, dict[str, int]] = {}  # router weights each router has confirmed serving
         self.prepared: dict[tuple[str, str, str], rollout.Prepared] = {}  # (release, version, gate key)
         self.preparing: dict[tuple[str, str, str], Future] = {}
         self.finished: queue.SimpleQueue[tuple[tuple[str, str, str], rollout.Prepared]] = queue.SimpleQueue()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prepare")
         self.cache = ModelCache(Path(settings.cache_dir))
+        self.cache_max_bytes = cache_max_bytes  # --cache-max-bytes: evict unused models past it
+        self.evict_due = True  # at start and after each finished fetch
         self.version_ids: dict[str, str] = {}  # release file blob -> version id
 
     def reconcile(self) -> TickResult:
@@ -90,24 +100,45 @@ class Reconciler:
                     return TickResult(True, False, seconds)
                 head = admitted.commit
             self.snapshot = self.source.snapshot(head, base=self.snapshot)
-            observed = self._confirm_weights(self.serve.observe())
-            busy = self._tick(head, observed)
-        except (SourceError, ServeError, SignatureError) as err:
+            ours, others = drift.partition(self.serve.observe(), self.settings.owner, self._recorded_apps())
+            busy = self._tick(head, self._confirm_weights(ours), others)
+        except Exception as err:  # the one place a tick's error becomes a retry delay and a log line
+            self.failed_ticks += 1
+            outcome = errors.tick_outcome(err, self.failed_ticks, self.rand)
             seconds = time.monotonic() - started
-            log.warning("controller: reconcile stopped: %s; next: retry in 5s (%.0f ms)", err, seconds * 1000)
-            self._count("error", seconds)
-            return TickResult(False, False, seconds, retry_in=5.0)
+            self._report("controller", outcome.message, err if outcome.traceback else None, seconds)
+            self._count(outcome.result, seconds)
+            return TickResult(False, False, seconds, retry_in=outcome.retry_in)
+        if self.failed_ticks or self.reported.pop("controller", None):
+            log.info("controller: reconcile works again after %d failed tick(s); next: tick as usual", self.failed_ticks)
+        self.failed_ticks = 0
         seconds = time.monotonic() - started
         self._count("ok", seconds)
         return TickResult(True, busy, seconds)
 
-    def _tick(self, head: str, observed: dict[str, ObservedApp]) -> bool:
+    def _report(self, subject: str, message: str, err: BaseException | None, seconds: float) -> None:
+        """Log a failure; an unexpected one with its traceback, once while the same summary repeats."""
+        if err is None:
+            log.warning("%s: %s (%.0f ms)", subject, message, seconds * 1000)
+        elif self.reported.get(subject) != errors.summary(err):
+            self.reported[subject] = errors.summary(err)
+            log.error("%s: %s (%.0f ms)", subject, message, seconds * 1000, exc_info=err)
+        else:
+            log.debug("%s: %s (same failure as before; traceback logged then)", subject, message)
+
+    def _recorded_apps(self) -> set[str]:
+        """Apps our recorded state says we deployed: unmarked ones by these names are ours (from before owner marks)."""
+        live = rendered_versions(self.state.versions)
+        return {v.app for v in live} | {v.release for v in live}
+
+    def _tick(self, head: str, observed: dict[str, ObservedApp], others: dict[str, ObservedApp]) -> bool:
         started, now = time.monotonic(), self.clock()
         gates: list[tuple[str, str, str, dict]] = []
         while not self.finished.empty():
             key, result = self.finished.get()
             self.preparing.pop(key, None)
             self.prepared[key] = result
+            self.evict_due = True
             if result.report is not None:
                 gates.append((*key, result.report))
         state, snapshot = self.state, self.snapshot
@@ -128,11 +159,15 @@ class Reconciler:
             mine = [v for v in state.versions if v.release == name]
             asked = [c for c in commands if c.release == name]
             try:
+                held = drift.holder(name, others)
+                if held is not None:
+                    raise errors.ReleaseError(held, "Failed")
                 result, desired = self._step(name, files.get(name), desired_versions.get(name), record, mine, observed, head,
                                              every_file_gone, now, asked, free)
-            except Exception:  # a failing release never blocks another
-                log.exception("%s: reconcile step failed; state left as it was; next: retry on the next tick", name)
-                result, desired = rollout.Step(record, mine), None
+                if self.reported.pop(name, None) is not None:
+                    log.info("%s: reconcile step works again; next: reconcile it as usual", name)
+            except Exception as err:  # a failing release never blocks another
+                result, desired = self._failed_step(name, err, record, mine, now), None
             if result.release is not None:
                 releases[name] = result.release
             versions += result.versions
@@ -148,10 +183,8 @@ class Reconciler:
             controller = replace(controller, last_applied_commit=head, applied_at=now)
         self.state = State(controller, releases, versions, observed)
         self.store.save(self.state, events, gates, consumed=commands)  # recorded before it is acted on
-        config = render(releases.values(), versions, self.settings)
-        if config != self.applied_config:
-            self.serve.apply(config)
-            self.applied_config = config
+        for healed in self.applier.apply(render(releases.values(), versions, self.settings), observed, others):
+            self.confirmed.pop(healed.release, None)  # ask the router again once it is back
         git_notes.annotate(self.source.repo, events)
         if self.revert_on_abort != "off":
             self._revert_aborted(events, head, state.controller.last_applied_commit)
@@ -161,9 +194,35 @@ class Reconciler:
                      extra={"subject": event.release, "event": event.kind, "version": event.version})
         for version, desired in to_prepare:
             self._prepare(version, desired)
+        if self.evict_due:
+            self._evict()
         if self.metrics is not None:
             self.metrics.observe_state(self.state)
         return any(r.phase == "Progressing" or r.step is not None for r in releases.values())
+
+    def _evict(self) -> None:
+        """Keep the model cache under --cache-max-bytes; every model a recorded version pins (live, standby,
+        being prepared or gated) is kept."""
+        self.evict_due = False
+        if self.cache_max_bytes:
+            keep = {v.spec["model"]["digest"] for v in self.state.versions}
+            self.cache.evict(self.cache_max_bytes, keep)
+        if self.metrics is not None:
+            self.metrics.cache_bytes.set(self.cache.size())
+
+    def _failed_step(self, name: str, err: Exception, record: ReleaseRecord | None, versions: list[VersionRecord],
+                     now: float) -> rollout.Step:
+        """The one place a release's error becomes its phase and message; its versions (what serves) are kept."""
+        serving = any(v.weight > 0 and v.status == "ready" for v in versions)
+        outcome = errors.release_outcome(err, serving)
+        if outcome.end_tick:
+            raise err
+        if outcome.phase is None:
+            return rollout.Step(record, versions)
+        if outcome.traceback or record is None or record.message != outcome.message:
+            self._report(name, outcome.message, err if outcome.traceback else None, 0.0)
+        base = record or ReleaseRecord(name, outcome.phase, outcome.message, None, None, None, now)
+        return rollout.Step(with_phase(base, outcome.phase, outcome.message, now), versions)
 
     def _revert_aborted(self, events: list[Event], head: str, good: str | None) -> None:
         """After an automatic rollback, commit a revert so desired and live state agree again."""
@@ -210,6 +269,7 @@ class Reconciler:
 
     def _confirm_weights(self, observed: dict[str, ObservedApp]) -> dict[str, ObservedApp]:
         """Attach each router's live weights; a router is asked only until it confirms the recorded ones."""
+        self.confirmed = {name: weights for name, weights in self.confirmed.items() if name in observed}  # gone: ask again
         for name, app in observed.items():
             if "--" in name:
                 continue
@@ -254,7 +314,8 @@ class Reconciler:
         def work() -> rollout.Prepared:
             started = time.monotonic()
             try:
-                fetch(model["uri"], model["digest"], self.cache, repo=self.source.path, commit=version.commit)
+                fetch(model["uri"], model["digest"], self.cache, repo=self.source.path, commit=version.commit,
+                      reverify=True, heal=True)  # a damaged cached copy is fetched again, never gated
             except ArtifactError as err:
                 return rollout.Prepared(False, f"model refused: {err}", time.monotonic() - started)
             except Exception as err:  # network, permissions: the version fails with the reason, the controller goes on

@@ -105,6 +105,7 @@ class ObservedApp:
     user_config: dict[str, Any] | None = None
     args: dict[str, Any] | None = None
     weights: dict[str, int] | None = None  # a router's live weights, as it answers them itself
+    config: dict[str, Any] | None = None  # `deployed_app_config`: the app config as submitted (owner mark, drift)
 
     @property
     def ready(self) -> bool:

@@ -15,12 +15,12 @@ from pydantic import Field, model_validator
 
 from checks.schema import ChecksSpec
 from serving import schema as serving
-from serving.fields import DnsLabel, Duration, SpecModel
+from serving.fields import Duration, ReleaseName, SpecModel
 
 
 class Metadata(SpecModel):
-    name: DnsLabel
-    """Release name: a DNS label equal to the file stem; also the route `/<name>`."""
+    name: ReleaseName
+    """Release name: a DNS label without '--' (it separates release and version in app names), equal to the file stem; also the route `/<name>`."""
 
 
 class Step(SpecModel):
@@ -44,13 +44,17 @@ class Analysis(SpecModel):
     interval: Duration = timedelta(seconds=10)
     """How often live canary figures are judged."""
     min_requests: int = Field(5, ge=0)
-    """Fewer requests in an interval make it inconclusive (wait, don't pass)."""
+    """Judged requests (the router's weighted draws; pinned previews never count) an interval needs for a verdict;
+    fewer make it inconclusive, and a canary step completes only after an interval of its own passed."""
     max_error_rate: float = Field(0.05, ge=0, le=1)
     """Largest fraction of non-2xx (excluding 4xx) answers."""
     max_p95_latency_s: float | None = Field(None, gt=0)
     """Largest p95 latency of the canary, seconds."""
     failure_limit: int = Field(2, ge=1)
     """Consecutive failed intervals that abort the rollout."""
+    on_no_traffic: Literal["wait", "promote"] = "wait"
+    """A step whose intervals never reach min_requests judged requests: `wait` holds it and aborts the rollout at
+    rollout.progress_deadline with a not-enough-traffic reason; `promote` lets it complete unjudged (logged as such)."""
 
 
 class Rollout(SpecModel):

@@ -4,7 +4,9 @@ First step of parse + validate: bytes from git -> plain data plus line/column
 marks. It builds data from the parser's event stream without recursion and
 refuses what a release file never needs: anchors and aliases (billion laughs),
 custom or Python tags, duplicate keys, non-string keys, several documents,
-deep nesting and oversized input.
+deep nesting, oversized input, control characters, and numbers too long or too
+large for 64 bits. Every refusal is a `YamlError` with a 1-based position;
+nothing else escapes `load`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import yaml
 
 MAX_BYTES = 256 * 1024
 MAX_DEPTH = 32
+MAX_NUMBER_CHARS = 64  # longer numerals are refused before conversion (a 5000-digit int costs, and Python caps them)
+INT_RANGE = (-(2**63), 2**63 - 1)  # what SQLite and Ray Serve's configs hold
+NON_PRINTABLE = yaml.reader.Reader.NON_PRINTABLE  # what the YAML reader refuses, found first to say where
 CORE = "tag:yaml.org,2002:"
 SCALAR_TAGS = {f"{CORE}{t}" for t in ("str", "int", "float", "bool", "null")}
 Path = tuple[str | int, ...]
@@ -48,6 +53,17 @@ class Document:
 
 def _tag(tag: str) -> str:
     return tag.replace(CORE, "!!", 1)
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """repr of a value for a message, cut to `limit` characters so a huge input never makes a huge message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _position(text: str, index: int) -> tuple[int, int]:
+    """1-based (line, column) of a character index."""
+    return text.count("\n", 0, index) + 1, index - text.rfind("\n", 0, index)
 
 
 def _at(mark: yaml.Mark) -> tuple[int, int]:
@@ -86,16 +102,26 @@ class _Builder:
         tag = event.tag if event.tag not in (None, "!") else self.resolver.resolve(yaml.ScalarNode, event.value, event.implicit)
         if event.tag not in (None, "!") and tag not in SCALAR_TAGS:
             raise YamlError(f"tag {_tag(event.tag)!r} is not allowed in release files", *_at(event.start_mark))
-        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
         if tag == f"{CORE}null":
             return None
-        if tag == f"{CORE}bool":
-            return self.resolver.construct_yaml_bool(node)
-        if tag == f"{CORE}int":
-            return self.resolver.construct_yaml_int(node)
-        if tag == f"{CORE}float":
-            return self.resolver.construct_yaml_float(node)
-        return event.value  # strings, and implicit timestamps kept as written
+        if tag not in (f"{CORE}bool", f"{CORE}int", f"{CORE}float"):
+            bad = NON_PRINTABLE.search(event.value)  # written as an escape: "\x07", "\ud800"
+            if bad:
+                raise YamlError(f"escaped control character U+{ord(bad.group()):04X} is not allowed in release files",
+                                *_at(event.start_mark))
+            return event.value  # strings, and implicit timestamps kept as written
+        if tag != f"{CORE}bool" and len(event.value) > MAX_NUMBER_CHARS:
+            raise YamlError(f"number is {len(event.value)} characters long; release files take numbers of at most "
+                            f"{MAX_NUMBER_CHARS} (quote it if it is text)", *_at(event.start_mark))
+        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+        try:
+            value = getattr(self.resolver, f"construct_yaml_{tag.removeprefix(CORE)}")(node)
+        except (ValueError, KeyError, ArithmeticError):  # an explicit tag on a value that is not one: `!!int abc`
+            raise YamlError(f"{shown(event.value)} is not a valid {_tag(tag)}", *_at(event.start_mark)) from None
+        if isinstance(value, int) and not isinstance(value, bool) and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+            raise YamlError(f"integer {shown(value)} is out of range; release files take 64-bit integers "
+                            f"({INT_RANGE[0]} to {INT_RANGE[1]})", *_at(event.start_mark))
+        return value
 
     def _container(self, event: yaml.CollectionStartEvent) -> None:
         if event.tag not in (None, "!", f"{CORE}map", f"{CORE}seq"):
@@ -120,11 +146,11 @@ class _Builder:
             parent.append(value)
         elif self.pending_key[-1] is None:  # this value is a key
             if not isinstance(value, str):
-                raise YamlError(f"mapping keys must be plain strings, got {value!r}", *_at(mark))
+                raise YamlError(f"mapping keys must be plain strings, got {shown(value)}", *_at(mark))
             path = (*parent_path, value)
             if value in parent:
                 line = self.doc.keys[path][0]
-                raise YamlError(f"duplicate key {value!r} (first defined on line {line})", *_at(mark))
+                raise YamlError(f"duplicate key {shown(value)} (first defined on line {line})", *_at(mark))
             self.doc.keys[path] = _at(mark)
             self.pending_key[-1] = value
             parent[value] = None
@@ -145,7 +171,14 @@ def load(raw: bytes) -> Document:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise YamlError(f"not UTF-8 text (byte {err.start})") from None
+        before = raw[: err.start].decode("utf-8")
+        line, column = _position(before, len(before))
+        raise YamlError(f"not UTF-8 text (byte {err.start}, {shown(raw[err.start:err.start + 4])}); "
+                        "release files are UTF-8 YAML", line, column) from None
+    bad = NON_PRINTABLE.search(text)
+    if bad:
+        raise YamlError(f"control character U+{ord(bad.group()):04X} is not allowed in release files; "
+                        "only printable text, tabs and newlines", *_position(text, bad.start()))
     builder = _Builder()
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
@@ -154,4 +187,6 @@ def load(raw: bytes) -> Document:
         mark = err.problem_mark or err.context_mark
         message = " ".join(filter(None, [err.context, err.problem]))
         raise YamlError(f"YAML syntax: {message}", *(_at(mark) if mark else (1, 1))) from None
+    except yaml.YAMLError as err:  # the reader's own refusals carry no mark
+        raise YamlError(f"YAML: {shown(str(err), 200)}") from None
     return builder.doc

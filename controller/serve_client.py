@@ -1,8 +1,9 @@
 """Talk to Ray Serve's REST API (the one `serve deploy` and KubeRay use), with Ray's token auth.
 
 The apply step PUTs the whole rendered config; the observe step reads every
-application's status and replicas back. `ServeApi` is the protocol the
-reconciler depends on, so unit tests can pass a fake at this boundary.
+application's status, replicas and deployed config back (drift, ownership).
+`ServeApi` is the protocol the reconciler depends on, so unit tests can pass
+a fake at this boundary.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from typing import Any, Protocol
 
 import httpx
 
+from controller.errors import TemporaryError
 from controller.records import ObservedApp
 
 APPLICATIONS_PATH = "/api/serve/applications/"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class ServeError(Exception):
-    """Ray Serve could not be reached or refused a request (temporary: retried next tick)."""
+class ServeError(TemporaryError):
+    """Ray Serve could not be reached or refused a request (temporary: retried with backoff)."""
 
 
 def ray_token() -> str | None:
@@ -72,6 +74,7 @@ def parse_applications(details: dict[str, Any]) -> dict[str, ObservedApp]:
             replica_ids=tuple(sorted(replica_ids)),
             user_config=deployments[0].get("user_config"),
             args=config.get("args"),
+            config=app.get("deployed_app_config"),
         )
     return observed
 

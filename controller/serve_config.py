@@ -6,7 +6,8 @@ config did not change untouched. Each live version is an application
 `/<release>` whose `user_config` holds the weights and limits. A version app's
 `args` and resources hold only version fields, so light changes (replica count,
 queue sizes, batch size) and weight moves reach running replicas as
-lightweight updates, never restarts.
+lightweight updates, never restarts. Every app carries this controller's owner
+mark in its deployments' `user_config` (`controller.drift`), also lightweight.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from controller.drift import mark
 from controller.records import ReleaseRecord, VersionRecord
 
 MODEL_IMPORT = "serving.model_server:build_model_app"
@@ -30,6 +32,15 @@ class RenderSettings:
     cache_dir: str  # the model cache shared with replicas on this machine
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    owner: str = "diffops"  # this controller's id (`--controller-id`), marked on every app it renders
+
+
+def default_controller_id(state_dir: str) -> str:
+    """A stable id per state dir (its resolved path, hashed): the same after a restart, different for another dir."""
+    import hashlib
+    from pathlib import Path
+
+    return "diffops-" + hashlib.sha256(str(Path(state_dir).expanduser().resolve()).encode()).hexdigest()[:12]
 
 
 def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any]:
@@ -86,6 +97,8 @@ def router_app(release: ReleaseRecord, versions: list[VersionRecord]) -> dict[st
                 "num_replicas": 1,
                 "max_ongoing_requests": ROUTER_MAX_ONGOING,
                 "ray_actor_options": {"num_cpus": ROUTER_CPUS},
+                "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,  # requests it forwards finish when the release goes
+                "graceful_shutdown_wait_loop_s": 1,
                 "user_config": {
                     "weights": router_weights(versions),
                     "limits": spec["limits"],
@@ -115,8 +128,8 @@ def render(releases: Iterable[ReleaseRecord], versions: Iterable[VersionRecord],
         live = by_release.get(release.name)
         if not live:
             continue
-        applications.append(router_app(release, live))
-        applications += [model_app(version, settings) for version in live]
+        applications.append(mark(router_app(release, live), settings.owner))
+        applications += [mark(model_app(version, settings), settings.owner) for version in live]
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": settings.http_host, "port": settings.http_port},

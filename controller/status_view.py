@@ -1,8 +1,9 @@
 """What `diffops status` and `diffops history` show, built from the recorded state. Pure.
 
 `status_json` is the contract in DESIGN.md (plus `refused_commit`, the branch
-head `--require-signed-commits` refused); `status_text` is the same for a
-terminal; `history_rows` pairs each rollout's start with its outcome.
+head `--require-signed-commits` refused, and each version's `image_policy`);
+`status_text` is the same for a terminal; `history_rows` pairs each rollout's
+start with its outcome.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
                 "replicas": version.spec["replicas"]["count"],
                 "status": version.status,
                 "commit": version.commit,
+                "image_policy": image_policy(version.spec),
                 "gate": checks_summary(gates.get((release.name, version.version))),
             })
         releases.append({
@@ -64,6 +66,11 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
         "refused_commit": dataclasses.asdict(refused) if (refused := state.controller.refused) else None,
         "releases": releases,
     }
+
+
+def image_policy(spec: dict[str, Any]) -> str:
+    """`verify` unless the version's release said `runtime.image_policy: unverified` (versions recorded before it existed: verify)."""
+    return (spec.get("runtime") or {}).get("image_policy", "verify")
 
 
 def step_text(release: Any) -> str | None:
@@ -105,7 +112,9 @@ def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
             checks = "" if gate is None else "  checks " + " ".join(
                 f"{name}:{'ok' if c['outcome'] == 'passed' else c['outcome']}" for name, c in gate["checks"].items())
             actual = "" if v["live_weight"] in (None, v["weight"]) else f" (router: {v['live_weight']}%)"
-            lines.append(f"  {v['id']:<12} {v['role']:<8} weight {v['weight']:>3}%{actual}  replicas {v['ready_replicas']}/{v['replicas']}  from {v['commit'][:12]}{checks}")
+            image = "  image unverified" if v["image_policy"] == "unverified" else ""
+            lines.append(f"  {v['id']:<12} {v['role']:<8} weight {v['weight']:>3}%{actual}  replicas {v['ready_replicas']}/{v['replicas']}  "
+                         f"from {v['commit'][:12]}{image}{checks}")
     return "\n".join(lines)
 
 

@@ -3,10 +3,11 @@
 Record step of a reconcile: `save()` writes the whole recorded state (small,
 fixed-schema rows) and appends events in one transaction, so a killed
 controller leaves either the old state or the new one, never a mix. Readers
-(`diffops status`, `history`) open the same file read-only. A state file
-written by an older diffops gets the columns added since when the controller
-opens it; columns a record does not know are ignored on reading. A refused
-commit (`--require-signed-commits`) has a table of its own.
+(`diffops status`, `history`) open the same file read-only. The schema is
+an ordered list of migrations (`store_schema`): a file written by an older
+diffops is upgraded in place when the controller opens it, one written by a
+newer one is refused untouched; columns a record does not know are ignored on
+reading. A refused commit (`--require-signed-commits`) has a table of its own.
 """
 
 from __future__ import annotations
@@ -21,50 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord
+from controller.store_schema import SCHEMA_VERSION, StateFileError, file_version, migrate, refuse_newer
+
+__all__ = ["SCHEMA_VERSION", "ControllerRecord", "RefusedCommit", "State", "StateFileError", "Store"]
 
 log = logging.getLogger("diffops.controller")
 
-SCHEMA_VERSION = 2  # 2: refused_commit
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS controller (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    last_attempted_commit TEXT, attempted_at REAL,
-    last_applied_commit TEXT, applied_at REAL
-);
-CREATE TABLE IF NOT EXISTS releases (
-    name TEXT PRIMARY KEY, phase TEXT NOT NULL, message TEXT NOT NULL,
-    desired_commit TEXT, desired_version TEXT, spec TEXT, updated_at REAL NOT NULL,
-    failed_version TEXT, held_fingerprint TEXT, load_seconds REAL,
-    step INTEGER, step_started_at REAL, analysis_at REAL, failures INTEGER NOT NULL DEFAULT 0, analysis TEXT
-);
-CREATE TABLE IF NOT EXISTS versions (
-    release TEXT NOT NULL, version TEXT NOT NULL, role TEXT NOT NULL, weight INTEGER NOT NULL,
-    status TEXT NOT NULL, "commit" TEXT NOT NULL, spec TEXT NOT NULL, created_at REAL NOT NULL,
-    ready_at REAL, standby_since REAL, deployed_args TEXT, gate_key TEXT, retire_at REAL, replicas INTEGER,
-    PRIMARY KEY (release, version)
-);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, release TEXT NOT NULL, version TEXT,
-    kind TEXT NOT NULL, message TEXT NOT NULL, "commit" TEXT
-);
-CREATE INDEX IF NOT EXISTS events_by_release ON events (release, id);
-CREATE TABLE IF NOT EXISTS gates (
-    release TEXT NOT NULL, version TEXT NOT NULL, gate_key TEXT NOT NULL, ok INTEGER NOT NULL,
-    report TEXT NOT NULL, at REAL NOT NULL,
-    PRIMARY KEY (release, version, gate_key)
-);
-CREATE TABLE IF NOT EXISTS commands (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, release TEXT NOT NULL, action TEXT NOT NULL, who TEXT NOT NULL,
-    at REAL NOT NULL, "full" INTEGER NOT NULL DEFAULT 0, consumed_at REAL
-);
-CREATE TABLE IF NOT EXISTS refused_commit (
-    id INTEGER PRIMARY KEY CHECK (id = 1), "commit" TEXT NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL, at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS apps (
-    name TEXT PRIMARY KEY, status TEXT NOT NULL, message TEXT NOT NULL, running INTEGER NOT NULL, target INTEGER NOT NULL,
-    weights TEXT
-);
-"""
 APP_COLUMNS = ("name", "status", "message", "running", "target", "weights")
 JSON_FIELDS = {"spec", "deployed_args", "analysis"}
 
@@ -109,21 +72,6 @@ def _record(cls: type, row: sqlite3.Row) -> Any:
     return cls(**values)
 
 
-def _add_missing_columns(db: sqlite3.Connection) -> list[str]:
-    """Columns added since an older diffops wrote this state file are added (NULL or their default); returns them."""
-    fresh = sqlite3.connect(":memory:")
-    fresh.executescript(SCHEMA)
-    added = []
-    for (table,) in fresh.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"):
-        have = {row[1] for row in db.execute(f'PRAGMA table_info("{table}")')}
-        for _, name, kind, _, default, _ in fresh.execute(f'PRAGMA table_info("{table}")'):
-            if name not in have:
-                db.execute(f'ALTER TABLE "{table}" ADD COLUMN "{name}" {kind}' + (f" DEFAULT {default}" if default is not None else ""))
-                added.append(f"{table}.{name}")
-    fresh.close()
-    return added
-
-
 def _insert(db: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
     columns = ", ".join(f'"{c}"' for c in row)
     db.execute(f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
@@ -131,21 +79,34 @@ def _insert(db: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
 
 class Store:
     def __init__(self, path: Path, readonly: bool = False):
+        """Open the state file; raise StateFileError (file untouched) when a newer diffops wrote it.
+
+        The version is read before anything that could write (WAL mode rewrites the header), so a refused file
+        stays byte-identical. A writer upgrades an older file; a reader reads it as it is.
+        """
         self.path = Path(path)
         if readonly:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+            self._refuse_newer()
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            self._refuse_newer()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(SCHEMA)
-            added = _add_missing_columns(self.db)
-            if added:
-                log.info("state: %s was written by an older diffops; added columns %s; next: load it as usual",
-                         self.path, ", ".join(added))
-            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            migrate(self.db, self.path)
         self.db.row_factory = sqlite3.Row
+
+    def _refuse_newer(self) -> None:
+        try:
+            refuse_newer(file_version(self.db, self.path), self.path)
+        except StateFileError:
+            self.db.close()
+            raise
+
+    @property
+    def version(self) -> int:
+        return file_version(self.db, self.path)
 
     def load(self) -> State:
         row = self.db.execute("SELECT * FROM controller WHERE id = 1").fetchone()

@@ -5,7 +5,9 @@ Pure; used by `controller.plan`. One table says which fields make a new version
 in place without restarts (`light`), and which only steer the controller
 (`policy`). The version id hashes exactly the `version` fields, so the two can
 never disagree. A field missing from the table counts as `version`: unknown
-changes are treated as the expensive, safe kind.
+changes are treated as the expensive, safe kind. A field added after releases
+already had version ids (`HASHED_ONLY_WHEN_SET`) counts only when it differs
+from its default, so upgrading diffops does not re-version every release.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ FIELD_CLASSES: tuple[tuple[str, ChangeClass], ...] = (
     ("spec.model.uri", "policy"),  # same digest, new location: running replicas keep what they loaded
     ("spec.generation", "version"),
     ("spec.runtime", "version"),
+    # what the gate accepts as proof of the image: a version judged under one policy is a different version under the
+    # other, so a changed policy is gated again (the gate's cached results are keyed by version and checks only)
+    ("spec.runtime.image_policy", "version"),
     ("spec.replicas.gpus", "version"),
     ("spec.replicas.cpus", "version"),
     ("spec.replicas.count", "light"),
@@ -37,6 +42,7 @@ FIELD_CLASSES: tuple[tuple[str, ChangeClass], ...] = (
     ("spec.cost", "policy"),
     ("spec.faults", "version"),  # a drill makes its own version, so the stable one stays healthy
 )
+HASHED_ONLY_WHEN_SET: dict[str, Any] = {"spec.runtime.image_policy": "verify"}
 COST_ORDER: dict[ChangeClass, int] = {"policy": 0, "light": 1, "version": 2}
 
 
@@ -69,6 +75,7 @@ def leaves(release: Release) -> dict[str, Any]:
 
 def version_id(release: Release) -> str:
     """10 hex chars of sha256 over every `version`-class field (model digest, runtime, generation, resources)."""
-    identity = {path: value for path, value in leaves(release).items() if field_class(path) == "version"}
+    identity = {path: value for path, value in leaves(release).items()
+                if field_class(path) == "version" and HASHED_ONLY_WHEN_SET.get(path, object()) != value}
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:10]

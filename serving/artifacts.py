@@ -1,30 +1,59 @@
 """Fetch a pinned model into the content-addressed cache, verified before anything loads it.
 
-Called by the model deployment (and `diffops model fetch`) before
-`serving.pipeline` builds the pipeline. Files stream from a store into a
-temporary directory beside the cache entry while being hashed; only a complete,
-verified copy is renamed into `<cache>/sha256/<hex>`, read-only. A second fetch
-of a cached digest transfers nothing.
+Called by the model deployment (and `diffops model fetch`, the controller and
+the gate) before `serving.pipeline` builds the pipeline. Files stream from a
+store into a staging directory beside the cache entry while being hashed; only
+a complete, verified copy is renamed into `<cache>/sha256/<hex>`, read-only
+(layout and clean-up: `serving.model_cache`).
+
+What a cache hit trusts:
+- Every fetch runs the presence check: the entry's manifest is authentic (it
+  hashes to the pinned digest) and the entry holds exactly its files, no more.
+- `reverify=True` (each replica on start, `diffops model fetch --reverify`)
+  re-hashes every file against that manifest: a full check at start, not
+  per-page checks while reading, because safetensors are memory-mapped and
+  read lazily by torch, where no hook can refuse a page. It costs one
+  sequential read of the model at sha256 speed (1.13 GB synthetic model,
+  2 vCPUs: 0.73 GB/s with the page cache warm, 0.35 GB/s cold; the presence
+  check takes 6 ms) and leaves the model in the page cache for the load that
+  follows (`python -m bench.cache_verify`).
+- The controller's fetch before the gate may keep the presence check: every
+  replica re-hashes before loading, and the gate's artifact check re-hashes
+  too. `reverify=True, heal=True` there heals a changed byte before the gate
+  judges the model, for one more read of it.
+
+A damaged entry (a changed byte, a missing or extra file, a broken manifest)
+is never loaded, and the fetch that finds it moves it aside under the entry's
+lock (so the next download never meets a half entry: no `Directory not empty`):
+- with `reverify` (a loader checking what it is about to load), unless
+  `heal`, the fetch is refused with an ArtifactError naming the files that differ; the next fetch
+  downloads the model again (a replica: Serve restarts it and it heals);
+- otherwise (the controller's fetch, the gate's) the same fetch downloads it
+  again at once and logs the files that differed (`FetchResult.healed`), so
+  a damaged cache never holds a release back.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import stat
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
 from tqdm import tqdm
 
-from serving.manifest import CHUNK, MANIFEST_NAME, ArtifactError, Manifest, check_key, verify
+from serving.manifest import CHUNK, MANIFEST_NAME, ArtifactError, Manifest, check_key
+from serving.model_cache import ModelCache
 from serving.stores import Store, open_store
 
+__all__ = ["ArtifactError", "FetchResult", "ModelCache", "fetch"]
+
+log = logging.getLogger("diffops.serving")
 PROGRESS_MIN_BYTES = 64 << 20
 
 
@@ -36,27 +65,7 @@ class FetchResult:
     bytes_transferred: int
     cached: bool
     seconds: float
-
-
-class ModelCache:
-    """`<root>/sha256/<hex>/` holds one verified model directory per digest."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def path(self, digest: str) -> Path:
-        return self.root / "sha256" / digest.removeprefix("sha256:")
-
-    def lookup(self, digest: str) -> Manifest | None:
-        """The cached manifest if it is the pinned one and every file it lists is there."""
-        path = self.path(digest)
-        try:
-            manifest = Manifest.parse((path / MANIFEST_NAME).read_text())
-        except (FileNotFoundError, ArtifactError):
-            return None
-        if manifest.digest != digest or not all((path / key).is_file() for key in manifest.files):
-            return None
-        return manifest
+    healed: tuple[str, ...] = ()  # what was wrong with the cached copy this fetch replaced
 
 
 def _authentic_manifest(store: Store, keys: set[str], digest: str) -> Manifest | None:
@@ -93,17 +102,52 @@ def fetch(
     commit: str | None = None,
     allowed_roots: tuple[Path, ...] = (),
     reverify: bool = False,
+    heal: bool = False,
 ) -> FetchResult:
-    """Return a verified local copy of the model pinned by `digest`, fetching it if needed."""
+    """Return a verified local copy of the model pinned by `digest`, fetching (or healing) it if needed.
+
+    `reverify`: re-hash a cached copy (else the presence check only); a damaged copy is then refused
+    (ArtifactError naming the files, entry removed) unless `heal`, which downloads it again at once.
+    """
     started = time.monotonic()
-    cache.root.joinpath("sha256").mkdir(parents=True, exist_ok=True)
-    with FileLock(str(cache.path(digest)) + ".lock"):
-        hit = cache.lookup(digest)
-        if hit is not None:
-            if reverify:
-                verify(cache.path(digest), digest)
-            return FetchResult(cache.path(digest), digest, len(hit.files), 0, True, time.monotonic() - started)
-        store = open_store(uri, repo=repo, commit=commit, allowed_roots=allowed_roots)
+    try:
+        with cache.lock(digest):
+            found = cache.check(digest, rehash=reverify)
+            if found.intact:
+                cache.touch(digest)
+                assert found.manifest is not None
+                return FetchResult(cache.path(digest), digest, len(found.manifest.files), 0, True, time.monotonic() - started)
+            healed = found.problems
+            if found.exists:
+                cache.discard(digest)
+                problems = "; ".join(healed)
+                if reverify and not heal:
+                    log.warning("model cache: %s refused, damaged (%s); removed it; next: the next fetch downloads it again (%.2fs)",
+                                digest[:19], problems, time.monotonic() - started)
+                    raise ArtifactError(f"cached copy of {digest[:19]} is damaged ({problems}); it was removed, "
+                                        "the next fetch downloads it again")
+                log.warning("model cache: %s damaged (%s); moved it aside; next: downloading it again from %s (%.2fs)",
+                            digest[:19], problems, uri, time.monotonic() - started)
+            try:
+                result = _fetch_into(cache, uri, digest, repo, commit, allowed_roots, started)
+            except ArtifactError as err:
+                if healed:
+                    raise ArtifactError(f"cached copy of {digest[:19]} was damaged ({'; '.join(healed)}) and was removed; "
+                                        f"downloading it again failed: {err}") from err
+                raise
+            cache.touch(digest)
+            return FetchResult(result.path, digest, result.files, result.bytes_transferred, False, result.seconds, healed)
+    finally:
+        cache.sweep()
+
+
+def _fetch_into(cache: ModelCache, uri: str, digest: str, repo: Path | None, commit: str | None,
+                allowed_roots: tuple[Path, ...], started: float) -> FetchResult:
+    """Download, verify and rename into place; the caller holds the entry's lock and the entry is absent."""
+    hub = cache.scratch("hub", digest)
+    staging = cache.scratch("staging", digest)
+    try:
+        store = open_store(uri, repo=repo, commit=commit, allowed_roots=allowed_roots, scratch=hub)
         listing = {check_key(key) if key != MANIFEST_NAME else key: size for key, size in store.list()}
         expected = _authentic_manifest(store, set(listing), digest)
         listing.pop(MANIFEST_NAME, None)
@@ -111,22 +155,20 @@ def fetch(
             extra = [f"{key}: extra file" for key in sorted(listing.keys() - expected.files.keys())]
             missing = [f"{key}: missing" for key in sorted(expected.files.keys() - listing.keys())]
             raise ArtifactError(f"{uri}: does not match the pinned manifest: " + "; ".join(extra + missing))
-        staging = cache.root / f".staging-{digest.removeprefix('sha256:')[:16]}-{uuid.uuid4().hex[:8]}"
-        try:
-            hashes = _download(store, listing, staging, expected, uri)
-            actual = Manifest(hashes)
-            if actual.digest != digest:
-                raise ArtifactError(
-                    f"{uri}: digest mismatch: files hash to {actual.digest}, release pins {digest} "
-                    f"(ship a {MANIFEST_NAME} from 'diffops model digest --write' to name the file)"
-                )
-            (staging / MANIFEST_NAME).write_text(actual.text())
-            _seal(staging)
-            os.replace(staging, cache.path(digest))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        total = sum(listing.values())
-        return FetchResult(cache.path(digest), digest, len(listing), total, False, time.monotonic() - started)
+        hashes = _download(store, listing, staging, expected, uri)
+        actual = Manifest(hashes)
+        if actual.digest != digest:
+            raise ArtifactError(
+                f"{uri}: digest mismatch: files hash to {actual.digest}, release pins {digest} "
+                f"(ship a {MANIFEST_NAME} from 'diffops model digest --write' to name the file)"
+            )
+        (staging / MANIFEST_NAME).write_text(actual.text())
+        _seal(staging)
+        os.replace(staging, cache.path(digest))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(hub, ignore_errors=True)
+    return FetchResult(cache.path(digest), digest, len(listing), sum(listing.values()), False, time.monotonic() - started)
 
 
 def _download(store: Store, listing: dict[str, int], staging: Path, expected: Manifest | None, uri: str) -> dict[str, str]:

@@ -1,11 +1,11 @@
 """The model deployment: one per version application, `<release>--<version>`.
 
-Each replica fetches and verifies its model (a cache hit when the controller
-prepared it), builds the pipeline with the release's sampler, runs one warm-up
-generation, and only then reports ready. Requests arrive from the release's
-router, are batched by `@serve.batch`, and run by `serving.generator` in a
-worker thread: grouped by shape, one pipeline call at a time (diffusers
-schedulers are not thread-safe).
+Each replica fetches its model, re-hashing every file of a cached copy first
+(a damaged copy is downloaded again, never loaded), builds the pipeline with
+the release's sampler, runs one warm-up generation, and only then reports
+ready. Requests arrive from the release's router, are batched by
+`@serve.batch`, and run by `serving.generator` in a worker thread: grouped by
+shape, one pipeline call at a time (diffusers schedulers are not thread-safe).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class ModelServer:
         if self.faults.get("startup_error"):
             raise InjectedFault(f"{release}--{version}: injected startup failure (spec.faults.startup_error)")
         self.metrics = serving_metrics()
-        fetched = fetch(model["uri"], model["digest"], ModelCache(Path(cache_dir)), repo=Path(repo) if repo else None, commit=commit)
+        fetched = fetch(model["uri"], model["digest"], ModelCache(Path(cache_dir)), repo=Path(repo) if repo else None, commit=commit,
+                        reverify=True)
         self.device = pick_device()
         if self.device == "cpu":
             log.info("%s--%s: no CUDA device visible (gpus=%s); running on CPU in float32", release, version, gpus)
@@ -57,7 +58,9 @@ class ModelServer:
         self.metrics["load_seconds"].set(self.load_seconds, tags=self.tags)
         log.info(
             "%s--%s: ready on %s after %.2fs (fetch %s, %.2fs); next: serving requests",
-            release, version, self.device, self.load_seconds, "cache hit" if fetched.cached else "downloaded", fetched.seconds,
+            release, version, self.device, self.load_seconds,
+            "cache hit, re-verified" if fetched.cached else "downloaded" + (" to replace a damaged cached copy" if fetched.healed else ""),
+            fetched.seconds,
         )
 
     def reconfigure(self, config: dict[str, Any]) -> None:

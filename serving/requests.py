@@ -1,31 +1,36 @@
-"""Validate a generation request against the release's limits. Pure.
+"""Read and validate a generation request against the release's limits. Pure.
 
-The router calls `parse_request` on the raw body before any pipeline work:
-a bad request becomes a `RequestError` (422, naming the field) in
-microseconds, never a 500 and never a GPU second.
+The router reads the body through `read_body` (refused with 413 as soon as it
+is known to pass `MAX_BODY_BYTES`: a declared Content-Length before a byte is
+read, a streamed body at the chunk that crosses the cap) and calls
+`parse_request` on it before any pipeline work: a bad request becomes a
+`RequestError` (422, naming the field) in microseconds, never a 500 and never
+a GPU second.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, AsyncIterable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+ERROR_NAMES = {400: "bad request", 413: "request too large", 422: "invalid request"}
 
 
 class RequestError(Exception):
     """A request the release's contract refuses; `status` is the HTTP code to answer with."""
 
     def __init__(self, problems: list[tuple[str, str]], status: int = 422):
+        problems = [(_echo(field), _echo(message, 400)) for field, message in problems]
         super().__init__("; ".join(f"{field}: {message}" for field, message in problems))
         self.problems, self.status = problems, status
 
     def body(self) -> dict[str, Any]:
         return {
-            "error": "invalid request" if self.status == 422 else "request too large",
+            "error": ERROR_NAMES.get(self.status, "invalid request"),
             "field": self.problems[0][0],
             "message": self.problems[0][1],
             "errors": [{"field": field, "message": message} for field, message in self.problems],
@@ -51,14 +56,49 @@ def _reject_constant(token: str) -> float:
     raise ValueError(f"{token} is not a number JSON allows")
 
 
-def parse_request(body: bytes, limits: dict[str, int], defaults: dict[str, int]) -> dict[str, Any]:
+def too_large(what: str, cap: int) -> RequestError:
+    return RequestError([("body", f"{what}; request bodies are capped at {cap} bytes ({cap // 1024 // 1024} MiB)")], status=413)
+
+
+def declared_length(value: str | None, cap: int = MAX_BODY_BYTES) -> int | None:
+    """The Content-Length header as a byte count (None when absent); raise RequestError when it is over `cap` or not a count."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 20:
+        raise RequestError([("Content-Length", f"{value[:40]!r} is not a byte count")], status=400)
+    length = int(text)
+    if length > cap:
+        raise too_large(f"Content-Length {length} bytes", cap)
+    return length
+
+
+async def read_body(chunks: AsyncIterable[bytes], content_length: str | None, cap: int = MAX_BODY_BYTES) -> bytearray:
+    """The whole body, read chunk by chunk and refused (RequestError 413) as soon as it passes `cap`.
+
+    A declared Content-Length over the cap is refused before a byte is read; a
+    chunked or undeclared body stops being read at the chunk that crosses the
+    cap, so at most `cap` bytes plus that one chunk are ever held.
+    """
+    declared_length(content_length, cap)
+    body = bytearray()
+    async for chunk in chunks:
+        if len(body) + len(chunk) > cap:
+            raise too_large(f"more than {cap} bytes sent (stopped reading at {len(body) + len(chunk)})", cap)
+        body += chunk
+    return body
+
+
+def parse_request(body: bytes | bytearray, limits: dict[str, int], defaults: dict[str, int]) -> dict[str, Any]:
     """Body bytes -> generation parameters (unset fields are None); raise RequestError."""
     if len(body) > MAX_BODY_BYTES:
-        raise RequestError([("body", f"{len(body)} bytes; requests are capped at {MAX_BODY_BYTES}")], status=413)
+        raise too_large(f"{len(body)} bytes", MAX_BODY_BYTES)
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as err:
         raise RequestError([("body", f"not valid JSON: {err}")]) from None
+    except RecursionError:
+        raise RequestError([("body", "JSON nested too deeply")]) from None
     if not isinstance(data, dict):
         raise RequestError([("body", "expected a JSON object like {\"prompt\": \"a red cube\"}")])
     try:
@@ -85,6 +125,8 @@ def limit_problems(request: GenerateRequest, limits: dict[str, int], defaults: d
         text = getattr(request, field)
         if text is not None and len(text) > max_chars:
             problems.append((field, f"{len(text)} characters; the limit is {max_chars}"))
+        elif text is not None and not _encodable(text):
+            problems.append((field, "contains an unpaired UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode text"))
     if request.steps is not None and request.steps > limits["max_steps"]:
         problems.append(("steps", f"{request.steps} exceeds the limit of {limits['max_steps']}"))
     if request.num_images > limits["max_images"]:
@@ -101,3 +143,17 @@ def limit_problems(request: GenerateRequest, limits: dict[str, int], defaults: d
     if request.guidance_scale is not None and not math.isfinite(request.guidance_scale):
         problems.append(("guidance_scale", "must be a finite number"))
     return problems
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _echo(text: str, limit: int = 80) -> str:
+    """A client-supplied text (a JSON key, say) safe to echo in a UTF-8 JSON answer: bounded, surrogates escaped."""
+    shown = text if len(text) <= limit else text[:limit] + "…"
+    return shown.encode("utf-8", "backslashreplace").decode("utf-8")

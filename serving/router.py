@@ -2,9 +2,15 @@
 
 Weights, limits and defaults live in the router's `user_config`, so the
 controller moves traffic with a lightweight reconfigure (no replica restart).
+The body is read as it streams in and refused with 413 once it passes the
+4 MiB cap (a declared Content-Length over it before a byte is read).
 A request is validated before any pipeline work (422 naming the field), sent
 to one version app by weight (or to the version named in `X-Diffops-Version`),
 and answered as PNG or JSON with `X-Diffops-Version` and `X-Request-Id`.
+`GET /<release>` answers the weights and, per version, the figures the canary
+analysis judges: only requests the router assigned by weight; requests pinned
+with `X-Diffops-Version` (previews, steerable by any client) are counted apart,
+under `pinned`, in a window of their own so they cannot push judged ones out.
 Backpressure from a full version queue becomes 503 with `Retry-After`; a
 request whose replica dies under it is retried once. The
 Serve proxy assigns `X-Request-Id` (or keeps the client's) and echoes it on
@@ -19,22 +25,25 @@ import random
 import time
 import uuid
 from collections import deque
-from typing import Any
+from typing import Any, Iterable
 
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from serving.metrics import serving_metrics
-from serving.requests import RequestError, parse_request
+from serving.requests import RequestError, parse_request, read_body
 
 log = logging.getLogger("ray.serve")
 
 VERSION_HEADER = "X-Diffops-Version"
 REQUEST_ID_HEADER = "X-Request-Id"
-STATS_WINDOW = 20_000  # recent answers kept for canary analysis
+STATS_WINDOW = 20_000  # recent answers kept for canary analysis, per kind (judged, pinned)
+ECHO_CHARS = 80  # a client's header value is echoed in an error at most this long
+
+Answer = tuple[float, str, bool, float]  # (epoch seconds, version, ok, seconds)
 
 
 def pick_version(weights: dict[str, int], pinned: str | None, rng: random.Random) -> str | None:
@@ -57,7 +66,8 @@ class Router:
         self.handles: dict[str, Any] = {}
         self.rng = random.Random()
         self.metrics = serving_metrics()
-        self.recent: deque[tuple[float, str, bool, float]] = deque(maxlen=STATS_WINDOW)  # (time, version, ok, seconds)
+        self.judged: deque[Answer] = deque(maxlen=STATS_WINDOW)  # assigned by weight: what the canary analysis judges
+        self.pinned: deque[Answer] = deque(maxlen=STATS_WINDOW)  # pinned previews: reported, never judged
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.weights = {str(k): int(v) for k, v in config.get("weights", {}).items()}
@@ -87,31 +97,39 @@ class Router:
             return self._error(405, request_id, None, {"error": "method not allowed", "message": "use POST"}, {"Allow": "POST"})
         started = time.monotonic()
         try:
-            params = parse_request(await request.body(), self.limits, self.defaults)
+            raw = await read_body(request.stream(), request.headers.get("content-length"))
+            params = parse_request(raw, self.limits, self.defaults)
         except RequestError as err:
+            if err.status == 413:
+                log.info("router %s: refused request %s: %s; next: nothing was read past the cap", self.release, request_id, err)
             return self._error(err.status, request_id, None, err.body())
+        except ClientDisconnect:
+            return self._error(400, request_id, None, {"error": "client disconnected", "message": "the body ended early"})
+        del raw  # up to 4 MiB; not held while the version generates
         pinned = request.headers.get(VERSION_HEADER)
         version = pick_version(self.weights, pinned, self.rng)
         if version is None:
             if pinned is not None:
-                body = {"error": "unknown version", "message": f"{pinned!r} is not live; live versions: {sorted(self.weights)}"}
+                shown = pinned if len(pinned) <= ECHO_CHARS else pinned[:ECHO_CHARS] + "…"
+                body = {"error": "unknown version", "message": f"{shown!r} is not live; live versions: {sorted(self.weights)}"}
                 return self._error(404, request_id, None, body)
             return self._error(503, request_id, None, {"error": "no version is serving", "message": "retry shortly"}, self._retry())
+        window = self.pinned if pinned is not None else self.judged
         try:
             result = await self._generate(version, params, request_id)
         except BackPressureError:
-            self._remember(version, False, time.monotonic() - started)
+            window.append((time.time(), version, False, time.monotonic() - started))
             body = {"error": "overloaded", "message": f"version {version} queue is full; retry after {self.retry_after_s}s"}
             return self._error(503, request_id, version, body, self._retry())
         except DeploymentUnavailableError:
-            self._remember(version, False, time.monotonic() - started)
+            window.append((time.time(), version, False, time.monotonic() - started))
             return self._error(503, request_id, version, {"error": "version unavailable", "message": f"{version} is not running"}, self._retry())
         except Exception as err:  # the version failed to generate (not the request's fault)
-            self._remember(version, False, time.monotonic() - started)
+            window.append((time.time(), version, False, time.monotonic() - started))
             log.warning("router %s: version %s failed request %s: %s", self.release, version, request_id, err)
             return self._error(500, request_id, version, {"error": "generation failed", "message": f"version {version} failed: {type(err).__name__}"})
         seconds = time.monotonic() - started
-        self._remember(version, True, seconds)
+        window.append((time.time(), version, True, seconds))
         self._count(version, 200, seconds)
         headers = {VERSION_HEADER: version}
         if "application/json" in request.headers.get("accept", ""):
@@ -130,21 +148,8 @@ class Router:
                         self.release, version, request_id, type(err).__name__)
             return await self._handle(version).generate.remote(params)
 
-    def _remember(self, version: str, ok: bool, seconds: float) -> None:
-        self.recent.append((time.time(), version, ok, seconds))
-
     def stats(self, since: float) -> dict[str, dict[str, Any]]:
-        """Per version since `since` (epoch seconds): requests, errors (5xx) and p95 latency of those served."""
-        per: dict[str, list[tuple[bool, float]]] = {}
-        for at, version, ok, seconds in self.recent:
-            if at >= since:
-                per.setdefault(version, []).append((ok, seconds))
-        out = {}
-        for version, rows in per.items():
-            latencies = sorted(seconds for ok, seconds in rows if ok)
-            p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None
-            out[version] = {"requests": len(rows), "errors": sum(1 for ok, _ in rows if not ok), "p95_latency_s": p95}
-        return out
+        return window_stats(self.judged, self.pinned, since)
 
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
@@ -161,6 +166,23 @@ class Router:
         if version:
             out[VERSION_HEADER] = version
         return JSONResponse({**body, "request_id": request_id}, status_code=code, headers=out)
+
+
+def figures(answers: list[tuple[bool, float]]) -> dict[str, Any]:
+    """Requests, errors (5xx) and p95 latency of those served."""
+    latencies = sorted(seconds for ok, seconds in answers if ok)
+    p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None
+    return {"requests": len(answers), "errors": sum(1 for ok, _ in answers if not ok), "p95_latency_s": p95}
+
+
+def window_stats(judged: Iterable[Answer], pinned: Iterable[Answer], since: float) -> dict[str, dict[str, Any]]:
+    """Per version since `since` (epoch seconds): the judged figures at the top level, pinned previews under `pinned`."""
+    per: dict[str, tuple[list[tuple[bool, float]], list[tuple[bool, float]]]] = {}
+    for kind, answers in enumerate((judged, pinned)):
+        for at, version, ok, seconds in answers:
+            if at >= since:
+                per.setdefault(version, ([], []))[kind].append((ok, seconds))
+    return {version: {**figures(mine), "pinned": figures(previews)} for version, (mine, previews) in per.items()}
 
 
 def build_router_app(args: dict[str, Any]) -> serve.Application:

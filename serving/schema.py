@@ -68,6 +68,8 @@ class LimitsSpec(SpecModel):
 class RuntimeSpec(SpecModel):
     image: ImageRef
     """Serving container image, pinned by digest."""
+    image_policy: Literal["verify", "unverified"] = "verify"
+    """verify: the dependency check fails unless the replica proves it runs `image` (DIFFOPS_IMAGE_DIGEST equal to its digest); unverified: no proof required."""
     requires: dict[str, str] = Field(default_factory=dict)
     """PEP 440 specifiers the replica must satisfy: package name (or `cuda`) -> specifier."""
 

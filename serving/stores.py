@@ -8,13 +8,16 @@ and opens keys for reading.
   at the release's commit (never the work tree); `file:///abs` — a local
   directory under an allowed root.
 - `s3://`, `gs://`, `az://` — fsspec (s3fs, gcsfs, adlfs).
-- `hf://org/name@revision` — huggingface_hub, safetensors and configs only.
+- `hf://org/name@revision` — huggingface_hub, safetensors and configs only,
+  downloaded (`local_dir` mode, so no hub cache elsewhere) into a scratch dir
+  the fetch names under the model cache and removes after the fetch; a dir
+  left by a killed fetch is swept when the cache is next opened.
 """
 
 from __future__ import annotations
 
 import posixpath
-import tempfile
+import shutil
 from pathlib import Path
 from typing import IO, Iterator, Protocol
 
@@ -131,17 +134,17 @@ class FsspecStore:
 class HfStore:
     """A Hugging Face Hub repo at a pinned revision; pickle and code files are never downloaded."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, scratch: Path):
         repo, _, revision = uri.removeprefix("hf://").partition("@")
         if repo.count("/") != 1 or not revision:
             raise ArtifactError(f"{uri}: expected hf://org/name@revision")
         self.repo, self.revision = repo, revision
-        self.staging: Path | None = None
+        self.staging = scratch  # the caller removes it
 
     def list(self) -> list[tuple[str, int]]:
         from huggingface_hub import snapshot_download
 
-        self.staging = Path(tempfile.mkdtemp(prefix="diffops-hf-"))
+        self.staging.mkdir(parents=True, exist_ok=True)
         snapshot_download(
             self.repo,
             revision=self.revision,
@@ -150,18 +153,20 @@ class HfStore:
         )
         hub_bookkeeping = self.staging / ".cache"
         if hub_bookkeeping.is_dir():
-            import shutil
-
             shutil.rmtree(hub_bookkeeping)
         return LocalStore(self.staging).list()
 
     def open(self, key: str) -> IO[bytes]:
-        assert self.staging is not None
         return open(self.staging / key, "rb")
 
 
-def open_store(uri: str, *, repo: Path | None, commit: str | None, allowed_roots: tuple[Path, ...] = ()) -> Store:
-    """The store for a model URI; file:// paths never escape the repo or an allowed root."""
+def open_store(uri: str, *, repo: Path | None, commit: str | None, allowed_roots: tuple[Path, ...] = (),
+               scratch: Path | None = None) -> Store:
+    """The store for a model URI; file:// paths never escape the repo or an allowed root.
+
+    `scratch`: a directory the caller owns and removes, for stores that must download before
+    listing (hf://); the fetch names one under the model cache.
+    """
     if uri.startswith("file://"):
         rest = uri.removeprefix("file://")
         if rest.startswith("/"):
@@ -176,7 +181,9 @@ def open_store(uri: str, *, repo: Path | None, commit: str | None, allowed_roots
             raise ArtifactError(f"{uri}: a repo-relative model needs the repo and commit it was released from")
         return GitTreeStore(repo, commit, subdir)
     if uri.startswith("hf://"):
-        return HfStore(uri)
+        if scratch is None:
+            raise ArtifactError(f"{uri}: hf:// models need a scratch directory under the model cache (fetch names one)")
+        return HfStore(uri, scratch)
     if uri.startswith(("s3://", "gs://", "az://", "abfs://")):
         return FsspecStore(uri)
     raise ArtifactError(f"{uri}: unsupported scheme")

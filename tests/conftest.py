@@ -124,3 +124,17 @@ def live_demo(model_repo: ReleaseRepo, serve, tmp_path):
 
     with running_controller(model_repo.path, tmp_path / "state") as (controller, release):
         yield model_repo, controller, release
+
+
+@pytest.fixture(autouse=True)
+def _diffops_logger_restored():
+    """A command run in-process (click's CliRunner) may configure the `diffops` logger onto a stream it then
+    closes; every test starts from the logger as it was."""
+    import logging
+
+    logger = logging.getLogger("diffops")
+    saved = (logger.handlers[:], logger.level, logger.propagate, logger.filters[:])
+    yield
+    logger.handlers[:], logger.filters[:] = saved[0], saved[3]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]

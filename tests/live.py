@@ -1,7 +1,8 @@
 """Drivers for tests against the real thing: a local Ray head with token auth and the controller process.
 
-One Ray head serves the whole test session on its own ports (GCS 6391,
-dashboard 8291, Serve HTTP 8191) so it never meets a demo on the defaults.
+One Ray head serves the whole test session on its own ports (free ports found
+when the session starts, so two suites on one machine never meet each other or
+a demo on the defaults).
 It advertises 2 GPUs it does not have: GPU replicas schedule, and the pipeline
 falls back to CPU.
 """
@@ -26,7 +27,23 @@ import httpx
 from controller.serve_client import ServeClient
 
 DIFFOPS = str(Path(sys.executable).with_name("diffops"))
-GCS_PORT, DASHBOARD_PORT, METRICS_PORT, AGENT_PORT, HTTP_PORT, CLIENT_PORT = 6391, 8291, 8292, 8293, 8191, 9291
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now, all different (held open together while chosen)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+GCS_PORT, DASHBOARD_PORT, METRICS_PORT, AGENT_PORT, HTTP_PORT, CLIENT_PORT = _free_ports(6)
 DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
 SERVE_URL = f"http://127.0.0.1:{HTTP_PORT}"
 
@@ -132,6 +149,7 @@ class Load:
     answers: list[tuple[float, int, str, bytes]] = field(default_factory=list)  # (at, status, version, body)
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    timeout: float = 60  # seconds a request may take before the client gives up (a transport error)
 
     @property
     def versions(self) -> list[tuple[float, str]]:
@@ -148,7 +166,7 @@ class Load:
         self.thread.join(timeout=60)
 
     def _run(self) -> None:
-        with httpx.Client(timeout=60) as client:
+        with httpx.Client(timeout=self.timeout) as client:
             while not self.stop.is_set():
                 try:
                     headers = {"X-Diffops-Version": self.pin} if self.pin else {}
@@ -198,3 +216,64 @@ def misattributed(answers: list[tuple[float, int, str, bytes]], references: dict
             wrong.append(f"{at:.2f}: header says {version}, image is {nearest}'s")
     return wrong
 
+
+
+def attempted_at(state_dir: Path) -> float | None:
+    """When the controller on `state_dir` last finished a reconcile (`attempted_at` in its store), or None."""
+    from controller.store import Store
+
+    if not (state_dir / "state.db").exists():
+        return None
+    store = Store(state_dir / "state.db", readonly=True)
+    try:
+        return store.load().controller.attempted_at
+    finally:
+        store.close()
+
+
+def wait_ticks(state_dir: Path, count: int, timeout: float = 60, after: float | None = None) -> float:
+    """Wait until the controller has finished `count` reconciles (after `after`, default now); the last one's time."""
+    seen: set[float] = set()
+    since = time.time() if after is None else after
+
+    def ticked() -> float | None:
+        at = attempted_at(state_dir)
+        if at is not None and at > since:
+            seen.add(at)
+        return max(seen) if len(seen) >= count else None
+
+    return wait_for(ticked, timeout, f"{count} reconciles of the controller on {state_dir}", every=0.1)
+
+
+def send_in_background(path: str, body: dict, timeout: float = 300) -> tuple[threading.Thread, list[tuple[float, httpx.Response]]]:
+    """POST `body` to SERVE_URL + path from a thread; the answer lands in the list as (at, response)."""
+    answers: list[tuple[float, httpx.Response]] = []
+
+    def send() -> None:
+        response = httpx.post(f"{SERVE_URL}{path}", json=body, timeout=timeout, headers={"Accept": "application/json"})
+        answers.append((time.time(), response))
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread, answers
+
+
+def kill_ray_in(temp_dir: str) -> int:
+    """Kill the Ray head whose processes name `temp_dir` (and their children); every other Ray is spared."""
+    import psutil
+
+    spared = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    doomed = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if process.pid not in spared and any(temp_dir in part for part in process.info["cmdline"] or []):
+                doomed += [process, *process.children(recursive=True)]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for process in doomed:
+        try:
+            process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    psutil.wait_procs(doomed, timeout=10)
+    return len(doomed)

@@ -209,3 +209,17 @@ def test_s3_hostile_keys_are_refused_before_download(bucket, tmp_path, key):
     with pytest.raises(ArtifactError, match="refused"):
         fetch(f"s3://{name}/tiny-sd", DEMO_DIGEST, cache)
     assert files_under(tmp_path) == set()
+
+
+def test_s3_damaged_cache_entry_is_refused_then_downloaded_again_from_the_bucket(bucket, tmp_path):
+    _, name = bucket
+    clear_fs_cache()
+    cache = ModelCache(tmp_path / "cache")
+    first = fetch(f"s3://{name}/tiny-sd", DEMO_DIGEST, cache)
+    (first.path / UNET).chmod(0o644)
+    flip_byte(first.path / UNET)
+    with pytest.raises(ArtifactError, match=f"is damaged \\({UNET}: sha256 .* does not match pinned"):
+        fetch(f"s3://{name}/tiny-sd", DEMO_DIGEST, cache, reverify=True)  # what a replica does on start
+    healed = fetch(f"s3://{name}/tiny-sd", DEMO_DIGEST, cache, reverify=True)
+    assert not healed.cached and healed.bytes_transferred > 400_000
+    assert manifest_of(healed.path).digest == DEMO_DIGEST

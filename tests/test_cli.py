@@ -44,7 +44,7 @@ def test_lint_reports_each_broken_file_with_position(release_repo: ReleaseRepo, 
     lines = result.stdout.splitlines()
     assert lines == [
         "releases/anchor.yaml:11:15: anchor '&gen' is not allowed in release files; write the value out",
-        "releases/dupkey.yaml:31:5: duplicate key 'count' (first defined on line 30)",
+        "releases/dupkey.yaml:32:5: duplicate key 'count' (first defined on line 31)",
         "releases/numdigest.yaml:9:13: spec.model.digest: a digest must be a quoted string like 'sha256:<64 hex>'; YAML read 1234567 as int",
         "releases/toomany.yaml:13:5: spec.generation.steps: 51 exceeds limits.max_steps (50)",
         "releases/unknown.yaml:11:5: spec.model.precision: unknown field 'precision' (allowed: uri, digest, dtype)",

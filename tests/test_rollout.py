@@ -191,3 +191,105 @@ def test_changed_checks_recheck_the_serving_version_in_place():
     assert passed.versions[0].gate_key == "g1" and [e.kind for e in passed.events] == ["rechecked"]
     healthy = step("demo", NOW, desired(), passed.release, passed.versions, {"demo": router({V_NEW: 100})}, {})
     assert healthy.release.phase == "Healthy"
+
+
+# (case, versions, observed, expected roles, phase, message fragment, event kinds): the edges of each wait, one tick
+EDGES = [
+    ("exactly at the progress deadline: still waiting", [stable(), canary(created=NOW - 300)], {f"demo--{V_NEW}": app(V_NEW, "DEPLOYING", 0, 1)},
+     {V_OLD: ("stable", 100, "ready"), V_NEW: ("canary", 0, "starting")}, "Progressing", "0/1 replicas running after 300s (deadline 300s)", []),
+    ("no app reported yet", [stable(), canary()], {},
+     {V_OLD: ("stable", 100, "ready"), V_NEW: ("canary", 0, "starting")}, "Progressing", "0 replicas running after 5s", []),
+    ("a standby exactly scale_down_delay old is removed", [stable(V_NEW, NEW), replace(standby(since=NOW - 600), version=V_OLD)],
+     {"demo": router({V_NEW: 100})}, {V_NEW: ("stable", 100, "ready")}, "Healthy", "serving 100%", ["standby-removed"]),
+    ("a standby younger than scale_down_delay stays", [stable(V_NEW, NEW), replace(standby(since=NOW - 599), version=V_OLD)],
+     {"demo": router({V_NEW: 100, V_OLD: 0})}, {V_NEW: ("stable", 100, "ready"), V_OLD: ("standby", 0, "ready")}, "Healthy", "serving 100%", []),
+    ("a rolled-back canary is deleted at its retire time", [stable(V_NEW, NEW), replace(canary("retiring"), version=V_OLD, retire_at=NOW)],
+     {"demo": router({V_NEW: 100})}, {V_NEW: ("stable", 100, "ready")}, "Healthy", "serving 100%", ["retired"]),
+    ("a rolled-back canary stays until then", [stable(V_NEW, NEW), replace(canary("retiring"), version=V_OLD, retire_at=NOW + 1)],
+     {"demo": router({V_NEW: 100, V_OLD: 0})}, {V_NEW: ("stable", 100, "ready"), V_OLD: ("canary", 0, "retiring")}, "Healthy", "serving 100%", []),
+    ("no router reported yet", [stable(V_NEW, NEW)], {},
+     {V_NEW: ("stable", 100, "ready")}, "Progressing", "switching traffic to it (100%); router reports nothing yet", []),
+]
+
+
+@pytest.mark.parametrize("case", EDGES, ids=[c[0] for c in EDGES])
+def test_rollout_edges(case):
+    _, versions, observed, expected, phase, fragment, kinds = case
+    result = step("demo", NOW, desired(), record(phase="Healthy", message="x"), versions, observed, {})
+    assert roles(result) == expected
+    assert result.release.phase == phase
+    assert fragment in result.release.message, result.release.message
+    assert [e.kind for e in result.events] == kinds
+
+
+def test_a_promotion_records_the_load_time_and_says_what_stays_warm():
+    result = step("demo", NOW, desired(), record(), [stable(), canary(created=NOW - 42)], {f"demo--{V_NEW}": app(V_NEW)}, {})
+    [event] = result.events
+    assert event.message == f"{V_NEW} ready after 42.0s; traffic switched to it (100%); {V_OLD} kept warm as standby for 10m"
+    assert result.release.load_seconds == 42 and result.release.failed_version is None
+    promoted, kept = (next(v for v in result.versions if v.version == version) for version in (V_NEW, V_OLD))
+    assert (promoted.ready_at, kept.standby_since) == (NOW, NOW)
+
+
+def test_a_revert_to_the_standby_keeps_its_ready_time_and_says_no_reload():
+    result = step("demo", NOW, desired(), record(), [stable(), standby()], {}, {})
+    [event] = result.events
+    assert event.kind == "rolled-back" and "traffic switched back to it at once, no reload" in event.message
+    switched = next(v for v in result.versions if v.version == V_NEW)
+    assert (switched.ready_at, switched.standby_since) == (NOW - 3000, None)
+
+
+def test_retry_lifts_the_hold_and_says_who_asked():
+    from controller.records import Command
+
+    held = record(failed_version=V_NEW, held_fingerprint="blob-2", phase="Degraded", message="failed")
+    result = step("demo", NOW, desired(fingerprint="blob-2"), held, [stable()], {}, {}, None, [Command("demo", "retry", "ops@host", NOW, id=1)])
+    assert roles(result)[V_NEW] == ("canary", 0, "preparing") and [v.version for v in result.prepare] == [V_NEW]
+    assert result.events[0].kind == "retry" and result.events[0].message == f"ops@host asked to retry {V_NEW}; its hold is lifted"
+    assert (result.release.failed_version, result.release.held_fingerprint) == (None, None)
+    nothing_held = step("demo", NOW, desired(), record(), [stable()], {}, {}, None, [Command("demo", "retry", "ops@host", NOW, id=2)])
+    assert "retry" not in [e.kind for e in nothing_held.events]
+
+
+@pytest.mark.parametrize("errors, message", [
+    (["a"], f"a; {V_OLD} keeps serving"),
+    (["a", "b", "c"], f"a; b; c; {V_OLD} keeps serving"),
+    (["a", "b", "c", "d", "e"], f"a; b; c (+2 more); {V_OLD} keeps serving"),
+])
+def test_invalid_names_three_errors_and_counts_the_rest(errors, message):
+    result = invalid(record(), "demo", errors, [stable()], NOW)
+    assert result.release.message == message and [e.kind for e in result.events] == ["invalid"]
+    again = invalid(result.release, "demo", errors, [stable()], NOW + 2)
+    assert again.events == [] and again.release.updated_at == NOW  # the same refusal is not reported twice
+
+
+def test_an_invalid_first_file_says_nothing_was_serving():
+    result = invalid(None, "demo", ["bad"], [], NOW)
+    assert (result.release.phase, result.release.message, result.release.spec) == ("Invalid", "bad; nothing was serving", None)
+
+
+def test_a_pruned_release_names_its_versions():
+    gone = removed(record(), [stable(), standby()], allowed=True, now=NOW)
+    assert gone.events[0].message == f"release file removed; deleting its apps (versions: {V_OLD}, {V_NEW})"
+    assert removed(record(), [], allowed=True, now=NOW).events[0].message.endswith("(versions: none)")
+
+
+@pytest.mark.parametrize("replicas, free, lacking", [
+    (1, None, None),  # free resources unknown: never blocks
+    (2, {"GPU": 0.0, "CPU": 8.0}, None),  # the demo asks 0 GPUs, 0.5 CPU per replica
+    (2, {"GPU": 0.0, "CPU": 1.0}, None),  # exactly enough
+    (3, {"GPU": 0.0, "CPU": 1.0}, "needs 1.5 CPUs, 1 free"),
+    (2, {"GPU": 0.0}, "needs 1 CPU, 0 free"),  # a resource not reported is not free; one CPU is singular
+])
+def test_shortfall(replicas, free, lacking):
+    from controller.rollout import shortfall
+
+    assert shortfall(spec(), replicas, free) == lacking
+
+
+def test_shortfall_names_every_resource_short():
+    from controller.rollout import shortfall
+
+    gpu = spec(make_release(("    gpus: 0\n", "    gpus: 1\n")))
+    assert shortfall(gpu, 2, {"GPU": 1.0, "CPU": 0.5}) == "needs 2 GPUs, 1 free; needs 1 CPU, 0.5 free"
+    assert shortfall(gpu, 1, {"GPU": 0.0, "CPU": 4.0}) == "needs 1 GPU, 0 free"

@@ -84,3 +84,92 @@ def test_a_ray_traceback_becomes_one_line_naming_the_exception():
         "Error: serving.model_server.InjectedFault: demo--fbc25fc6de: injected startup failure (spec.faults.startup_error)"
     )
     assert brief("Deploying app 'demo'.\n  Waiting for replicas.") == "Deploying app 'demo'. Waiting for replicas."
+
+
+def test_every_app_carries_the_owner_mark_in_a_lightweight_option():
+    from controller.serve_config import default_controller_id
+
+    release, stable = records(make_release())
+    config = render([release], [stable], replace(SETTINGS, owner="ctl-7"))
+    for app in config["applications"]:
+        assert [d["user_config"]["owner"] for d in app["deployments"]] == ["ctl-7"]
+    unmarked = render([release], [stable], replace(SETTINGS, owner="ctl-8"))
+    assert [a["args"] for a in unmarked["applications"]] == [a["args"] for a in config["applications"]]  # args: no restart
+    assert default_controller_id("/var/lib/a") == default_controller_id("/var/lib/a/../a")  # stable for one dir
+    assert default_controller_id("/var/lib/a") != default_controller_id("/var/lib/b")
+
+
+def test_the_whole_document_ray_serve_receives_for_the_demo_release():
+    """Written out by hand from releases/demo.yaml and the README (graceful shutdown 60 s, the constructor retried 3
+    times, the proxy on the head only, on loopback): any renamed key or changed option is a different Serve config."""
+    release, stable = records(make_release())
+    generation = release.spec["generation"]
+    app = f"demo--{stable.version}"
+    assert render([release], [stable], replace(SETTINGS, owner="ctl-1", http_port=8123)) == {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": 8123},
+        "applications": [
+            {"name": "demo", "route_prefix": "/demo", "import_path": "serving.router:build_router_app", "args": {"release": "demo"},
+             "deployments": [{
+                 "name": "Router", "num_replicas": 1, "max_ongoing_requests": 1024, "ray_actor_options": {"num_cpus": 0.05},
+                 "graceful_shutdown_timeout_s": 60, "graceful_shutdown_wait_loop_s": 1,
+                 "user_config": {"weights": {stable.version: 100},
+                                 "limits": {"max_steps": 50, "max_pixels": 262144, "max_images": 4, "max_prompt_chars": 2000},
+                                 "defaults": {"width": 64, "height": 64}, "retry_after_s": 1, "owner": "ctl-1"}}]},
+            {"name": app, "route_prefix": None, "import_path": "serving.model_server:build_model_app",
+             "args": {"release": "demo", "version": stable.version,
+                      "model": {"uri": "file://models/tiny-sd", "digest": "sha256:2b30c6ef7b43b8a62eb17faac4ed5a57d221d7b7d29409f0587ecf2af91b4199",
+                                "dtype": "float32"},
+                      "generation": generation, "repo": "/repo", "commit": "c1", "cache_dir": "/state/models", "gpus": 0, "faults": None},
+             "deployments": [{
+                 "name": "Model", "num_replicas": 1, "max_ongoing_requests": 4, "max_queued_requests": 16,
+                 "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0},
+                 "user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "gpu_hour_usd": 2.5, "owner": "ctl-1"},
+                 "graceful_shutdown_timeout_s": 60, "graceful_shutdown_wait_loop_s": 1,
+                 "health_check_period_s": 10, "health_check_timeout_s": 60, "max_constructor_retry_count": 3}]},
+        ],
+    }
+    assert generation["steps"] == 4 and generation["sampler"] == "ddim"
+
+
+# (case, version status, weight, surge replicas) -> rendered? and with how many replicas
+RENDERED = [
+    ("preparing: no app yet", "preparing", 0, None, None),
+    ("verified: no app yet", "verified", 0, None, None),
+    ("starting", "starting", 0, None, 1),
+    ("ready", "ready", 100, None, 1),
+    ("retiring (an aborted canary, until in-flight requests finish)", "retiring", 0, None, 1),
+    ("a surge holds its own replica count", "starting", 0, 2, 2),
+    ("a surge down to zero replicas", "ready", 0, 0, 0),
+]
+
+
+def test_which_versions_have_an_app_and_with_how_many_replicas():
+    release, stable = records(make_release())
+    _, canary = records(make_release(("    steps: 4\n", "    steps: 8\n")), role="canary")
+    for case, status, weight, replicas, expected in RENDERED:
+        version = replace(canary, status=status, weight=weight, replicas=replicas)
+        config = apps(render([release], [stable, version], SETTINGS))
+        if expected is None:
+            assert set(config) == {"demo", stable.app}, case
+            assert config["demo"]["deployments"][0]["user_config"]["weights"] == {stable.version: 100}, case
+        else:
+            assert config[version.app]["deployments"][0]["num_replicas"] == expected, case
+            assert config["demo"]["deployments"][0]["user_config"]["weights"] == {stable.version: 100, version.version: weight}, case
+
+
+def test_a_release_with_nothing_live_has_no_router():
+    release, stable = records(make_release())
+    other, _ = records(make_release(name="other"))
+    assert [a["name"] for a in render([release, other], [stable], SETTINGS)["applications"]] == ["demo", stable.app]
+    limited = replace(stable, spec={**stable.spec, "limits": {**stable.spec["limits"], "max_images": 2}})
+    router = apps(render([replace(release, spec=None)], [limited], SETTINGS))["demo"]  # no valid spec recorded: the version's
+    assert router["deployments"][0]["user_config"]["limits"]["max_images"] == 2
+
+
+def test_an_older_record_without_batch_wait_or_cost_gets_the_defaults():
+    release, stable = records(make_release())
+    spec = {**stable.spec, "replicas": {k: v for k, v in stable.spec["replicas"].items() if k != "batch_wait_timeout_s"}, "cost": None}
+    model = apps(render([release], [replace(stable, spec=spec)], SETTINGS))[stable.app]
+    assert model["deployments"][0]["user_config"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "gpu_hour_usd": None,
+                                                      "owner": "diffops"}

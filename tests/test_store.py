@@ -9,7 +9,7 @@ import pytest
 
 from controller.records import Event, ObservedApp, ReleaseRecord, VersionRecord
 from controller.status_view import history_rows, status_json, status_text
-from controller.store import ControllerRecord, State, Store
+from controller.store import SCHEMA_VERSION, ControllerRecord, State, Store
 
 SPEC = {"replicas": {"count": 2}, "model": {"uri": "file://m"}}
 
@@ -89,3 +89,11 @@ def test_a_state_file_from_an_older_diffops_is_upgraded_in_place(tmp_path):
     assert (record.name, record.phase, record.load_seconds, record.failures, record.held_fingerprint) == ("demo", "Healthy", 4.2, 0, None)
     store.save(State(releases={"demo": replace(record, phase="Progressing")}))
     assert Store(path, readonly=True).load().releases["demo"].phase == "Progressing"
+
+
+def test_a_new_state_file_is_created_at_the_current_schema_in_a_private_dir(tmp_path):
+    path = tmp_path / "new" / "state.db"
+    store = Store(path)
+    assert store.version == SCHEMA_VERSION == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert (path.parent.stat().st_mode & 0o777) == 0o700
