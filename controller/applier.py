@@ -28,6 +28,7 @@ class Applier:
     def __init__(self, serve: ServeApi, metrics: ControllerMetrics | None = None):
         self.serve, self.metrics = serve, metrics
         self.applied: dict[str, dict[str, Any]] | None = None  # our apps as last applied, by name
+        self.ever: set[str] = set()  # every app name this process applied: ours while Ray deletes it (config gone)
         self.drifting: dict[str, str] = {}  # app -> what differed, while it keeps differing (logged once)
 
     def apply(self, config: dict[str, Any], ours: dict[str, ObservedApp], others: dict[str, ObservedApp]) -> list[Drift]:
@@ -41,6 +42,7 @@ class Applier:
             return []
         self.serve.apply({**config, "applications": [*mine.values(), *drift.carried(others)]})
         self.applied = mine
+        self.ever |= set(mine)
         took_ms = (time.monotonic() - started) * 1000
         for found in drifts:
             if self.drifting.get(found.app) == found.what:

@@ -64,6 +64,8 @@ def partition(observed: dict[str, ObservedApp], owner: str, recorded: set[str]) 
 def holder(release: str, others: dict[str, ObservedApp]) -> str | None:
     """A refusal naming who holds an application name this release needs, or None when every name is free."""
     for name, app in sorted(others.items()):
+        if app.status == "DELETING":  # going away: nobody's to hold
+            continue
         if name == release or name.startswith(f"{release}--"):
             who = owner_of(app.config)
             by = f"controller {who!r} (another state dir on this Ray cluster)" if who else "another Ray Serve client (no diffops owner mark)"

@@ -127,9 +127,10 @@ class Reconciler:
             log.debug("%s: %s (same failure as before; traceback logged then)", subject, message)
 
     def _recorded_apps(self) -> set[str]:
-        """Apps our recorded state says we deployed: unmarked ones by these names are ours (from before owner marks)."""
+        """Apps we deployed (recorded, or applied by this process): unmarked ones by these names are ours (from before
+        owner marks, or being deleted: Ray drops a deleting app's config)."""
         live = rendered_versions(self.state.versions)
-        return {v.app for v in live} | {v.release for v in live}
+        return {v.app for v in live} | {v.release for v in live} | self.applier.ever
 
     def _tick(self, head: str, observed: dict[str, ObservedApp], others: dict[str, ObservedApp]) -> bool:
         started, now = time.monotonic(), self.clock()

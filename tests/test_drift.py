@@ -80,6 +80,7 @@ UNMARKED = {"name": "legacy", "import_path": "app:build", "deployments": [{"name
     ({"legacy": seen(UNMARKED)}, set(), set(), {"legacy"}),  # unmarked: someone else's
     ({"legacy": seen(UNMARKED)}, {"legacy"}, {"legacy"}, set()),  # unmarked but recorded by us: ours from before marks
     ({"imperative": seen(None, name="imperative")}, set(), set(), {"imperative"}),
+    ({"demo--old": seen(None, "DELETING", name="demo--old")}, {"demo--old"}, {"demo--old"}, set()),  # ours, config gone
 ])
 def test_partition_table(observed, recorded, ours, others):
     mine, theirs = partition(observed, "me", recorded)
@@ -92,6 +93,7 @@ def test_partition_table(observed, recorded, ours, others):
     ("demo", {"demo": seen({**FOREIGN, "name": "demo"})}, "belongs to controller 'them'"),
     ("demo", {"demo--abc": seen({**UNMARKED, "name": "demo--abc"})}, "belongs to another Ray Serve client (no diffops owner mark)"),
     ("demo", {"demonstration": seen({**FOREIGN, "name": "demonstration"})}, None),
+    ("demo", {"demo--abc": seen(None, "DELETING", name="demo--abc")}, None),  # going away (Ray drops its config): no holder
 ])
 def test_a_name_held_by_another_owner_is_refused(release, others, refused_because):
     refusal = holder(release, others)

@@ -230,7 +230,9 @@ def test_kill_9_of_the_controller_at_random_points_of_a_rollout(model_repo: Rele
     try:
         with Load() as load:
             for _ in range(7):
-                wait_ticks(state, rng.randint(1, 5), timeout=120)  # anywhere: start-up, gate, replicas starting, steps, the pause
+                # anywhere: start-up, gate, replicas starting, steps, the pause (seeded wall-clock points, 2-10 s apart)
+                hold, since = rng.uniform(2.0, 10.0), time.monotonic()
+                wait_for(lambda: time.monotonic() - since >= hold, hold + 5, f"the next kill point ({hold:.1f}s)")
                 controller.stop(signal.SIGKILL)
                 seen.append(recorded(state / "state.db", {old, new}))
                 controller = Controller(model_repo.path, state).start()

@@ -95,7 +95,8 @@ def test_concurrent_requests_are_batched(live_demo):
     assert {a.json()["metadata"]["version"] for a in answers} == {stable_version(release)}
 
 
-SLOW_REQUEST = {"prompt": "in flight at the deletion", "steps": 50, "width": 256, "height": 256, "seed": 9}
+# ~18 s on 2 idle cores: long enough to be in flight when Serve starts deleting, well inside the 60 s graceful window
+SLOW_REQUEST = {"prompt": "in flight at the deletion", "steps": 20, "width": 256, "height": 256, "seed": 9}
 
 
 # README "Serving": each version's replicas shut down gracefully (60 s): a request in flight when its release is
