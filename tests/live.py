@@ -256,24 +256,3 @@ def send_in_background(path: str, body: dict, timeout: float = 300) -> tuple[thr
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
     return thread, answers
-
-
-def kill_ray_in(temp_dir: str) -> int:
-    """Kill the Ray head whose processes name `temp_dir` (and their children); every other Ray is spared."""
-    import psutil
-
-    spared = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    doomed = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if process.pid not in spared and any(temp_dir in part for part in process.info["cmdline"] or []):
-                doomed += [process, *process.children(recursive=True)]
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    for process in doomed:
-        try:
-            process.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    psutil.wait_procs(doomed, timeout=10)
-    return len(doomed)

@@ -21,9 +21,9 @@ import httpx
 import psutil
 import pytest
 
-from controller.ray_cluster import RayHead
+from controller.ray_cluster import RayHead, kill_head
 from tests.conftest import ReleaseRepo
-from tests.live import (DIFFOPS, SERVE_URL, generate, healthy_on, kill_ray_in, send_in_background, serve_client,
+from tests.live import (DIFFOPS, SERVE_URL, generate, healthy_on, send_in_background, serve_client,
                         stable_version, wait_for)
 
 pytestmark = pytest.mark.timeout(600)
@@ -79,7 +79,7 @@ def test_controller_without_ray_address_starts_a_loopback_head_with_a_private_to
     finally:
         controller.terminate()
         controller.wait(timeout=60)
-        assert kill_ray_in(ray_tmp) > 0  # this head only; never `ray stop`
+        assert kill_head(RayHead(temp_dir=ray_tmp)) > 0  # this head only; never `ray stop`
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
