@@ -41,7 +41,7 @@ mkdir -p "$work"
   echo "only_mutate ="
   printf '    %s\n' "${modules[@]}"
   echo "also_copy ="
-  printf '    %s\n' checks releases models bench
+  printf '    %s\n' checks releases models bench docs scripts README.md constraints.txt Dockerfile Makefile  # tests read some
   echo "pytest_add_cli_args_test_selection ="
   printf '    %s\n' "${tests[@]}"
   echo "pytest_add_cli_args ="
