@@ -18,8 +18,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from bench import batching, gate, model_load, reconcile, rollout, router
 from bench.context import Context, Shared

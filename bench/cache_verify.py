@@ -21,8 +21,8 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from bench import synthetic_model
 from bench.model_load import drop_page_cache, files_under, raw_read_seconds

@@ -1,8 +1,8 @@
 """Fakes at our own boundaries, for benchmarks that measure the controller's own work.
 
-`InstantServe` implements `controller.serve_client.ServeApi`: a config applies
+`InstantServe` implements `controller.apply.serve_client.ServeApi`: a config applies
 at once, every app is RUNNING with its replicas and every router confirms its
-weights. `PassingGate` implements `controller.gate_runner.Gate` and passes at
+weights. `PassingGate` implements `controller.gate.runner.Gate` and passes at
 once. With both, a reconcile's time is git, parsing, planning, rendering and
 SQLite, nothing else.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from checks.report import CheckResult, GateReport
-from controller.records import ObservedApp
+from controller.state.records import ObservedApp
 
 
 class InstantServe:

@@ -2,7 +2,7 @@
 
 The gate (`checks.gate.run_gate`: artifact, dependency, cuda, load, golden and
 performance checks) runs once in this process, as `diffops check` runs it,
-and once as a Ray job on the bench's head (`controller.gate_runner.RayJobGate`),
+and once as a Ray job on the bench's head (`controller.gate.runner.RayJobGate`),
 as the controller runs it: a fresh process on the release's resources that
 imports torch and diffusers first. Baseline: `serving.pipeline.load_pipeline`
 plus one golden image with the release's generation config, in this process
@@ -24,10 +24,10 @@ from bench.ray_head import DASHBOARD, BenchHead
 from bench.report import Figure, ratio
 from checks.gate import run_gate
 from checks.report import GateReport
-from controller.gate_runner import RayJobGate, gate_input
-from controller.ray_cluster import ensure_token
-from controller.source import ReleaseSource
-from controller.versions import version_id
+from controller.apply.ray_cluster import ensure_token
+from controller.gate.runner import RayJobGate, gate_input
+from controller.plan.versions import version_id
+from controller.source.git_source import ReleaseSource
 
 BASELINE_RUNS = 3
 

@@ -4,7 +4,7 @@ A temporary release repo (the demo model, golden reference and
 releases/demo.yaml), the bench's Ray head, and `diffops controller run` as a
 child process, as an operator runs it. Changes are git commits (the
 controller watches the repo's refs); the controller's state is read from its
-SQLite store (read-only), Ray Serve through `controller.serve_client`.
+SQLite store (read-only), Ray Serve through `controller.apply.serve_client`.
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 from bench.gitrepo import ReleaseRepo, demo_release
 from bench.progress import Say
 from bench.ray_head import DASHBOARD, HTTP_PORT, BenchHead
-from controller.records import ObservedApp, ReleaseRecord, VersionRecord
-from controller.serve_client import ServeClient, ServeError
-from controller.store import State, Store
+from controller.apply.serve_client import ServeClient, ServeError
+from controller.state.records import ObservedApp, ReleaseRecord, VersionRecord
+from controller.state.store import State, Store
 
 DIFFOPS = str(Path(sys.executable).with_name("diffops"))
 RELEASE = "demo"

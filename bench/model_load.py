@@ -25,10 +25,11 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from bench import synthetic_model
 from bench.context import Context

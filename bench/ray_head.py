@@ -3,7 +3,7 @@
 GCS 6401, dashboard 8301, metrics 8302, dashboard agent 8303, client server
 9301 (Serve's HTTP proxy listens on 8201, set in the config the controller
 renders), a `dbench-` temp dir and a token file of its own
-($RAY_AUTH_TOKEN_PATH), started by `controller.ray_cluster.start_head`.
+($RAY_AUTH_TOKEN_PATH), started by `controller.apply.ray_cluster.start_head`.
 `stop()` is `ray_cluster.kill_head`: only this head's processes, never
 `ray stop`, which would end every Ray on the machine.
 """
@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from controller import ray_cluster
-from controller.serve_client import ServeClient
+from controller.apply import ray_cluster
+from controller.apply.serve_client import ServeClient
 
 GCS_PORT, DASHBOARD_PORT, METRICS_PORT, AGENT_PORT, HTTP_PORT, CLIENT_PORT = 6401, 8301, 8302, 8303, 8201, 9301
 HOST = "127.0.0.1"

@@ -25,10 +25,10 @@ from bench.fakes import InstantServe, PassingGate
 from bench.gitrepo import append_commit, blob_text, build_history, release_name
 from bench.progress import Say, quiet
 from bench.report import Figure, ratio
+from controller.apply.serve_config import RenderSettings
 from controller.reconciler import Reconciler
-from controller.serve_config import RenderSettings
-from controller.source import ReleaseSource
-from controller.store import State, Store
+from controller.source.git_source import ReleaseSource
+from controller.state.store import State, Store
 
 SIZES, QUICK_SIZES = (10, 100, 1000), (10, 100)
 HISTORY, QUICK_HISTORY = 1000, 100

@@ -19,7 +19,7 @@ small requests, two clients).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import httpx
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from checks import artifact, dependency, golden, performance
 from checks.job import REFERENCE_MAX_BYTES, reference_refusal

@@ -1,7 +1,7 @@
 """The gate's part of the release schema: which checks a version must pass.
 
 The artifact and dependency checks always run; `golden` and `performance` run
-when configured. `controller.release` composes this into a `Release`.
+when configured. `controller.parse.release` composes this into a `Release`.
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ and the other releases go on. `controller.reconciler` calls `tick_outcome` and
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from controller.records import Phase
+from controller.state.records import Phase
 
 RETRY_CAP_S = 60.0  # the longest a temporary failure waits between tries
 UNEXPECTED_RETRY_S = 2.0  # base delay after an unclassified exception outside any release's step
@@ -62,8 +62,8 @@ def summary(err: BaseException) -> str:
 
 def classify(err: BaseException) -> TemporaryError | WaitingError | ReleaseError | None:
     """The taxonomy's reading of an error; errors of modules that predate it are mapped here. None: unexpected."""
-    from controller.signatures import SignatureError
-    from controller.source import SourceError
+    from controller.source.git_source import SourceError
+    from controller.source.signatures import SignatureError
 
     if isinstance(err, (TemporaryError, WaitingError, ReleaseError)):
         return err

@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 
-from controller.serve_client import ray_token
+from controller.apply.serve_client import ray_token
 
 
 class _Redact(logging.Filter):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from controller.store import State
+from controller.state.store import State
 
 PHASES = ("Healthy", "Progressing", "Paused", "Degraded", "Failed", "Invalid")
 

@@ -3,8 +3,8 @@
 The shell around the pure steps. Each tick recomputes from the branch head,
 the recorded state and what Ray Serve reports; long work (model fetch and
 verification) runs in a thread pool and is picked up by a later tick. Only
-applications this controller owns are observed as its own (`controller.drift`);
-the apply step re-applies what drifted (`controller.applier`). Errors follow
+applications this controller owns are observed as its own (`controller.apply.drift`);
+the apply step re-applies what drifted (`controller.apply.applier`). Errors follow
 one taxonomy (`controller.errors`), mapped here only: in `reconcile` for the
 tick (temporary: backoff with jitter) and in `_failed_step` for one release
 (its phase and message; the loop and the other releases go on).
@@ -17,25 +17,28 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 from git import GitCommandError
 
 from checks.report import GateReport
-from controller import drift, errors, git_notes, git_revert, rollout
-from controller.applier import Applier
-from controller.gate_runner import Gate, LocalGate, gate_input, gate_key, reference_blob
+from controller import errors
+from controller.apply import drift
+from controller.apply.applier import Applier
+from controller.apply.serve_client import ServeApi
+from controller.apply.serve_config import ROUTER_CPUS, RenderSettings, render, rendered_versions, router_weights
+from controller.gate.runner import Gate, LocalGate, gate_input, gate_key, reference_blob
 from controller.metrics import ControllerMetrics
-from controller.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name, with_phase
-from controller.serve_client import ServeApi
-from controller.serve_config import ROUTER_CPUS, RenderSettings, render, rendered_versions, router_weights
-from controller.signatures import SignatureGate
-from controller.source import ReleaseSource, ReleaseFile, Snapshot
-from controller.store import State, Store
-from controller.versions import version_id
+from controller.plan.versions import version_id
+from controller.rollout import steps as rollout
+from controller.source.git_source import ReleaseFile, ReleaseSource, Snapshot
+from controller.source.signatures import SignatureGate
+from controller.state import git_notes, git_revert
+from controller.state.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name, with_phase
+from controller.state.store import State, Store
 from serving.artifacts import ModelCache, fetch
 from serving.manifest import ArtifactError
 

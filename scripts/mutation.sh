@@ -4,7 +4,7 @@
 # so the checkout is never written to; prints total / killed / surviving per module.
 #
 #   scripts/mutation.sh                 # all modules (about 40 min on 2 cores)
-#   scripts/mutation.sh 'controller.canary*'   # only mutants whose name matches (re-run after adding tests)
+#   scripts/mutation.sh 'controller.rollout.canary*'   # only mutants whose name matches (re-run after adding tests)
 #
 # MUTATION_DIR (default: $TMPDIR/diffops-mutation) keeps the copy and mutmut's
 # results between runs; MUTATION_JOBS (default: the CPU count) runs mutants in parallel.
@@ -15,8 +15,8 @@ python=${PYTHON:-$root/.venv/bin/python}
 work=${MUTATION_DIR:-${TMPDIR:-/tmp}/diffops-mutation}
 jobs=${MUTATION_JOBS:-$(nproc)}
 
-modules=(controller/rollout.py controller/canary.py controller/plan.py controller/versions.py controller/serve_config.py
-         controller/drift.py controller/errors.py controller/gate_start.py serving/requests.py serving/cache_eviction.py)
+modules=(controller/rollout/steps.py controller/rollout/canary.py controller/plan/changes.py controller/plan/versions.py controller/apply/serve_config.py
+         controller/apply/drift.py controller/errors.py controller/gate/start.py serving/requests.py serving/cache_eviction.py)
 tests=(tests/test_rollout.py tests/test_canary.py tests/test_plan.py tests/test_serve_config.py tests/test_drift.py
        tests/test_errors.py tests/test_gate_input.py tests/test_requests.py tests/test_cache.py tests/test_release_schema.py
        tests/test_reconciler.py)

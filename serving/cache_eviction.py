@@ -14,9 +14,9 @@ removes what these functions name. Nothing here touches the file system.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 SCRATCH = re.compile(r"\.(staging|hub|trash)-([0-9a-f]+)-[0-9a-z]+")

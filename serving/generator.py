@@ -10,7 +10,8 @@ import io
 import random
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 SHAPE_KEYS = ("steps", "width", "height", "guidance_scale", "num_images")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import lru_cache
+from functools import cache
 
 from ray.util import metrics
 
@@ -18,7 +18,7 @@ log = logging.getLogger("ray.serve")
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
 
-@lru_cache(maxsize=None)
+@cache
 def serving_metrics() -> dict[str, object]:
     version = ("release", "version")
     return {

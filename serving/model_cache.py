@@ -24,10 +24,10 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from filelock import FileLock, Timeout
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, AsyncIterable
+from collections.abc import AsyncIterable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 

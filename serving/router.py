@@ -25,7 +25,8 @@ import random
 import time
 import uuid
 from collections import deque
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ray import serve
 from ray.exceptions import RayActorError

@@ -1,6 +1,6 @@
 """Serving's part of the release schema: model, generation, limits, runtime, replicas.
 
-`controller.release` composes these into a `Release`. `rules` holds the
+`controller.parse.release` composes these into a `Release`. `rules` holds the
 cross-field checks between them; it returns (field path, message) pairs so the
 loader can point each at its line in the release file.
 """

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import posixpath
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator, Protocol
+from typing import IO, Protocol
 
 from serving.manifest import MANIFEST_NAME, REFUSED_SUFFIXES, ArtifactError, list_model_files
 

@@ -78,7 +78,7 @@ def free_port() -> int:
 
 def make_release(*edits: tuple[str, str], name: str = "demo"):
     """The demo release, renamed and edited, parsed through the real loader."""
-    from controller.loader import parse_release
+    from controller.parse.loader import parse_release
 
     text = DEMO_RELEASE.replace("name: demo", f"name: {name}")
     for old, new in edits:
@@ -92,7 +92,7 @@ def ray_head(tmp_path_factory):
     import os
     import tempfile
 
-    from controller import ray_cluster
+    from controller.apply import ray_cluster
     from tests import live
 
     token_dir = tmp_path_factory.mktemp("ray-token")

@@ -17,14 +17,15 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 
-from controller.serve_client import ServeClient
+from controller.apply.serve_client import ServeClient
 
 DIFFOPS = str(Path(sys.executable).with_name("diffops"))
 
@@ -182,7 +183,7 @@ class Load:
 
 
 def serve_client() -> ServeClient:
-    from controller.serve_client import ray_token
+    from controller.apply.serve_client import ray_token
 
     return ServeClient(DASHBOARD, ray_token(), serve_url=SERVE_URL)
 
@@ -220,7 +221,7 @@ def misattributed(answers: list[tuple[float, int, str, bytes]], references: dict
 
 def attempted_at(state_dir: Path) -> float | None:
     """When the controller on `state_dir` last finished a reconcile (`attempted_at` in its store), or None."""
-    from controller.store import Store
+    from controller.state.store import Store
 
     if not (state_dir / "state.db").exists():
         return None

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from controller.canary import judge
-from controller.release import Analysis
+from controller.parse.release import Analysis
+from controller.plan.versions import version_id
+from controller.rollout.canary import judge
+from controller.rollout.steps import Desired, step
+from controller.state.records import Command, ObservedApp, ReleaseRecord, VersionRecord
 from serving.router import window_stats
-from controller.records import Command, ObservedApp, ReleaseRecord, VersionRecord
-from controller.rollout import Desired, step
-from controller.versions import version_id
 from tests.conftest import make_release
 
 NOW = 2_000_000.0
@@ -360,3 +360,43 @@ def test_the_step_events_describe_each_step():
     timed.tick(advance=10, stats=GOOD)
     left = timed.tick(advance=12.4, stats=GOOD)
     assert left.release.message == f"step 2/4: pause 30s: 18s left; canary {V_NEW} at 25%"
+
+
+def test_every_walk_event_names_the_release_the_canary_and_the_commit():
+    run = Driver()
+    events = []
+    for stats, commands in [(None, ()), (GOOD, ()), ({V_NEW: {"requests": 20, "errors": 10}}, ()), (GOOD, ()),
+                            (None, [Command("demo", "promote", "ana@laptop", NOW, id=1)])]:
+        events += run.tick(advance=10, stats=stats, commands=commands).events
+    walk = [e for e in events if e.kind in ("step", "analysis-failed", "promoted-manually")]
+    assert {e.kind for e in walk} == {"step", "analysis-failed", "promoted-manually"}
+    assert all((e.release, e.version, e.commit) == ("demo", V_NEW, "c2") for e in walk), walk
+
+
+def test_the_analysis_records_the_stable_versions_figures_beside_the_canary():
+    run = Driver()
+    run.tick()
+    stable_figures = {"requests": 60, "errors": 0, "p95_latency_s": 0.3}
+    run.tick(advance=10, stats={**GOOD, V_OLD: stable_figures})
+    assert run.record.analysis["stable"] == stable_figures and run.record.analysis["canary"]["requests"] == 20
+
+
+def test_promote_during_a_weight_step_changes_nothing_and_a_full_promote_restarts_the_interval():
+    run = Driver()
+    run.tick()
+    before = run.record
+    run.tick(commands=[Command("demo", "promote", "ops@host", NOW, id=1)])
+    assert run.record.step == 0 and "promoted-manually" not in run.events and run.record.step_started_at == before.step_started_at
+    run.tick(advance=4, commands=[Command("demo", "promote", "ops@host", NOW, full=True, id=2)])
+    assert (run.record.step, run.record.step_started_at, run.record.analysis_at, run.record.failures) == (3, run.now, run.now, 0)
+
+
+def test_failures_counted_in_an_earlier_walk_do_not_carry_into_a_new_one():
+    from dataclasses import replace
+
+    run = Driver()
+    run.record = replace(run.record, failures=1, analysis={"verdict": "failed", "step": 0, "step_passed": False})
+    run.tick()  # the walk starts: its own count, its own analysis
+    assert (run.record.failures, run.record.analysis, run.record.analysis_at) == (0, None, run.now)
+    once = run.tick(advance=10, stats={V_NEW: {"requests": 20, "errors": 10}})
+    assert run.record.failures == 1 and once.release.phase == "Progressing"

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 
 from checks import dependency
-from controller.diff_report import as_text
-from controller.plan import diff_releases
-from controller.records import ReleaseRecord, VersionRecord
-from controller.status_view import status_json, status_text
-from controller.store import ControllerRecord, State
-from controller.versions import version_id
+from controller.cli.status_view import status_json, status_text
+from controller.plan.changes import diff_releases
+from controller.plan.report import as_text
+from controller.plan.versions import version_id
+from controller.state.records import ReleaseRecord, VersionRecord
+from controller.state.store import ControllerRecord, State
 from tests.conftest import DEMO_RELEASE, make_release
 
 DIGEST = "sha256:" + "ab" * 32
@@ -88,7 +88,7 @@ def test_demo_release_says_unverified_explicitly():
 
 
 def test_unknown_policy_is_refused_with_its_line():
-    from controller.loader import InvalidRelease
+    from controller.parse.loader import InvalidRelease
 
     with pytest.raises(InvalidRelease) as refused:
         make_release((POLICY_LINE, "    image_policy: trust-me\n"))
@@ -111,7 +111,7 @@ def test_leaving_the_default_keeps_existing_version_ids():
     import hashlib
     import json
 
-    from controller.versions import field_class, leaves
+    from controller.plan.versions import field_class, leaves
 
     release = verified_demo()
     before = {p: v for p, v in leaves(release).items() if field_class(p) == "version" and p != "spec.runtime.image_policy"}

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from controller.drift import Drift, carried, differences, essence, find_drift, holder, mark, owner_of, partition
-from controller.records import ObservedApp
+from controller.apply.drift import Drift, carried, differences, essence, find_drift, holder, mark, owner_of, partition
+from controller.state.records import ObservedApp
 
 ROUTER = {
     "name": "demo", "route_prefix": "/demo", "import_path": "serving.router:build_router_app", "args": {"release": "demo"},
@@ -143,3 +143,21 @@ def test_drift_wording(case):
 @pytest.mark.parametrize("app, release", [("demo", "demo"), ("demo--v1", "demo"), ("demo--v1--x", "demo"), ("a-b--v2", "a-b")])
 def test_the_release_of_an_application(app, release):
     assert Drift(app, "x").release == release
+
+
+def test_a_name_is_refused_even_when_another_owners_app_sorts_before_it():
+    others = {"alpha": seen({**FOREIGN, "name": "alpha"}), "demo--abc": seen({**FOREIGN, "name": "demo--abc"})}
+    assert "'demo--abc' belongs to controller 'them'" in holder("demo", others)
+
+
+@pytest.mark.parametrize("length, shown", [(78, "'" + "y" * 78 + "'"), (79, "'" + "y" * 78 + "…")])  # repr adds 2 quotes: 80 is kept
+def test_a_value_of_exactly_80_characters_is_shown_whole(length, shown):
+    value = "y" * length
+    [drift] = find_drift([MODEL], {"demo--v1": seen({**MODEL, "args": {**MODEL["args"], "commit": value}})})
+    assert drift.what == f"changed: args.commit: 'c1' -> {shown}"
+
+
+def test_five_differences_are_all_named():
+    changed = edited(MODEL, num_replicas=2, max_ongoing_requests=8, max_queued_requests=1, ray_actor_options={"num_cpus": 1, "num_gpus": 1})
+    [drift] = find_drift([MODEL], {"demo--v1": seen(changed)})
+    assert drift.what.count(" -> ") == 5 and "more" not in drift.what

@@ -6,10 +6,10 @@ import sqlite3
 
 import pytest
 
+from controller.apply.serve_client import ServeError
 from controller.errors import ReleaseError, TemporaryError, WaitingError, backoff, release_outcome, summary, tick_outcome
-from controller.serve_client import ServeError
-from controller.signatures import SignatureError
-from controller.source import SourceError
+from controller.source.git_source import SourceError
+from controller.source.signatures import SignatureError
 
 LOW, HIGH = (lambda: 0.0), (lambda: 1.0)
 
@@ -83,3 +83,18 @@ def test_defaults_of_the_taxonomy(err, kind, retry_in, phase):
 ])
 def test_summary_table(message, expected):
     assert summary(ValueError(message)) == expected
+
+
+def test_the_taxonomy_defaults_when_raised_where_they_are_decided():
+    def raised(make):
+        try:
+            raise make()
+        except Exception as err:  # noqa: BLE001 - the point is what the mapping makes of it
+            return err
+
+    assert tick_outcome(raised(lambda: WaitingError("job pending")), 1, HIGH).retry_in == pytest.approx(1.0)
+    assert tick_outcome(raised(lambda: TemporaryError("remote slow")), 1, HIGH).retry_in == pytest.approx(2.0)
+    assert release_outcome(raised(lambda: ReleaseError("cannot use the model")), serving=False).phase == "Failed"
+    unexpected = tick_outcome(raised(lambda: KeyError("spec")), 1, HIGH).message
+    assert unexpected.endswith("(a bug: please report it with the traceback)")
+    assert release_outcome(raised(lambda: KeyError("spec")), serving=True).message.endswith("(traceback in the controller log)")

@@ -16,8 +16,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -25,13 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.fakes import InstantServe, PassingGate
-from controller import safe_yaml
-from controller.loader import InvalidRelease, parse_release
+from controller.apply.serve_config import RenderSettings
+from controller.parse import safe_yaml
+from controller.parse.loader import InvalidRelease, parse_release
+from controller.parse.release import Release
 from controller.reconciler import Reconciler
-from controller.release import Release
-from controller.serve_config import RenderSettings
-from controller.source import ReleaseSource
-from controller.store import Store
+from controller.source.git_source import ReleaseSource
+from controller.state.store import Store
 from tests.conftest import DEMO_MODEL, DEMO_RELEASE, ROOT, ReleaseRepo
 from tests.live import wait_for
 

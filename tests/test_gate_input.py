@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from checks.job import INPUT_NAME, REFERENCE_MAX_BYTES, REFERENCE_NAME, pack, read_dir, reference_refusal, run_dir
-from controller.gate_runner import gate_input, job_request, package_uri, settings_from_env
-from controller.gate_start import Fail, KeepWaiting, start_deadline_s, start_verdict
-from controller.source import ReleaseSource
-from controller.versions import version_id
+from controller.gate.runner import gate_input, job_request, package_uri, settings_from_env
+from controller.gate.start import Fail, KeepWaiting, start_deadline_s, start_verdict
+from controller.plan.versions import version_id
+from controller.source.git_source import ReleaseSource
 from tests.conftest import ReleaseRepo, make_release
 
 ENV_LIMIT = 128 * 1024  # Linux MAX_ARG_STRLEN: the most one environment string may hold

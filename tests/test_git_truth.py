@@ -13,11 +13,11 @@ from pathlib import Path
 import git
 import pytest
 
-from controller import git_remote
-from controller.git_notes import annotate
-from controller.git_revert import RevertError, revert_release
-from controller.records import Event
-from controller.source import ReleaseSource
+from controller.source import git_remote
+from controller.source.git_source import ReleaseSource
+from controller.state.git_notes import annotate
+from controller.state.git_revert import RevertError, revert_release
+from controller.state.records import Event
 from tests.conftest import ReleaseRepo
 
 

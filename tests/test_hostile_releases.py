@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.source import ReleaseSource, read_release_file
+from controller.source.git_source import ReleaseSource, read_release_file
 from tests.conftest import DEMO_RELEASE, ReleaseRepo, edit
 
 

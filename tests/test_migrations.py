@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from controller.cli import main
-from controller.store import SCHEMA_VERSION, StateFileError, Store
-from controller.store_schema import Migration, migrate
+from controller.cli.main import main
+from controller.state.migrations import Migration, migrate
+from controller.state.store import SCHEMA_VERSION, StateFileError, Store
 
 FIRST_LAYOUT = """
 CREATE TABLE controller (id INTEGER PRIMARY KEY CHECK (id = 1), last_attempted_commit TEXT, attempted_at REAL,

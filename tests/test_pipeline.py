@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from controller.source import ReleaseSource
+from controller.source.git_source import ReleaseSource
 from serving.artifacts import ModelCache, fetch
 from serving.pipeline import load_pipeline
 from serving.samplers import SAMPLERS
@@ -36,8 +36,9 @@ TRAINED = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "pr
 
 @pytest.fixture(scope="module")
 def demo_model_dir(tmp_path_factory):
-    from tests.conftest import DEMO_MODEL, DEMO_RELEASE
     import shutil
+
+    from tests.conftest import DEMO_MODEL, DEMO_RELEASE
 
     repo = ReleaseRepo(tmp_path_factory.mktemp("repo"))
     shutil.copytree(DEMO_MODEL, repo.path / "models" / "tiny-sd")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from controller.plan import GpuImpact, diff_releases
-from controller.versions import FIELD_CLASSES, field_class, leaves, version_id
+from controller.plan.changes import GpuImpact, diff_releases
+from controller.plan.versions import FIELD_CLASSES, field_class, leaves, version_id
 from tests.conftest import make_release as release
-
 
 GPU1 = ("    gpus: 0\n", "    gpus: 1\n")
 
@@ -137,7 +136,7 @@ def test_field_class_table(path, expected):
 
 
 def test_flatten_names_every_leaf_and_keeps_empty_containers():
-    from controller.versions import flatten
+    from controller.plan.versions import flatten
 
     assert flatten({"a": {"b": 1, "c": [2, {"d": None}]}, "e": {}, "f": []}) == {"a.b": 1, "a.c.0": 2, "a.c.1.d": None, "e": {}, "f": []}
     assert flatten(5) == {"": 5}
@@ -154,3 +153,13 @@ def test_version_id_counts_a_late_field_only_when_it_differs_from_its_default():
     identity = {path: value for path, value in without.items() if field_class(path) == "version"}
     expected = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:10]
     assert version_id(verify) == expected  # the default is hashed as if the field were absent (ids made before it existed)
+
+
+def test_each_changed_field_carries_both_values():
+    drill = release(("  cost:\n", "  faults:\n    error_rate: 0.5\n  cost:\n"), ("    steps: 4\n", "    steps: 8\n"))
+    [change] = diff_releases({"demo": release()}, {"demo": drill})
+    fields = {f.path: (f.old, f.new, f.change_class) for f in change.fields}
+    assert fields["spec.generation.steps"] == (4, 8, "version")
+    assert fields["spec.faults.error_rate"] == (None, 0.5, "version")  # a field only the new file has
+    [back] = diff_releases({"demo": drill}, {"demo": release()})
+    assert {f.path: (f.old, f.new) for f in back.fields}["spec.faults.error_rate"] == (0.5, None)  # and only the old one

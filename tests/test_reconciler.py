@@ -13,14 +13,14 @@ import time
 import pytest
 
 from bench.fakes import InstantServe, PassingGate
-from controller import rollout
+from controller.apply.serve_client import ServeError
+from controller.apply.serve_config import RenderSettings
 from controller.metrics import ControllerMetrics
 from controller.reconciler import Reconciler
-from controller.records import ObservedApp
-from controller.serve_client import ServeError
-from controller.serve_config import RenderSettings
-from controller.source import ReleaseSource
-from controller.store import Store
+from controller.rollout import steps as rollout
+from controller.source.git_source import ReleaseSource
+from controller.state.records import ObservedApp
+from controller.state.store import Store
 from tests.conftest import ReleaseRepo
 
 

@@ -7,8 +7,8 @@ from datetime import timedelta
 
 import pytest
 
-from controller.cli import release_schema_text
-from controller.loader import InvalidRelease, parse_release
+from controller.cli.main import release_schema_text
+from controller.parse.loader import InvalidRelease, parse_release
 from serving.samplers import SAMPLERS
 from tests.conftest import DEMO_RELEASE, ROOT, edit
 
@@ -160,7 +160,7 @@ def test_committed_json_schema_is_current():
 
 
 def test_readme_documents_every_release_field():
-    from controller.versions import leaves
+    from controller.plan.versions import leaves
     from tests.conftest import ROOT
 
     readme = (ROOT / "README.md").read_text()
@@ -173,7 +173,7 @@ def test_readme_documents_every_release_field():
 
 def test_a_validation_bug_is_this_file_s_error_with_its_traceback_logged(monkeypatch, caplog):
     """A rule that raises (a bug) marks the file, logs the traceback once, and never escapes the loader."""
-    import controller.loader as loader
+    import controller.parse.loader as loader
 
     def broken_rules(release, stem):
         raise KeyError("oops")

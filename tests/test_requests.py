@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -230,3 +230,36 @@ def test_content_length_header(header, status, says):
         declared_length(header)
     assert info.value.status == status and says in info.value.body()["message"]
     assert info.value.body()["error"] == {400: "bad request", 413: "request too large"}[status]
+
+
+def test_a_body_of_exactly_the_cap_is_read_and_judged_not_refused_for_size():
+    body = b'{"prompt": "' + b"x" * (MAX_BODY_BYTES - len(b'{"prompt": ""}')) + b'"}'
+    assert len(body) == MAX_BODY_BYTES
+    with pytest.raises(RequestError) as info:
+        parse_request(body, LIMITS, DEFAULTS)
+    assert (info.value.status, info.value.body()["field"]) == (422, "prompt")  # too long a prompt, not too large a body
+    with pytest.raises(RequestError) as info:
+        parse_request(body + b" ", LIMITS, DEFAULTS)
+    assert info.value.status == 413 and info.value.body()["message"].startswith(f"{MAX_BODY_BYTES + 1} bytes; ")
+
+
+def test_an_unnamed_status_is_an_invalid_request_and_messages_are_bounded():
+    err = RequestError([("prompt", "m" * 500)], status=418)
+    assert err.body()["error"] == "invalid request" and err.body()["message"] == "m" * 400 + "…"
+    assert RequestError([("\ud800", "x")]).body()["field"] == "\\ud800"  # a lone surrogate echoed escaped, as valid UTF-8
+
+
+def test_nan_and_infinity_name_the_constant():
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        with pytest.raises(RequestError) as info:
+            parse_request(f'{{"prompt": "x", "guidance_scale": {constant}}}'.encode(), LIMITS, DEFAULTS)
+        assert f"{constant} is not a number JSON allows" in info.value.body()["message"]
+
+
+def test_a_streamed_body_over_the_cap_says_where_reading_stopped():
+    with pytest.raises(RequestError) as info:
+        read(Sender(MAX_BODY_BYTES + 10, chunk=MIB), None)
+    assert f"more than {MAX_BODY_BYTES} bytes sent (stopped reading at {MAX_BODY_BYTES + 10})" in info.value.body()["message"]
+    with pytest.raises(RequestError) as info:
+        read(Sender(10), str(MAX_BODY_BYTES + 1))
+    assert info.value.body()["message"].startswith(f"Content-Length {MAX_BODY_BYTES + 1} bytes; ")

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from controller.records import ObservedApp, ReleaseRecord, VersionRecord
-from controller.rollout import Desired, Prepared, deadline_s, invalid, removed, step
-from controller.versions import version_id
+from controller.plan.versions import version_id
+from controller.rollout.steps import Desired, Prepared, deadline_s, invalid, removed, step
+from controller.state.records import ObservedApp, ReleaseRecord, VersionRecord
 from tests.conftest import make_release
 
 NOW = 1_000_000.0
@@ -240,7 +240,7 @@ def test_a_revert_to_the_standby_keeps_its_ready_time_and_says_no_reload():
 
 
 def test_retry_lifts_the_hold_and_says_who_asked():
-    from controller.records import Command
+    from controller.state.records import Command
 
     held = record(failed_version=V_NEW, held_fingerprint="blob-2", phase="Degraded", message="failed")
     result = step("demo", NOW, desired(fingerprint="blob-2"), held, [stable()], {}, {}, None, [Command("demo", "retry", "ops@host", NOW, id=1)])
@@ -282,14 +282,49 @@ def test_a_pruned_release_names_its_versions():
     (2, {"GPU": 0.0}, "needs 1 CPU, 0 free"),  # a resource not reported is not free; one CPU is singular
 ])
 def test_shortfall(replicas, free, lacking):
-    from controller.rollout import shortfall
+    from controller.rollout.steps import shortfall
 
     assert shortfall(spec(), replicas, free) == lacking
 
 
 def test_shortfall_names_every_resource_short():
-    from controller.rollout import shortfall
+    from controller.rollout.steps import shortfall
 
     gpu = spec(make_release(("    gpus: 0\n", "    gpus: 1\n")))
     assert shortfall(gpu, 2, {"GPU": 1.0, "CPU": 0.5}) == "needs 2 GPUs, 1 free; needs 1 CPU, 0.5 free"
     assert shortfall(gpu, 1, {"GPU": 0.0, "CPU": 4.0}) == "needs 1 GPU, 0 free"
+
+
+@pytest.mark.parametrize("case", CASES + EDGES, ids=[c[0] for c in CASES + EDGES])
+def test_every_decision_is_recorded_under_its_release_version_and_commit(case):
+    """What `diffops status` and `diffops history` show: the desired commit and version, when the phase last moved,
+    and each event under its release and version (the commit on the ones git notes are written for)."""
+    versions, observed = case[1], case[2]
+    prepared = case[3] if len(case) == 8 else {}
+    result = step("demo", NOW, desired(), record(phase="Healthy", message="x"), versions, observed, prepared)
+    assert (result.release.desired_commit, result.release.desired_version, result.release.spec) == ("c2", V_NEW, spec(NEW))
+    assert result.release.updated_at == NOW  # every case moves the phase or the message
+    for event in result.events:
+        assert event.release == "demo" and event.version in {v.version for v in versions} and event.message, event
+        if event.kind in ("failed", "aborted", "rollout-started"):
+            assert event.commit == "c2", event
+
+
+def test_a_manual_abort_before_the_canary_is_ready_fails_it_naming_who():
+    from controller.state.records import Command
+
+    abort = [Command("demo", "abort", "ops@host", NOW, id=1), Command("demo", "promote", "other@host", NOW, id=2)]
+    result = step("demo", NOW, desired(), record(), [stable(), canary("preparing")], {}, {}, None, abort)
+    assert roles(result) == {V_OLD: ("stable", 100, "ready")} and result.prepare == []
+    assert result.release.phase == "Degraded" and result.release.message.startswith(f"{V_NEW} failed: aborted by ops@host; {V_OLD} keeps serving")
+    assert (result.release.failed_version, result.release.held_fingerprint) == (V_NEW, "blob-2")
+
+
+def test_a_ready_canary_under_the_canary_strategy_waits_for_its_steps():
+    canary_release = make_release(("    strategy: bluegreen\n", "    strategy: canary\n    steps:\n      - weight: 50\n      - weight: 100\n"),
+                                  ("    steps: 4\n", "    steps: 8\n"))
+    target = Desired(canary_release, V_NEW, "c2", "blob-2", "g1")
+    result = step("demo", NOW, target, record(), [stable(), canary(created=NOW - 7)], {f"demo--{V_NEW}": app(V_NEW)}, {})
+    ready = next(v for v in result.versions if v.version == V_NEW)
+    assert (ready.status, ready.ready_at, result.release.load_seconds) == ("ready", NOW, 7)
+    assert result.events[0].message == f"{V_NEW} ready after 7.0s; next: walk the canary steps"

@@ -7,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from controller.safe_yaml import MAX_BYTES, YamlError, load
+from controller.parse.safe_yaml import MAX_BYTES, YamlError, load
 
 REFUSED = [
     # (id, text, message fragment, line, column)

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from controller.cli import main
-from controller.credentials import Credentials, git_env, private_dir, redact, split_credentials
-from controller.records import Event
-from controller.source import ReleaseSource, SourceError
+from controller.cli.main import main
+from controller.source.credentials import Credentials, git_env, private_dir, redact, split_credentials
+from controller.source.git_source import ReleaseSource, SourceError
+from controller.state.records import Event
 from tests.conftest import ReleaseRepo, free_port
 
 SECRET = "s3cr3t-T0ken_42"
@@ -188,7 +188,7 @@ def test_a_url_with_credentials_works_and_the_secret_is_stored_nowhere(http_remo
         source.refresh()  # a later fetch authenticates too, with no secret in the mirror
         assert source.snapshot().releases["demo"].spec.generation.steps == 7
 
-        from controller.git_notes import annotate
+        from controller.state.git_notes import annotate
         head = source.resolve().hexsha
         annotate(source.repo, [Event("demo", "promoted", "v7 ready", "v7", head, 1.0)])  # pushed with the same credentials
     remote_notes = subprocess.run(["git", "-C", str(tmp_path / "served" / "releases.git"), "log", "--notes=diffops", "-1",

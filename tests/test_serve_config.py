@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from controller.records import ReleaseRecord, VersionRecord
-from controller.serve_config import RenderSettings, render
-from controller.versions import version_id
+from controller.apply.serve_config import RenderSettings, render
+from controller.plan.versions import version_id
+from controller.state.records import ReleaseRecord, VersionRecord
 from tests.conftest import make_release
 
 SETTINGS = RenderSettings(repo="/repo", cache_dir="/state/models", http_port=8000)
@@ -68,7 +68,7 @@ def test_render_is_deterministic():
 
 
 def test_a_ray_traceback_becomes_one_line_naming_the_exception():
-    from controller.serve_client import brief
+    from controller.apply.serve_client import brief
 
     ray_message = (
         "Failed to update the deployments ['Model']. The deployment failed to start 3 times in a row. This may be due to "
@@ -87,7 +87,7 @@ def test_a_ray_traceback_becomes_one_line_naming_the_exception():
 
 
 def test_every_app_carries_the_owner_mark_in_a_lightweight_option():
-    from controller.serve_config import default_controller_id
+    from controller.apply.serve_config import default_controller_id
 
     release, stable = records(make_release())
     config = render([release], [stable], replace(SETTINGS, owner="ctl-7"))

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from controller import signatures
+from controller.apply.serve_config import RenderSettings
+from controller.cli.status_view import status_json, status_text
 from controller.reconciler import Reconciler
-from controller.serve_config import RenderSettings
-from controller.signatures import Commit, SignatureGate, Trust, classify, parse_commit
-from controller.source import ReleaseSource
-from controller.status_view import status_json, status_text
-from controller.store import ControllerRecord, RefusedCommit, State, Store
+from controller.source import signatures
+from controller.source.git_source import ReleaseSource
+from controller.source.signatures import Commit, SignatureGate, Trust, classify, parse_commit
+from controller.state.store import ControllerRecord, RefusedCommit, State, Store
 from tests.conftest import ReleaseRepo
 from tests.test_reconciler import FakeServe, tick_until
 
@@ -393,7 +393,9 @@ def test_controller_run_once_wires_the_flags_through(release_repo: ReleaseRepo, 
     """`diffops controller run --once --require-signed-commits --allowed-signers`: Ray Serve faked at our client."""
     from click.testing import CliRunner
 
-    from controller import cli_operate, logs, ray_cluster, serve_client
+    from controller import logs
+    from controller.apply import ray_cluster, serve_client
+    from controller.cli import operate as cli_operate
 
     serve = FakeServe()
     serve.alive = lambda: True  # type: ignore[attr-defined]

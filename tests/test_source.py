@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.source import EMPTY_TREE, ReleaseSource, SourceError
+from controller.source.git_source import EMPTY_TREE, ReleaseSource, SourceError
 from tests.conftest import ReleaseRepo
 
 

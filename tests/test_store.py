@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from controller.records import Event, ObservedApp, ReleaseRecord, VersionRecord
-from controller.status_view import history_rows, status_json, status_text
-from controller.store import SCHEMA_VERSION, ControllerRecord, State, Store
+from controller.cli.status_view import history_rows, status_json, status_text
+from controller.state.records import Event, ObservedApp, ReleaseRecord, VersionRecord
+from controller.state.store import SCHEMA_VERSION, ControllerRecord, State, Store
 
 SPEC = {"replicas": {"count": 2}, "model": {"uri": "file://m"}}
 

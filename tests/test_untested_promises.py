@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from bench.fakes import InstantServe, PassingGate
+from controller.apply.serve_config import RenderSettings
 from controller.reconciler import Reconciler
-from controller.serve_config import RenderSettings
-from controller.source import ReleaseSource
-from controller.store import Store
+from controller.source.git_source import ReleaseSource
+from controller.state.store import Store
 from tests.conftest import ReleaseRepo
 from tests.live import DIFFOPS, wait_for
 

@@ -14,17 +14,14 @@ import stat
 import subprocess
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from controller.ray_cluster import RayHead, kill_head
+from controller.apply.ray_cluster import RayHead, kill_head
 from tests.conftest import ReleaseRepo
-from tests.live import (DIFFOPS, SERVE_URL, generate, healthy_on, send_in_background, serve_client,
-                        stable_version, wait_for)
+from tests.live import DIFFOPS, SERVE_URL, generate, healthy_on, send_in_background, serve_client, stable_version, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -83,18 +80,6 @@ def test_controller_without_ray_address_starts_a_loopback_head_with_a_private_to
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-# README "Serving": requests are batched (`@serve.batch`, grouped by steps/size/CFG); the JSON metadata has batch_size.
-def test_concurrent_requests_are_batched(live_demo):
-    _, _, release = live_demo
-    body = {"prompt": "a red cube", "seed": 1}
-    with ThreadPoolExecutor(8) as pool:  # twice what one replica takes at once (max_ongoing_requests: 4)
-        answers = list(pool.map(lambda _: generate(body=body, headers={"Accept": "application/json"}), range(16)))
-    assert {a.status_code for a in answers} == {200}, [a.text for a in answers if a.status_code != 200][:3]
-    sizes = [a.json()["metadata"]["batch_size"] for a in answers]
-    assert max(sizes) > 1 and max(sizes) <= 4, sizes  # batches formed, never above max_batch_size
-    assert {a.json()["metadata"]["version"] for a in answers} == {stable_version(release)}
-
-
 # ~18 s on 2 idle cores: long enough to be in flight when Serve starts deleting, well inside the 60 s graceful window
 SLOW_REQUEST = {"prompt": "in flight at the deletion", "steps": 20, "width": 256, "height": 256, "seed": 9}
 
@@ -112,7 +97,7 @@ def test_a_request_in_flight_when_its_apps_are_deleted_is_still_answered(live_de
     assert not slow, "the slow request must still be running when the release is removed"
     repo.remove("releases/second.yaml")
     repo.commit("remove second")
-    wait_for(lambda: not controller.release("second"), 60, "second pruned")
+    wait_for(lambda: not controller.parse.release("second"), 60, "second pruned")
     deleting = wait_for(lambda: (lambda apps: time.time() if f"second--{second}" not in apps or not apps[f"second--{second}"].ready
                                  else None)(serve_client().observe()), 60, "Ray Serve to start deleting second's version")
     sender.join(timeout=300)

@@ -1,0 +1,138 @@
+"""Render the complete Ray Serve config from recorded state. Pure.
+
+The apply step PUTs this whole document; Ray Serve leaves applications whose
+config did not change untouched. Each live version is an application
+`<release>--<version>` with no route; each release has a router application at
+`/<release>` whose `user_config` holds the weights and limits. A version app's
+`args` and resources hold only version fields, so light changes (replica count,
+queue sizes, batch size) and weight moves reach running replicas as
+lightweight updates, never restarts. Every app carries this controller's owner
+mark in its deployments' `user_config` (`controller.apply.drift`), also lightweight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from controller.apply.drift import mark
+from controller.state.records import ReleaseRecord, VersionRecord
+
+MODEL_IMPORT = "serving.model_server:build_model_app"
+ROUTER_IMPORT = "serving.router:build_router_app"
+ROUTER_CPUS = 0.05
+ROUTER_MAX_ONGOING = 1024
+GRACEFUL_SHUTDOWN_S = 60
+CONSTRUCTOR_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    repo: str  # local path of the release repository (work tree or mirror) replicas read file:// models from
+    cache_dir: str  # the model cache shared with replicas on this machine
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    owner: str = "diffops"  # this controller's id (`--controller-id`), marked on every app it renders
+
+
+def default_controller_id(state_dir: str) -> str:
+    """A stable id per state dir (its resolved path, hashed): the same after a restart, different for another dir."""
+    import hashlib
+    from pathlib import Path
+
+    return "diffops-" + hashlib.sha256(str(Path(state_dir).expanduser().resolve()).encode()).hexdigest()[:12]
+
+
+def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any]:
+    """The version's application, from its record (whose light fields follow the release while it is desired)."""
+    spec = version.spec
+    replicas = resources = spec["replicas"]
+    return {
+        "name": version.app,
+        "route_prefix": None,
+        "import_path": MODEL_IMPORT,
+        "args": version.deployed_args or {
+            "release": version.release,
+            "version": version.version,
+            "model": {key: spec["model"][key] for key in ("uri", "digest", "dtype")},
+            "generation": spec["generation"],
+            "repo": settings.repo,
+            "commit": version.commit,
+            "cache_dir": settings.cache_dir,
+            "gpus": resources["gpus"],
+            "faults": spec.get("faults"),
+        },
+        "deployments": [
+            {
+                "name": "Model",
+                "num_replicas": version.replicas if version.replicas is not None else replicas["count"],
+                "max_ongoing_requests": replicas["max_ongoing_requests"],
+                "max_queued_requests": replicas["max_queued_requests"],
+                "ray_actor_options": {"num_cpus": resources["cpus"], "num_gpus": resources["gpus"]},
+                "user_config": {
+                    "max_batch_size": replicas["max_batch_size"],
+                    "batch_wait_timeout_s": replicas.get("batch_wait_timeout_s", 0.01),  # absent from older records
+                    "gpu_hour_usd": (spec.get("cost") or {}).get("gpu_hour_usd"),
+                },
+                "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
+                "graceful_shutdown_wait_loop_s": 1,
+                "health_check_period_s": 10,
+                "health_check_timeout_s": 60,
+                "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
+            }
+        ],
+    }
+
+
+def router_app(release: ReleaseRecord, versions: list[VersionRecord]) -> dict[str, Any]:
+    spec = release.spec or versions[0].spec
+    return {
+        "name": release.name,
+        "route_prefix": f"/{release.name}",
+        "import_path": ROUTER_IMPORT,
+        "args": {"release": release.name},
+        "deployments": [
+            {
+                "name": "Router",
+                "num_replicas": 1,
+                "max_ongoing_requests": ROUTER_MAX_ONGOING,
+                "ray_actor_options": {"num_cpus": ROUTER_CPUS},
+                "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,  # requests it forwards finish when the release goes
+                "graceful_shutdown_wait_loop_s": 1,
+                "user_config": {
+                    "weights": router_weights(versions),
+                    "limits": spec["limits"],
+                    "defaults": {k: spec["generation"][k] for k in ("width", "height")},
+                    "retry_after_s": 1,
+                },
+            }
+        ],
+    }
+
+
+def router_weights(versions: Iterable[VersionRecord]) -> dict[str, int]:
+    return {v.version: v.weight for v in rendered_versions(versions)}
+
+
+def rendered_versions(versions: Iterable[VersionRecord]) -> list[VersionRecord]:
+    """Versions that have a Serve app: everything past preparation, aborted canaries until they retire."""
+    return [v for v in versions if v.status in ("starting", "ready", "retiring")]
+
+
+def render(releases: Iterable[ReleaseRecord], versions: Iterable[VersionRecord], settings: RenderSettings) -> dict[str, Any]:
+    by_release: dict[str, list[VersionRecord]] = {}
+    for version in sorted(rendered_versions(versions), key=lambda v: (v.release, v.version)):
+        by_release.setdefault(version.release, []).append(version)
+    applications = []
+    for release in sorted(releases, key=lambda r: r.name):
+        live = by_release.get(release.name)
+        if not live:
+            continue
+        applications.append(mark(router_app(release, live), settings.owner))
+        applications += [mark(model_app(version, settings), settings.owner) for version in live]
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": settings.http_host, "port": settings.http_port},
+        "applications": applications,
+    }

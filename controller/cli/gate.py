@@ -1,0 +1,84 @@
+"""The `diffops` command line, gate side: `check` (the gate, locally) and `golden` (write the reference)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from checks.report import GateReport
+from controller.cli.common import fail, open_source, release_at, repo_option, state_dir_option
+from controller.plan.versions import version_id
+
+MARKS = {"passed": "✓", "failed": "✗", "error": "✗", "skipped": "-"}
+
+
+def report_text(report: GateReport, saved: list[Path]) -> str:
+    verdict = "passed" if report.ok else "FAILED"
+    lines = [f"{report.release} {report.version}: gate {verdict} in {report.seconds:.1f}s"]
+    for check in report.checks:
+        lines.append(f"  {MARKS[check.outcome]} {check.name:<12} {check.outcome:<8} {check.message}")
+    lines += [f"  saved {path}" for path in saved]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("release_name", metavar="RELEASE")
+@repo_option
+@state_dir_option
+@click.option("--rev", default=None, help="Revision to check (default: HEAD).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def check(release_name: str, repo: str, state_dir: Path, rev: str | None, fmt: str) -> None:
+    """Run the gate locally (artifact, dependency, cuda, load, golden, performance); exit 1 on failure."""
+    from controller.gate.runner import LocalGate, gate_input
+
+    source = open_source(repo, state_dir)
+    release, commit = release_at(source, release_name, rev)
+    version = version_id(release)
+    click.echo(f"{release_name}: checking version {version} at {commit[:12]}; next: artifact, dependency, load, golden, performance", err=True)
+    report = LocalGate().run(gate_input(release, version, source, str(state_dir / "models"), model_commit=commit, checks_commit=commit))
+    saved = report.save_artifacts(state_dir / "gate" / release_name / version)
+    if fmt == "json":
+        click.echo(json.dumps({**report.to_dict(with_artifacts=False), "saved": [str(p) for p in saved]}, indent=2))
+    else:
+        click.echo(report_text(report, saved))
+    sys.exit(0 if report.ok else 1)
+
+
+@click.command()
+@click.argument("release_name", metavar="RELEASE")
+@repo_option
+@state_dir_option
+@click.option("--rev", default=None, help="Revision whose release to render (default: HEAD).")
+@click.option("--write", is_flag=True, required=True, help="Write the reference PNG into the work tree (commit it in your pull request).")
+def golden(release_name: str, repo: str, state_dir: Path, rev: str | None, write: bool) -> None:
+    """Render the release's golden prompt/seed and write it as the reference image."""
+    from checks.golden import render
+    from serving.artifacts import ModelCache, fetch
+    from serving.generator import PipelineRunner
+    from serving.pipeline import load_pipeline, pick_device
+
+    source = open_source(repo, state_dir)
+    release, commit = release_at(source, release_name, rev)
+    if release.spec.checks.golden is None:
+        fail(f"{release_name}: no spec.checks.golden configured")
+    if source.repo.working_tree_dir is None:
+        fail(f"{source.path} has no work tree to write the reference into; run this in a clone")
+    started = time.monotonic()
+    spec = release.model_dump(mode="json")["spec"]
+    model = release.spec.model
+    fetched = fetch(model.uri, model.digest, ModelCache(state_dir / "models"), repo=source.path, commit=commit)
+    device = pick_device()
+    runner = PipelineRunner(load_pipeline(fetched.path, dtype=model.dtype, sampler=spec["generation"]["sampler"], device=device), device)
+    image = render(runner, spec["checks"]["golden"], spec["generation"])
+    target = Path(source.repo.working_tree_dir) / release.spec.checks.golden.reference
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(image)
+    click.echo(f"{release_name}: wrote {target} ({len(image)} bytes, rendered on {device} in {time.monotonic() - started:.1f}s); "
+               f"next: commit it with the release change")
+
+
+COMMANDS = [check, golden]

@@ -1,0 +1,154 @@
+"""What `diffops status` and `diffops history` show, built from the recorded state. Pure.
+
+`status_json` is the contract in DESIGN.md (plus `refused_commit`, the branch
+head `--require-signed-commits` refused, and each version's `image_policy`);
+`status_text` is the same for a terminal; `history_rows` pairs each rollout's
+start with its outcome.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from controller.state.records import Event, app_name
+from controller.state.store import State
+
+ROLE_ORDER = {"stable": 0, "canary": 1, "standby": 2}
+OUTCOMES = {"promoted": "promoted", "failed": "failed", "abandoned": "abandoned", "rolled-back": "rolled back",
+            "aborted": "rolled back (aborted)"}
+
+
+def checks_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    return {"ok": report["ok"], "checks": {c["name"]: {"outcome": c["outcome"], "message": c["message"], "figures": c["figures"]}
+                                           for c in report["checks"]}}
+
+
+def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
+    gates = gates or {}
+    releases = []
+    for release in state.releases.values():
+        versions = sorted((v for v in state.versions if v.release == release.name), key=lambda v: (ROLE_ORDER[v.role], v.version))
+        router = state.apps.get(release.name)
+        live = router.weights if router is not None and router.weights is not None else {}
+        rows = []
+        for version in versions:
+            app = state.apps.get(app_name(release.name, version.version))
+            rows.append({
+                "id": version.version,
+                "role": version.role,
+                "weight": version.weight,
+                "live_weight": live.get(version.version),
+                "ready_replicas": app.running if app else 0,
+                "replicas": version.spec["replicas"]["count"],
+                "status": version.status,
+                "commit": version.commit,
+                "image_policy": image_policy(version.spec),
+                "gate": checks_summary(gates.get((release.name, version.version))),
+            })
+        releases.append({
+            "name": release.name,
+            "phase": release.phase,
+            "message": release.message,
+            "desired_commit": release.desired_commit,
+            "desired_version": release.desired_version,
+            "updated_at": release.updated_at,
+            "step": step_text(release),
+            "analysis": release.analysis,
+            "versions": rows,
+        })
+    return {
+        "commit": state.controller.last_attempted_commit,
+        "applied_commit": state.controller.last_applied_commit,
+        "refused_commit": dataclasses.asdict(refused) if (refused := state.controller.refused) else None,
+        "releases": releases,
+    }
+
+
+def image_policy(spec: dict[str, Any]) -> str:
+    """`verify` unless the version's release said `runtime.image_policy: unverified` (versions recorded before it existed: verify)."""
+    return (spec.get("runtime") or {}).get("image_policy", "verify")
+
+
+def step_text(release: Any) -> str | None:
+    """'2/3' while a canary walks its steps."""
+    if release.step is None or not release.spec:
+        return None
+    return f"{release.step + 1}/{len(release.spec['rollout']['steps'])}"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
+
+
+def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | None = None, now: float | None = None) -> str:
+    now = now or time.time()
+    data = status_json(state, gates)
+    commit = (data["commit"] or "none")[:12]
+    applied = (data["applied_commit"] or "none")[:12]
+    lines = [f"reconciled {commit} (fully live: {applied})", ""]
+    refused = data["refused_commit"]
+    if refused:
+        lines[1:1] = [f"refused   {refused['commit'][:12]} ({refused['reason']}, {_age(now - refused['at'])} ago): "
+                      f"nothing from it is applied; {refused['message']}"]
+    if not data["releases"]:
+        lines.append("no releases")
+    for release in data["releases"]:
+        lines.append(f"{release['name']:<20} {release['phase']:<12} {_age(now - release['updated_at'])} ago  {release['message']}")
+        if release["step"]:
+            lines.append(f"  canary step {release['step']}")
+        analysis = release["analysis"]
+        if analysis:
+            canary = analysis.get("canary", {})
+            lines.append(f"  analysis: {analysis['verdict']} ({analysis['failures']} failed in a row): canary {canary.get('requests', 0)} requests, "
+                         f"error rate {canary.get('error_rate', '-')}, p95 {canary.get('p95_latency_s', '-')}s"
+                         + (f"; {'; '.join(analysis['reasons'])}" if analysis.get("reasons") else ""))
+        for v in release["versions"]:
+            gate = v["gate"]
+            checks = "" if gate is None else "  checks " + " ".join(
+                f"{name}:{'ok' if c['outcome'] == 'passed' else c['outcome']}" for name, c in gate["checks"].items())
+            actual = "" if v["live_weight"] in (None, v["weight"]) else f" (router: {v['live_weight']}%)"
+            image = "  image unverified" if v["image_policy"] == "unverified" else ""
+            lines.append(f"  {v['id']:<12} {v['role']:<8} weight {v['weight']:>3}%{actual}  replicas {v['ready_replicas']}/{v['replicas']}  "
+                         f"from {v['commit'][:12]}{image}{checks}")
+    return "\n".join(lines)
+
+
+def history_rows(events: list[Event]) -> list[dict[str, Any]]:
+    """One row per rollout (start -> outcome) and per instant rollback, oldest first."""
+    rows: list[dict[str, Any]] = []
+    open_rollouts: dict[str, dict[str, Any]] = {}
+    for event in events:
+        if event.kind == "rollout-started":
+            row = {"version": event.version, "commit": event.commit, "started_at": event.at, "finished_at": None,
+                   "outcome": "in progress", "message": event.message, "timeline": []}
+            open_rollouts[event.version or ""] = row
+            rows.append(row)
+        elif event.kind == "rolled-back":
+            rows.append({"version": event.version, "commit": event.commit, "started_at": event.at, "finished_at": event.at,
+                         "outcome": "rolled back", "message": event.message, "timeline": []})
+        elif (event.version or "") in open_rollouts:
+            row = open_rollouts[event.version or ""]
+            row["timeline"].append({"after_s": round(event.at - row["started_at"], 1), "event": event.kind, "message": event.message})
+            if event.kind == "prepared":
+                row["checks"] = event.message
+            if event.kind in OUTCOMES:
+                open_rollouts.pop(event.version or "")
+                row.update(finished_at=event.at, outcome=OUTCOMES[event.kind], message=event.message)
+    return rows
+
+
+def history_text(release: str, rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return f"{release}: no rollouts recorded"
+    lines = [f"{'started (UTC)':<20} {'version':<12} {'commit':<12} {'outcome':<12} {'took':>7}  message"]
+    for row in rows:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["started_at"]))
+        took = f"{row['finished_at'] - row['started_at']:.1f}s" if row["finished_at"] else "-"
+        lines.append(f"{started:<20} {row['version'] or '':<12} {(row['commit'] or '')[:12]:<12} {row['outcome']:<12} {took:>7}  {row['message']}")
+        lines += [f"{'':<20}   +{item['after_s']:>6.1f}s  {item['event']}: {item['message']}" for item in row["timeline"]]
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""The `Release` resource: the controller's rollout part, composed with the others.
+
+Serving owns model/generation/limits/runtime/replicas, checks owns checks, the
+controller owns metadata, rollout and cost and composes them here. `rules`
+collects every package's cross-field rules as (field path, message) pairs for
+`controller.parse.loader` to place on lines.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from checks.schema import ChecksSpec
+from serving import schema as serving
+from serving.fields import Duration, ReleaseName, SpecModel
+
+
+class Metadata(SpecModel):
+    name: ReleaseName
+    """Release name: a DNS label without '--' (it separates release and version in app names), equal to the file stem; also the route `/<name>`."""
+
+
+class Step(SpecModel):
+    weight: int | None = Field(None, ge=0, le=100)
+    """Percent of traffic to the new version."""
+    pause: Duration | None = None
+    """Hold before the next step; empty (`pause:`) waits for `diffops promote`."""
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Step:
+        if len(self.model_fields_set & {"weight", "pause"}) != 1:
+            raise ValueError("a step is either {weight: N} or {pause: DURATION} (empty pause waits for promote)")
+        return self
+
+    @property
+    def is_pause(self) -> bool:
+        return "pause" in self.model_fields_set
+
+
+class Analysis(SpecModel):
+    interval: Duration = timedelta(seconds=10)
+    """How often live canary figures are judged."""
+    min_requests: int = Field(5, ge=0)
+    """Judged requests (the router's weighted draws; pinned previews never count) an interval needs for a verdict;
+    fewer make it inconclusive, and a canary step completes only after an interval of its own passed."""
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    """Largest fraction of non-2xx (excluding 4xx) answers."""
+    max_p95_latency_s: float | None = Field(None, gt=0)
+    """Largest p95 latency of the canary, seconds."""
+    failure_limit: int = Field(2, ge=1)
+    """Consecutive failed intervals that abort the rollout."""
+    on_no_traffic: Literal["wait", "promote"] = "wait"
+    """A step whose intervals never reach min_requests judged requests: `wait` holds it and aborts the rollout at
+    rollout.progress_deadline with a not-enough-traffic reason; `promote` lets it complete unjudged (logged as such)."""
+
+
+class Rollout(SpecModel):
+    strategy: Literal["bluegreen", "canary", "auto"] = "bluegreen"
+    """bluegreen: start the new version beside the old, switch at once; canary: shift by steps;
+    auto: blue/green when the cluster has room for both, else a surge-limited rollout that shrinks the old version as the new one grows."""
+    steps: list[Step] = Field(default_factory=list, max_length=64)
+    """Canary steps, ending at weight 100."""
+    analysis: Analysis = Field(default_factory=Analysis)
+    """Canary analysis of live traffic."""
+    scale_down_delay: Duration = timedelta(minutes=10)
+    """How long the previous version stays warm as standby (instant revert)."""
+    progress_deadline: Duration = timedelta(minutes=10)
+    """Longest a rollout may take to get ready before it is failed (extended by measured load time)."""
+
+
+class Cost(SpecModel):
+    gpu_hour_usd: float | None = Field(None, ge=0)
+    """Price of one GPU hour, for cost-per-image metrics and diff estimates."""
+
+
+class Spec(SpecModel):
+    model: serving.ModelSpec
+    generation: serving.GenerationSpec = Field(default_factory=serving.GenerationSpec)
+    limits: serving.LimitsSpec = Field(default_factory=serving.LimitsSpec)
+    runtime: serving.RuntimeSpec
+    replicas: serving.ReplicasSpec = Field(default_factory=serving.ReplicasSpec)
+    rollout: Rollout = Field(default_factory=Rollout)
+    checks: ChecksSpec = Field(default_factory=ChecksSpec)
+    cost: Cost = Field(default_factory=Cost)
+    faults: serving.FaultsSpec | None = None
+    """Fault injection for rollback drills; refused unless the controller runs with --allow-fault-injection."""
+
+
+class Release(SpecModel):
+    apiVersion: Literal["diffops/v1"]
+    kind: Literal["Release"]
+    metadata: Metadata
+    spec: Spec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+def rollout_rules(rollout: Rollout) -> list[tuple[str, str]]:
+    if rollout.strategy != "canary":
+        if rollout.steps:
+            return [("rollout.steps", "steps are for strategy: canary; remove them or switch the strategy")]
+        return []
+    weights = [(i, s.weight) for i, s in enumerate(rollout.steps) if not s.is_pause]
+    if not weights:
+        return [("rollout.steps", "a canary needs steps ending with {weight: 100}")]
+    problems = []
+    for (_, before), (i, after) in zip(weights, weights[1:]):
+        if after < before:
+            problems.append((f"rollout.steps.{i}.weight", f"weight goes down from {before} to {after}; canary weights only rise"))
+    last_index, last_weight = weights[-1]
+    if last_weight != 100 or last_index != len(rollout.steps) - 1:
+        problems.append((f"rollout.steps.{len(rollout.steps) - 1}", "canary steps must end with {weight: 100}"))
+    return problems
+
+
+def rules(release: Release, stem: str) -> list[tuple[str, str]]:
+    """Every cross-field rule; (field path, message) per violation."""
+    spec = release.spec
+    problems = []
+    if release.metadata.name != stem:
+        problems.append(("metadata.name", f"{release.metadata.name!r} must equal the file name stem {stem!r}"))
+    in_spec = serving.rules(spec.generation, spec.limits, spec.replicas) + rollout_rules(spec.rollout)
+    problems += [(f"spec.{path}", message) for path, message in in_spec]
+    return problems

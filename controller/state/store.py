@@ -1,0 +1,194 @@
+"""The controller's SQLite state store (WAL, synchronous=FULL).
+
+Record step of a reconcile: `save()` writes the whole recorded state (small,
+fixed-schema rows) and appends events in one transaction, so a killed
+controller leaves either the old state or the new one, never a mix. Readers
+(`diffops status`, `history`) open the same file read-only. The schema is
+an ordered list of migrations (`store_schema`): a file written by an older
+diffops is upgraded in place when the controller opens it, one written by a
+newer one is refused untouched; columns a record does not know are ignored on
+reading. A refused commit (`--require-signed-commits`) has a table of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controller.state.migrations import SCHEMA_VERSION, StateFileError, file_version, migrate, refuse_newer
+from controller.state.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord
+
+__all__ = ["SCHEMA_VERSION", "ControllerRecord", "RefusedCommit", "State", "StateFileError", "Store"]
+
+log = logging.getLogger("diffops.controller")
+
+APP_COLUMNS = ("name", "status", "message", "running", "target", "weights")
+JSON_FIELDS = {"spec", "deployed_args", "analysis"}
+
+
+@dataclass(frozen=True)
+class RefusedCommit:
+    """A branch head refused by `--require-signed-commits`: nothing from it was applied."""
+
+    commit: str
+    reason: str  # unsigned | untrusted-key | bad-signature
+    message: str  # what happened and what to do
+    at: float  # when it was first refused
+
+
+@dataclass(frozen=True)
+class ControllerRecord:
+    last_attempted_commit: str | None = None
+    attempted_at: float | None = None
+    last_applied_commit: str | None = None
+    applied_at: float | None = None
+    refused: RefusedCommit | None = None  # kept in its own table, cleared once a signed head is accepted
+
+
+@dataclass
+class State:
+    controller: ControllerRecord = field(default_factory=ControllerRecord)
+    releases: dict[str, ReleaseRecord] = field(default_factory=dict)
+    versions: list[VersionRecord] = field(default_factory=list)
+    apps: dict[str, ObservedApp] = field(default_factory=dict)  # what Ray Serve last reported, for `status`
+
+
+def _row(record: Any) -> dict[str, Any]:
+    """A record's fields as column values; JSON fields are encoded as they are (no deep copy on every tick)."""
+    row = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    return {k: json.dumps(v, sort_keys=True) if k in JSON_FIELDS and v is not None else v for k, v in row.items()}
+
+
+def _record(cls: type, row: sqlite3.Row) -> Any:
+    """A record from a row; columns the record does not know (a state file from another diffops) are left out."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {k: json.loads(row[k]) if k in JSON_FIELDS and row[k] is not None else row[k] for k in row.keys() if k in known}
+    return cls(**values)
+
+
+def _insert(db: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
+    columns = ", ".join(f'"{c}"' for c in row)
+    db.execute(f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+
+
+class Store:
+    def __init__(self, path: Path, readonly: bool = False):
+        """Open the state file; raise StateFileError (file untouched) when a newer diffops wrote it.
+
+        The version is read before anything that could write (WAL mode rewrites the header), so a refused file
+        stays byte-identical. A writer upgrades an older file; a reader reads it as it is.
+        """
+        self.path = Path(path)
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+            self._refuse_newer()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            self._refuse_newer()
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            migrate(self.db, self.path)
+        self.db.row_factory = sqlite3.Row
+
+    def _refuse_newer(self) -> None:
+        try:
+            refuse_newer(file_version(self.db, self.path), self.path)
+        except StateFileError:
+            self.db.close()
+            raise
+
+    @property
+    def version(self) -> int:
+        return file_version(self.db, self.path)
+
+    def load(self) -> State:
+        row = self.db.execute("SELECT * FROM controller WHERE id = 1").fetchone()
+        controller = _record(ControllerRecord, row) if row else ControllerRecord()
+        controller = dataclasses.replace(controller, refused=self._refused())
+        releases = {r["name"]: _record(ReleaseRecord, r) for r in self.db.execute("SELECT * FROM releases ORDER BY name")}
+        versions = [_record(VersionRecord, r) for r in self.db.execute("SELECT * FROM versions ORDER BY release, created_at")]
+        apps = {r["name"]: ObservedApp(**{**dict(r), "weights": json.loads(r["weights"]) if r["weights"] else None})
+                for r in self.db.execute("SELECT * FROM apps")}
+        return State(controller, releases, versions, apps)
+
+    def save(self, state: State, events: list[Event] = (), gates: list[tuple[str, str, str, dict]] = (),
+             consumed: list[Command] = ()) -> None:
+        """Replace the recorded state, append events, record gate reports (release, version, gate key, report)
+        and mark manual commands consumed, atomically."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM controller")
+            controller = _row(state.controller)
+            refused = controller.pop("refused")
+            _insert(db, "controller", {"id": 1, **controller})
+            db.execute("DELETE FROM refused_commit")
+            if refused is not None:
+                _insert(db, "refused_commit", {"id": 1, **_row(refused)})
+            db.execute("DELETE FROM releases")
+            for release in state.releases.values():
+                _insert(db, "releases", _row(release))
+            db.execute("DELETE FROM versions")
+            for version in state.versions:
+                _insert(db, "versions", _row(version))
+            db.execute("DELETE FROM apps")
+            for app in state.apps.values():
+                row = {column: getattr(app, column) for column in APP_COLUMNS}
+                _insert(db, "apps", {**row, "weights": json.dumps(row["weights"]) if row["weights"] is not None else None})
+            now = time.time()
+            for command in consumed:
+                db.execute("UPDATE commands SET consumed_at = ? WHERE id = ?", (now, command.id))
+            for release, version, key, report in gates:
+                db.execute('INSERT OR REPLACE INTO gates VALUES (?, ?, ?, ?, ?, ?)', (release, version, key, int(report["ok"]), json.dumps(report), now))
+            for event in events:
+                _insert(db, "events", _row(dataclasses.replace(event, at=event.at or now)))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _refused(self) -> RefusedCommit | None:
+        try:
+            row = self.db.execute('SELECT "commit", reason, message, at FROM refused_commit WHERE id = 1').fetchone()
+        except sqlite3.OperationalError:  # a read-only look at a state file written before the table existed
+            return None
+        return RefusedCommit(**dict(row)) if row else None
+
+    def events(self, release: str | None = None, limit: int = 1000) -> list[Event]:
+        where, args = ("WHERE release = ?", (release,)) if release else ("", ())
+        rows = self.db.execute(f"SELECT * FROM (SELECT * FROM events {where} ORDER BY id DESC LIMIT ?) ORDER BY id", (*args, limit))
+        return [_record(Event, r) for r in rows]
+
+    def add_command(self, command: Command) -> int:
+        cursor = self.db.execute('INSERT INTO commands (release, action, who, at, "full") VALUES (?, ?, ?, ?, ?)',
+                                 (command.release, command.action, command.who, command.at, int(command.full)))
+        return int(cursor.lastrowid or 0)
+
+    def pending_commands(self) -> list[Command]:
+        rows = self.db.execute('SELECT id, release, action, who, at, "full" FROM commands WHERE consumed_at IS NULL ORDER BY id')
+        return [Command(r["release"], r["action"], r["who"], r["at"], bool(r["full"]), r["id"]) for r in rows]
+
+    def passed_gate(self, release: str, version: str, gate_key: str) -> dict[str, Any] | None:
+        """A passing gate report for exactly this version and these checks, if one was recorded."""
+        row = self.db.execute("SELECT report FROM gates WHERE release = ? AND version = ? AND gate_key = ? AND ok = 1",
+                              (release, version, gate_key)).fetchone()
+        return json.loads(row["report"]) if row else None
+
+    def gate_reports(self, release: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+        """The latest gate report per (release, version)."""
+        where, args = ("WHERE release = ?", (release,)) if release else ("", ())
+        rows = self.db.execute(f"SELECT release, version, report FROM gates {where} ORDER BY at", args)
+        return {(r["release"], r["version"]): json.loads(r["report"]) for r in rows}
+
+    def integrity(self) -> str:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
