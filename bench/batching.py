@@ -37,7 +37,8 @@ GOAL_AT_8 = Goal("≥ 1.5× at 8", "ratio", at_least=1.5)
 def in_process_rates(live: LiveDemo, workdir: Path, requests: int) -> dict[int, float]:
     """Images/s of the pipeline itself at each batch size, best of three (no Serve, no HTTP)."""
     stable = live.stable()
-    runner = in_process.load_runner(in_process.fetch_model(stable.spec["model"], workdir / "cache", live.repo.path, stable.commit), stable.spec)
+    model_dir = in_process.fetch_model(stable.spec["model"], workdir / "cache", live.repo.path, stable.commit)
+    runner = in_process.load_runner(model_dir, stable.spec)
     generation = stable.spec["generation"]
     rates = {}
     with in_process.torch_threads(in_process.replica_threads(stable.spec["replicas"]["cpus"])):
@@ -73,7 +74,8 @@ def run(live: LiveDemo, workdir: Path, say: Say, requests: int, concurrency: int
     say(f"in-process: the pipeline alone at batch sizes {', '.join(map(str, LEVELS))}")
     local = in_process_rates(live, workdir, requests)
     detail = {"requests": requests, "concurrency": concurrency, "batch_wait_timeout_s": BATCH_WAIT_S,
-              "in_process_images_per_s": {str(k): round(v, 2) for k, v in local.items()}, "images_per_s": {str(k): round(v, 2) for k, v in rates.items()},
+              "in_process_images_per_s": {str(k): round(v, 2) for k, v in local.items()},
+              "images_per_s": {str(k): round(v, 2) for k, v in rates.items()},
               "mean_batch_size": {str(k): round(v, 2) for k, v in batch_sizes.items()}}
     return [Figure("batching", f"images/s, max_batch_size {level}, concurrency {concurrency}", rates[level], "images/s",
                    "max_batch_size 1", rates[1], ratio(rates[level], rates[1]), GOAL_AT_8 if level == 8 else None, detail)

@@ -39,7 +39,8 @@ class InstantServe:
     def router_weights(self, release: str) -> dict[str, int] | None:
         for app in self.config["applications"]:
             if app["name"] == release:
-                return app["deployments"][0]["user_config"]["weights"]
+                weights: dict[str, int] = app["deployments"][0]["user_config"]["weights"]
+                return weights
         return None
 
     def router_stats(self, release: str, since: float) -> dict[str, dict[str, Any]] | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 from bench import in_process
 from bench.context import Context
@@ -32,7 +33,7 @@ from controller.source.git_source import ReleaseSource
 BASELINE_RUNS = 3
 
 
-def baseline_seconds(model: Path, spec: dict, golden: dict) -> float:
+def baseline_seconds(model: Path, spec: dict[str, Any], golden: dict[str, Any]) -> float:
     started = time.perf_counter()
     runner = in_process.load_runner(model, spec)
     in_process.generate_seconds(runner, {"prompt": golden["prompt"], "seed": golden["seed"]}, spec["generation"])
@@ -65,7 +66,7 @@ def run(workdir: Path, say: Say, head: BenchHead | None) -> list[Figure]:
     if not report.ok:
         raise RuntimeError(f"the demo's gate failed in-process: {report.summary()}")
     checks = check_seconds(report)
-    detail = {"baseline_s": [round(s, 3) for s in baselines], "in_process_check_s": checks}
+    detail: dict[str, object] = {"baseline_s": [round(s, 3) for s in baselines], "in_process_check_s": checks}
     out = [Figure("gate", "gate wall time, in-process (diffops check)", local_s, "s", "load + 1 image", baseline,
                   ratio(local_s, baseline), detail=detail)]
     if head is not None:

@@ -46,7 +46,7 @@ class LiveDemo:
         self.repo = ReleaseRepo(workdir / "repo")
         self.state_dir = workdir / "state"
         self.log_path = workdir / "controller.log"
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.serve: ServeClient = head.client()
         self.first_rollout_s: float | None = None
         self.log: IO[str] | None = None

@@ -82,7 +82,7 @@ def row(figure: Figure) -> tuple[str, ...]:
 def table(figures: list[Figure]) -> str:
     rows = [COLUMNS, *(row(f) for f in figures)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 

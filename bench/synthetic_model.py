@@ -31,8 +31,8 @@ def unet_bytes(channels: int) -> int:
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config(channels))
-    return sum(p.numel() for p in unet.parameters()) * 4
+        unet = UNet2DConditionModel(**unet_config(channels))  # type: ignore[no-untyped-call]  # diffusers models are untyped
+    return sum(p.numel() for p in unet.parameters()) * 4  # type: ignore[attr-defined]  # diffusers models are untyped
 
 
 def channels_for(size_bytes: int) -> int:
@@ -54,8 +54,8 @@ def build(target: Path, size_bytes: int) -> str:
 
     shutil.copytree(DEMO_MODEL, target, ignore=shutil.ignore_patterns("unet", MANIFEST_NAME))
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**unet_config(channels_for(size_bytes)))
-    unet.save_pretrained(target / "unet", safe_serialization=True)
+    unet = UNet2DConditionModel(**unet_config(channels_for(size_bytes)))  # type: ignore[no-untyped-call]  # diffusers models are untyped
+    unet.save_pretrained(target / "unet", safe_serialization=True)  # type: ignore[attr-defined]  # diffusers models are untyped
     del unet
     manifest = manifest_of(target)
     (target / MANIFEST_NAME).write_text(manifest.text())

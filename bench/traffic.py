@@ -54,7 +54,8 @@ def concurrent(bodies: list[dict[str, Any]], concurrency: int) -> tuple[float, l
         if not hasattr(local, "client"):
             local.client = httpx.Client(timeout=120)
             clients.append(local.client)
-        return expect_ok(local.client.post(GENERATE, json=body, headers=JSON)).json()["metadata"]
+        metadata: dict[str, Any] = expect_ok(local.client.post(GENERATE, json=body, headers=JSON)).json()["metadata"]
+        return metadata
 
     started = time.perf_counter()
     try:

@@ -16,6 +16,8 @@ from typing import Any
 from checks.report import CheckResult, failed
 from serving.manifest import ArtifactError, verify
 
+__all__ = ["run"]
+
 CONFIG_NAMES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "preprocessor_config.json")
 NO_WEIGHTS = ("scheduler", "tokenizer", "feature_extractor", "image_processor")
 SUPPORTED_FLOAT = {"F32", "F16", "BF16"}

@@ -26,20 +26,22 @@ from packaging.version import InvalidVersion, Version
 
 from checks.report import CheckResult
 
+__all__ = ["ImageVerdict", "judge_image", "run", "run_cuda"]
+
 ALWAYS_REPORTED = ("torch", "diffusers", "transformers", "safetensors")
 GPU_KEYS = ("cuda", "cudnn")
 IMAGE_ENV = "DIFFOPS_IMAGE_DIGEST"
 REPORTED_RE = re.compile(r"^(?:[a-z0-9]+(?:[._/:-][a-z0-9]+)*@)?(sha256:[0-9a-f]{64})$")
 
 
-def installed(package: str) -> str | None:
+def _installed(package: str) -> str | None:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
 
 
-def satisfies(version: str, specifier: str) -> bool:
+def _satisfies(version: str, specifier: str) -> bool:
     try:
         return SpecifierSet(specifier).contains(Version(version), prereleases=True)
     except InvalidVersion:
@@ -74,7 +76,7 @@ def judge_image(image: str, policy: str, reported: str | None) -> ImageVerdict:
 
 def run(requires: dict[str, str], image: str, image_policy: str = "verify", environ: Mapping[str, str] | None = None) -> CheckResult:
     environ = os.environ if environ is None else environ
-    versions = {name: installed(name) for name in (*ALWAYS_REPORTED, *requires) if name not in GPU_KEYS}
+    versions = {name: _installed(name) for name in (*ALWAYS_REPORTED, *requires) if name not in GPU_KEYS}
     problems = []
     for name, specifier in requires.items():
         if name in GPU_KEYS:
@@ -82,7 +84,7 @@ def run(requires: dict[str, str], image: str, image_policy: str = "verify", envi
         have = versions.get(name)
         if have is None:
             problems.append(f"{name} is not installed (release requires {specifier})")
-        elif not satisfies(have, specifier):
+        elif not _satisfies(have, specifier):
             problems.append(f"{name} {have} is installed; release requires {name}{specifier}")
     reported = environ.get(IMAGE_ENV) or None
     verdict = judge_image(image, image_policy, reported)
@@ -96,13 +98,13 @@ def run(requires: dict[str, str], image: str, image_policy: str = "verify", envi
     return CheckResult("dependency", "passed", f"{len(thresholds)} requirement(s) met; {verdict.message}", figures, thresholds)
 
 
-def gpu_facts() -> dict[str, object]:
+def _gpu_facts() -> dict[str, object]:
     import torch
 
     facts: dict[str, object] = {"cuda_available": torch.cuda.is_available(), "cuda": torch.version.cuda, "cudnn": None}
     if not facts["cuda_available"]:
         return facts
-    cudnn = torch.backends.cudnn.version()
+    cudnn: int | None = torch.backends.cudnn.version()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
     facts["cudnn"] = f"{cudnn // 10000}.{cudnn // 100 % 100}.{cudnn % 100}" if cudnn and cudnn >= 10000 else cudnn and str(cudnn)
     facts["gpu"] = torch.cuda.get_device_name(0)
     try:
@@ -117,7 +119,7 @@ def gpu_facts() -> dict[str, object]:
 
 def run_cuda(requires: dict[str, str]) -> CheckResult:
     wanted = {k: v for k, v in requires.items() if k in GPU_KEYS}
-    facts = gpu_facts()
+    facts = _gpu_facts()
     if not facts["cuda_available"]:
         if wanted:
             pins = ", ".join(f"{k}{v}" for k, v in wanted.items())
@@ -126,7 +128,7 @@ def run_cuda(requires: dict[str, str]) -> CheckResult:
     problems = [
         f"{name} {facts.get(name)} does not satisfy {name}{spec}"
         for name, spec in wanted.items()
-        if not facts.get(name) or not satisfies(str(facts[name]), spec)
+        if not facts.get(name) or not _satisfies(str(facts[name]), spec)
     ]
     if problems:
         return CheckResult("cuda", "failed", "; ".join(problems), facts, wanted)

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from checks import artifact, dependency, golden, performance
 from checks.job import REFERENCE_MAX_BYTES, reference_refusal
@@ -27,14 +27,19 @@ from serving.generator import PipelineRunner
 from serving.manifest import ArtifactError
 from serving.pipeline import load_pipeline, pick_device
 
+__all__ = ["load_runner", "run_gate"]
+
 log = logging.getLogger("diffops.checks")
 
 
-class TimedOut(Exception):
+class _TimedOut(Exception):
     pass
 
 
-def within(name: str, limit_s: float, work: Callable[[], Any]) -> Any:
+_T = TypeVar("_T")
+
+
+def _within(name: str, limit_s: float, work: Callable[[], _T]) -> _T:
     """Run `work` in a thread; a check past its limit or raising becomes an `error` result."""
     box: dict[str, Any] = {}
 
@@ -48,11 +53,12 @@ def within(name: str, limit_s: float, work: Callable[[], Any]) -> Any:
     thread.start()
     thread.join(limit_s)
     if thread.is_alive():
-        raise TimedOut(f"{name} did not finish within {limit_s:.0f}s (checks.timeout)")
+        raise _TimedOut(f"{name} did not finish within {limit_s:.0f}s (checks.timeout)")
     if "error" in box:
         err = box["error"]
         raise RuntimeError(f"{type(err).__name__}: {err}".strip()) from err
-    return box.get("value")
+    value: _T = box["value"]  # the thread finished without raising, so it set a value
+    return value
 
 
 def load_runner(model_dir: Path, model: dict[str, Any], sampler: str) -> PipelineRunner:
@@ -72,11 +78,11 @@ def run_gate(gate_input: dict[str, Any], progress: Callable[[str], None] = lambd
     def report() -> GateReport:
         return GateReport(name, version, tuple(results), round(time.monotonic() - started, 3), artifacts)
 
-    def attempt(check: str, work: Callable[[], Any]) -> Any:
+    def attempt(check: str, work: Callable[[], _T]) -> _T | None:
         progress(f"{name}--{version}: running the {check} check")
         try:
-            return within(check, limit, work)
-        except (TimedOut, RuntimeError) as err:
+            return _within(check, limit, work)
+        except (_TimedOut, RuntimeError) as err:
             results.append(CheckResult(check, "error", str(err)))
             return None
 
@@ -111,6 +117,7 @@ def run_gate(gate_input: dict[str, Any], progress: Callable[[str], None] = lambd
     reference = gate_input.get("reference")
     size = gate_input.get("reference_bytes") or (len(reference) if reference is not None else None)
     refusal = reference_refusal((checks_spec.get("golden") or {}).get("reference", "?"), size)
+    outcome: tuple[CheckResult, dict[str, str]] | None
     if refusal is not None and checks_spec.get("golden") is not None:
         outcome = (CheckResult("golden", "failed", refusal, {"reference_bytes": size}, {"max_reference_bytes": REFERENCE_MAX_BYTES}), {})
     else:

@@ -28,6 +28,8 @@ from checks import imagecompare
 from checks.report import CheckResult
 from serving.generator import PipelineRunner, png, resolve
 
+__all__ = ["ImageRefused", "MAX_PNG_BYTES", "compare", "decode_png", "reference_size_problem", "render", "run"]
+
 MAX_PNG_BYTES = 16 * 1024 * 1024
 """Largest PNG file accepted (16 MiB): any 2048×2048 8-bit RGB PNG fits, even of pure noise (~12 MiB)."""
 MAX_PNG_PIXELS = 2048 * 2048
@@ -47,7 +49,7 @@ def reference_size_problem(size: int) -> str | None:
     return None
 
 
-def declared_size(data: bytes) -> tuple[int, int]:
+def _declared_size(data: bytes) -> tuple[int, int]:
     """Width and height from the PNG header (IHDR, the first chunk), without decompressing anything."""
     if not data.startswith(PNG_SIGNATURE):
         raise ImageRefused("is not a PNG file (no PNG signature)")
@@ -62,7 +64,7 @@ def decode_png(data: bytes) -> Image.Image:
     problem = reference_size_problem(len(data))
     if problem:
         raise ImageRefused(problem)
-    width, height = declared_size(data)
+    width, height = _declared_size(data)
     if width == 0 or height == 0:
         raise ImageRefused(f"declares {width}x{height} pixels, an empty image")
     if width * height > MAX_PNG_PIXELS:
@@ -77,7 +79,8 @@ def decode_png(data: bytes) -> Image.Image:
 
 def render(runner: PipelineRunner, golden: dict[str, Any], generation: dict[str, Any]) -> bytes:
     request = resolve({"prompt": golden["prompt"], "seed": golden["seed"]}, generation)
-    return runner.run([request])[0]["images"][0]
+    image: bytes = runner.run([request])[0]["images"][0]
+    return image
 
 
 def compare(produced: Image.Image, expected: Image.Image, golden: dict[str, Any]) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
@@ -87,7 +90,8 @@ def compare(produced: Image.Image, expected: Image.Image, golden: dict[str, Any]
     psnr = imagecompare.psnr(produced, expected)
     figures = {"phash_distance": distance, "ssim": round(ssim, 4), "psnr_db": None if psnr == float("inf") else round(psnr, 2),
                "phash_produced": str(imagecompare.phash(produced)), "phash_reference": str(imagecompare.phash(expected))}
-    thresholds = {"max_phash_distance": golden["max_phash_distance"], "min_ssim": golden["min_ssim"], "min_psnr_db": golden.get("min_psnr_db")}
+    thresholds = {"max_phash_distance": golden["max_phash_distance"], "min_ssim": golden["min_ssim"],
+                  "min_psnr_db": golden.get("min_psnr_db")}
     problems = []
     if distance > golden["max_phash_distance"]:
         problems.append(f"phash distance {distance} > {golden['max_phash_distance']}")
@@ -98,12 +102,14 @@ def compare(produced: Image.Image, expected: Image.Image, golden: dict[str, Any]
     return problems, figures, thresholds
 
 
-def run(runner: PipelineRunner, golden: dict[str, Any] | None, generation: dict[str, Any], reference: bytes | None) -> tuple[CheckResult, dict[str, str]]:
+def run(runner: PipelineRunner, golden: dict[str, Any] | None, generation: dict[str, Any],
+        reference: bytes | None) -> tuple[CheckResult, dict[str, str]]:
     if golden is None:
         return CheckResult("golden", "skipped", "no checks.golden configured"), {}
     started = time.monotonic()
     if reference is None:
-        message = f"reference {golden['reference']} is not in the repo at this commit; create it with `diffops golden RELEASE --write` and commit it"
+        message = (f"reference {golden['reference']} is not in the repo at this commit; "
+                   "create it with `diffops golden RELEASE --write` and commit it")
         return CheckResult("golden", "failed", message), {}
     try:
         expected = decode_png(reference)
@@ -118,11 +124,13 @@ def run(runner: PipelineRunner, golden: dict[str, Any] | None, generation: dict[
         message = f"the produced image {err}; lower generation.width/height or render the reference smaller"
         return CheckResult("golden", "failed", message, {"produced_bytes": len(produced_png)}), {}
     if produced.size != expected.size:
-        message = f"produced {produced.size[0]}x{produced.size[1]}, reference is {expected.size[0]}x{expected.size[1]}; regenerate the reference"
+        message = (f"produced {produced.size[0]}x{produced.size[1]}, reference is {expected.size[0]}x{expected.size[1]}; "
+                   "regenerate the reference")
         return CheckResult("golden", "failed", message, {"size": list(produced.size)}), produced_b64
     problems, figures, thresholds = compare(produced, expected, golden)
     seconds = time.monotonic() - started
-    summary = f"phash distance {figures['phash_distance']}, SSIM {figures['ssim']:.3f}, PSNR {figures['psnr_db'] if figures['psnr_db'] is not None else 'inf'} dB"
+    psnr_shown = figures["psnr_db"] if figures["psnr_db"] is not None else "inf"
+    summary = f"phash distance {figures['phash_distance']}, SSIM {figures['ssim']:.3f}, PSNR {psnr_shown} dB"
     if not problems:
         return CheckResult("golden", "passed", summary, figures, thresholds, seconds), {}
     comparison = png(imagecompare.side_by_side(expected, produced))

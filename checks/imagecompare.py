@@ -21,10 +21,12 @@ import numpy as np
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+__all__ = ["phash", "phash_distance", "psnr", "side_by_side", "ssim"]
+
 DATA_RANGE = 255  # 8-bit channels
 
 
-def rgb(image: Image.Image) -> np.ndarray:
+def _rgb(image: Image.Image) -> np.ndarray:
     """The image as an H×W×3 uint8 array (alpha dropped, palettes and grayscale expanded)."""
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
@@ -38,20 +40,21 @@ def phash_distance(a: Image.Image, b: Image.Image) -> int:
 
 
 def ssim(a: Image.Image, b: Image.Image) -> float:
-    return float(structural_similarity(rgb(a), rgb(b), channel_axis=2, data_range=DATA_RANGE))
+    # scikit-image leaves its metrics unannotated
+    return float(structural_similarity(_rgb(a), _rgb(b), channel_axis=2, data_range=DATA_RANGE))  # type: ignore[no-untyped-call]
 
 
 def psnr(a: Image.Image, b: Image.Image) -> float:
-    x, y = rgb(a), rgb(b)
+    x, y = _rgb(a), _rgb(b)
     if np.array_equal(x, y):
         return float("inf")  # MSE 0: skimage would divide by zero (and warn) to reach the same answer
-    return float(peak_signal_noise_ratio(x, y, data_range=DATA_RANGE))
+    return float(peak_signal_noise_ratio(x, y, data_range=DATA_RANGE))  # type: ignore[no-untyped-call]  # unannotated in skimage
 
 
 def side_by_side(reference: Image.Image, produced: Image.Image) -> Image.Image:
     """Reference | produced | amplified absolute difference, for a person to look at."""
     reference, produced = reference.convert("RGB"), produced.convert("RGB").resize(reference.size)
-    diff = np.abs(rgb(reference).astype(np.int16) - rgb(produced).astype(np.int16))
+    diff = np.abs(_rgb(reference).astype(np.int16) - _rgb(produced).astype(np.int16))
     diff_image = Image.fromarray(np.clip(diff * 4, 0, 255).astype(np.uint8))
     canvas = Image.new("RGB", (reference.width * 3 + 8, reference.height), "white")
     for i, panel in enumerate((reference, produced, diff_image)):

@@ -23,6 +23,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+__all__ = ["INPUT_NAME", "REFERENCE_MAX_BYTES", "REFERENCE_NAME", "REPORT_PREFIX", "main", "pack", "read_dir", "reference_refusal",
+           "run_dir"]
+
 REPORT_PREFIX = "DIFFOPS_GATE_REPORT "
 INPUT_NAME = "gate_input.json"
 REFERENCE_NAME = "reference.png"
@@ -62,7 +65,7 @@ def pack(gate: dict[str, Any]) -> bytes:
 
 def read_dir(directory: Path) -> dict[str, Any]:
     """The gate input from an unpacked package; the reference is read only if it is within the cap."""
-    gate = json.loads((directory / INPUT_NAME).read_text())
+    gate: dict[str, Any] = json.loads((directory / INPUT_NAME).read_text())
     name = gate.pop("reference_file", None)
     gate["reference"] = None
     if name is not None:

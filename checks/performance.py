@@ -12,13 +12,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-
-from checks.report import CheckResult
+from checks.report import CheckResult, Outcome
 from serving.generator import PipelineRunner, resolve
+from serving.stats import percentile
+
+__all__ = ["run"]
 
 
-def peak_memory_gb(device: str) -> tuple[float, str]:
+def _peak_memory_gb(device: str) -> tuple[float, str]:
     if device == "cuda":
         import torch
 
@@ -44,11 +45,11 @@ def run(runner: PipelineRunner, performance: dict[str, Any] | None, generation: 
     with ThreadPoolExecutor(performance["concurrency"]) as pool:
         latencies = list(pool.map(timed, requests))
     wall = time.monotonic() - started
-    memory, memory_kind = peak_memory_gb(runner.device)
+    memory, memory_kind = _peak_memory_gb(runner.device)
     figures = {
         "requests": len(latencies), "concurrency": performance["concurrency"], "device": runner.device,
-        "p50_latency_s": round(float(np.percentile(latencies, 50)), 4),
-        "p95_latency_s": round(float(np.percentile(latencies, 95)), 4),
+        "p50_latency_s": round(percentile(latencies, 50) or 0.0, 4),
+        "p95_latency_s": round(percentile(latencies, 95) or 0.0, 4),  # nearest rank, as the canary analysis
         "images_per_s": round(len(latencies) / wall, 3),
         "peak_memory_gb": round(memory, 3), "peak_memory_kind": memory_kind,
     }
@@ -60,6 +61,7 @@ def run(runner: PipelineRunner, performance: dict[str, Any] | None, generation: 
         problems.append(f"peak memory {memory:.2f} GB ({memory_kind}) > {performance['max_peak_memory_gb']} GB")
     if performance.get("min_images_per_s") is not None and figures["images_per_s"] < performance["min_images_per_s"]:
         problems.append(f"{figures['images_per_s']:.2f} images/s < {performance['min_images_per_s']}")
-    summary = f"p50 {figures['p50_latency_s']:.3f}s, p95 {figures['p95_latency_s']:.3f}s, {figures['images_per_s']:.2f} images/s, peak {memory:.2f} GB"
-    outcome = "failed" if problems else "passed"
+    summary = (f"p50 {figures['p50_latency_s']:.3f}s, p95 {figures['p95_latency_s']:.3f}s, {figures['images_per_s']:.2f} images/s, "
+               f"peak {memory:.2f} GB")
+    outcome: Outcome = "failed" if problems else "passed"
     return CheckResult("performance", outcome, "; ".join(problems) + f" ({summary})" if problems else summary, figures, thresholds, wall)

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+__all__ = ["CheckResult", "GateReport", "Outcome", "failed"]
+
 Outcome = Literal["passed", "failed", "skipped", "error"]
 
 

@@ -13,6 +13,8 @@ from pydantic import Field, field_validator
 
 from serving.fields import Duration, SpecModel
 
+__all__ = ["ChecksSpec", "GoldenCheck", "PerformanceCheck"]
+
 
 class GoldenCheck(SpecModel):
     prompt: str = Field(min_length=1, max_length=2000)
@@ -21,11 +23,11 @@ class GoldenCheck(SpecModel):
     """Seed that makes the golden image reproducible."""
     reference: str
     """Reference PNG, a path relative to the repo root (e.g. releases/golden/demo.png)."""
-    max_phash_distance: int = Field(8, ge=0, le=64)
+    max_phash_distance: int = Field(default=8, ge=0, le=64)
     """Largest perceptual-hash Hamming distance to the reference."""
-    min_ssim: float = Field(0.9, ge=-1, le=1)
+    min_ssim: float = Field(default=0.9, ge=-1, le=1)
     """Smallest structural similarity (SSIM) to the reference."""
-    min_psnr_db: float | None = Field(None, ge=0)
+    min_psnr_db: float | None = Field(default=None, ge=0)
     """Smallest PSNR in dB to the reference; unset skips it."""
 
     @field_validator("reference")
@@ -40,15 +42,15 @@ class GoldenCheck(SpecModel):
 
 
 class PerformanceCheck(SpecModel):
-    requests: int = Field(8, ge=1, le=10_000)
+    requests: int = Field(default=8, ge=1, le=10_000)
     """Requests sent to the new version."""
-    concurrency: int = Field(2, ge=1, le=256)
+    concurrency: int = Field(default=2, ge=1, le=256)
     """Requests in flight at once."""
     max_p95_latency_s: float = Field(gt=0, allow_inf_nan=False)
     """Largest acceptable p95 latency, seconds."""
-    max_peak_memory_gb: float | None = Field(None, gt=0)
+    max_peak_memory_gb: float | None = Field(default=None, gt=0)
     """Largest peak GPU memory (or RSS on CPU), GB."""
-    min_images_per_s: float | None = Field(None, gt=0)
+    min_images_per_s: float | None = Field(default=None, gt=0)
     """Smallest acceptable throughput; unset skips it."""
 
 

@@ -21,6 +21,8 @@ from filelock import FileLock, Timeout
 
 from controller.reconciler import Reconciler
 
+__all__ = ["BUSY_TICK_S", "StateDirLocked", "install_signal_handlers", "lock_state_dir", "run_loop", "watch_refs"]
+
 log = logging.getLogger("diffops.controller")
 BUSY_TICK_S = 0.5
 
@@ -53,7 +55,8 @@ def watch_refs(git_dir: Path, wake: threading.Event, stop: threading.Event) -> t
         return "/refs/" in path or path.endswith(("HEAD", "packed-refs")) and not path.endswith("ORIG_HEAD")
 
     def run() -> None:
-        for _changes in watch(git_dir, watch_filter=relevant, stop_event=stop, debounce=50, step=20, rust_timeout=500, yield_on_timeout=False):
+        changes = watch(git_dir, watch_filter=relevant, stop_event=stop, debounce=50, step=20, rust_timeout=500, yield_on_timeout=False)
+        for _changes in changes:
             wake.set()
 
     thread = threading.Thread(target=run, name="watch-refs", daemon=True)

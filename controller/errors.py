@@ -12,8 +12,8 @@ Three kinds, decided where an error is raised:
 
 Anything else is unexpected (a bug): caught around each release's step, its
 traceback logged once, the release marked with a one-line summary, the loop
-and the other releases go on. `controller.reconciler` calls `tick_outcome` and
-`release_outcome`, and nothing else decides.
+and the other releases go on. `controller.reconciler` calls `tick_outcome`,
+`controller.tick.decide` calls `release_outcome`, and nothing else decides.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from controller.state.records import Phase
+
+__all__ = ["ReleaseError", "ReleaseOutcome", "TemporaryError", "TickOutcome", "WaitingError", "backoff", "classify", "release_outcome",
+           "summary", "tick_outcome"]
 
 RETRY_CAP_S = 60.0  # the longest a temporary failure waits between tries
 UNEXPECTED_RETRY_S = 2.0  # base delay after an unclassified exception outside any release's step
@@ -78,7 +81,7 @@ def classify(err: BaseException) -> TemporaryError | WaitingError | ReleaseError
 
 def backoff(base: float, attempt: int, rand: Callable[[], float], cap: float = RETRY_CAP_S) -> float:
     """Delay before try `attempt + 1`: base·2^(attempt-1), capped, with jitter in [½, 1] of that (never 0)."""
-    delay = min(cap, base * 2 ** max(0, attempt - 1))
+    delay = min(cap, base * 2.0 ** max(0, attempt - 1))
     return delay / 2 + delay / 2 * rand()
 
 

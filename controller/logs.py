@@ -15,6 +15,8 @@ import time
 
 from controller.apply.serve_client import ray_token
 
+__all__ = ["JsonFormatter", "configure"]
+
 
 class _Redact(logging.Filter):
     def __init__(self) -> None:

@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from controller.state.store import State
 
+__all__ = ["ControllerMetrics"]
+
 PHASES = ("Healthy", "Progressing", "Paused", "Degraded", "Failed", "Invalid")
 
 
@@ -20,13 +22,16 @@ class ControllerMetrics:
         self.reconciles = Counter("diffops_reconciles_total", "Reconciles by result.", ["result"], registry=self.registry)
         self.duration = Histogram("diffops_reconcile_duration_seconds", "Reconcile duration.", registry=self.registry,
                                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.phase = Gauge("diffops_release_phase", "1 for the release's current phase.", ["release", "phase"], registry=self.registry)
-        self.weight = Gauge("diffops_version_weight", "Traffic weight set per version.", ["release", "version", "role"], registry=self.registry)
+        self.phase = Gauge("diffops_release_phase", "1 for the release's current phase.", ["release", "phase"],
+                           registry=self.registry)
+        self.weight = Gauge("diffops_version_weight", "Traffic weight set per version.", ["release", "version", "role"],
+                            registry=self.registry)
         self.drift_healed = Counter("diffops_drift_healed_total", "Applications re-applied because Ray Serve no longer ran "
                                     "them as applied (missing, deleted, changed).", ["release"], registry=self.registry)
         self.cache_bytes = Gauge("diffops_cache_bytes", "Bytes of verified models in the controller's model cache.",
                                  registry=self.registry)
-        self.applied = Gauge("diffops_last_applied_commit_timestamp_seconds", "When the last commit became fully live.", registry=self.registry)
+        self.applied = Gauge("diffops_last_applied_commit_timestamp_seconds", "When the last commit became fully live.",
+                             registry=self.registry)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -35,7 +35,7 @@ def tiny_vocab() -> dict[str, int]:
 
 def build(seed: int = 0) -> StableDiffusionPipeline:
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet = UNet2DConditionModel(  # type: ignore[no-untyped-call]  # diffusers models are untyped
         block_out_channels=(8, 16),
         layers_per_block=1,
         sample_size=32,
@@ -47,7 +47,7 @@ def build(seed: int = 0) -> StableDiffusionPipeline:
         attention_head_dim=4,
         norm_num_groups=4,
     )
-    vae = AutoencoderKL(
+    vae = AutoencoderKL(  # type: ignore[no-untyped-call]  # diffusers models are untyped
         block_out_channels=(8, 16),
         in_channels=3,
         out_channels=3,
@@ -71,10 +71,10 @@ def build(seed: int = 0) -> StableDiffusionPipeline:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDIMScheduler(
+    scheduler = DDIMScheduler(  # type: ignore[no-untyped-call]  # diffusers models are untyped
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
     )
-    return StableDiffusionPipeline(
+    return StableDiffusionPipeline(  # type: ignore[no-untyped-call]  # diffusers models are untyped
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
@@ -88,7 +88,7 @@ def build(seed: int = 0) -> StableDiffusionPipeline:
 
 def main(out: str) -> None:
     target = Path(out)
-    build().save_pretrained(target, safe_serialization=True)
+    build().save_pretrained(target, safe_serialization=True)  # type: ignore[attr-defined]  # diffusers models are untyped
     manifest = manifest_of(target)
     (target / MANIFEST_NAME).write_text(manifest.text())
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())

@@ -184,5 +184,6 @@ def _download(store: Store, listing: dict[str, int], staging: Path, expected: Ma
                 raise ArtifactError(f"{key}: would be written outside the cache")
             hashes[key] = _copy(store, key, target, progress)
             if expected is not None and hashes[key] != expected.files[key]:
-                raise ArtifactError(f"{uri}: digest mismatch: {key}: sha256 {hashes[key][:12]}… does not match pinned {expected.files[key][:12]}…")
+                raise ArtifactError(f"{uri}: digest mismatch: {key}: sha256 {hashes[key][:12]}… "
+                                    f"does not match pinned {expected.files[key][:12]}…")
     return hashes

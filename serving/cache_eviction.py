@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
+__all__ = ["CacheEntry", "EvictionPlan", "HEX64", "STALE_AFTER_S", "Scratch", "ScratchAction", "classify_scratch", "plan_eviction"]
+
 HEX64 = re.compile(r"[0-9a-f]{64}")
 SCRATCH = re.compile(r"\.(staging|hub|trash)-([0-9a-f]+)-[0-9a-z]+")
 STALE_AFTER_S = 6 * 3600  # scratch we cannot lock (an older name format): litter after this long

@@ -14,6 +14,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, WithJsonSchema
 
+__all__ = ["DIGEST_RE", "DNS_LABEL_RE", "IMAGE_RE", "MAX_DURATION", "RELEASE_NAME_RE", "Digest", "DnsLabel", "Duration", "ImageRef",
+           "ReleaseName", "SpecModel", "format_duration", "parse_duration"]
+
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 DURATION_RE = re.compile(r"^(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m(?!s))?(?:([0-9]+)s)?(?:([0-9]+)ms)?$")
 DURATION_UNITS_MS = (86_400_000, 3_600_000, 60_000, 1000, 1)  # d, h, m, s, ms
@@ -37,16 +40,16 @@ def _shown(value: Any, limit: int = 40) -> str:
 
 
 def _string(kind: str, example: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{kind} must be a quoted string like {example!r}; YAML read {_shown(value)} as {type(value).__name__}")
-    return value
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"{kind} must be a quoted string like {example!r}; YAML read {_shown(value)} as {type(value).__name__}")
 
 
 def _digest(value: Any) -> str:
-    value = _string("a digest", "sha256:<64 hex>", value)
-    if not DIGEST_RE.match(value):
-        raise ValueError(f"expected 'sha256:' and 64 lowercase hex digits, got {_shown(value, 80)}")
-    return value
+    text = _string("a digest", "sha256:<64 hex>", value)
+    if not DIGEST_RE.match(text):
+        raise ValueError(f"expected 'sha256:' and 64 lowercase hex digits, got {_shown(text, 80)}")
+    return text
 
 
 def parse_duration(value: Any) -> timedelta:
@@ -55,14 +58,15 @@ def parse_duration(value: Any) -> timedelta:
         if not timedelta(0) <= value <= MAX_DURATION:
             raise ValueError(f"{format_duration(value)} is outside 0s to {MAX_DURATION_TEXT}")
         return value
-    value = _string("a duration", "30s", value)
-    match = DURATION_RE.match(value.strip()) if len(value) <= 64 else None
-    if not value.strip() or not match or not any(match.groups()):
-        raise ValueError(f"expected a duration like '30s', '10m', '1h30m' or '2d', got {_shown(value)}")
+    text = _string("a duration", "30s", value)
+    match = DURATION_RE.match(text.strip()) if len(text) <= 64 else None
+    if not text.strip() or not match or not any(match.groups()):
+        raise ValueError(f"expected a duration like '30s', '10m', '1h30m' or '2d', got {_shown(text)}")
     groups = match.groups("")  # digits per unit; over 16 digits is past the cap in any unit
-    millis = sum(int(g or 0) * unit for g, unit in zip(groups, DURATION_UNITS_MS)) if all(len(g) <= 16 for g in groups) else None
+    counted = all(len(g) <= 16 for g in groups)
+    millis = sum(int(g or 0) * unit for g, unit in zip(groups, DURATION_UNITS_MS, strict=True)) if counted else None
     if millis is None or millis > MAX_DURATION // timedelta(milliseconds=1):
-        raise ValueError(f"{_shown(value)} is longer than the longest duration a release takes, {MAX_DURATION_TEXT}")
+        raise ValueError(f"{_shown(text)} is longer than the longest duration a release takes, {MAX_DURATION_TEXT}")
     return timedelta(milliseconds=millis)
 
 
@@ -76,25 +80,25 @@ def format_duration(value: timedelta) -> str:
 
 
 def _image(value: Any) -> str:
-    value = _string("an image reference", "registry/name@sha256:<64 hex>", value)
-    if not IMAGE_RE.match(value):
-        raise ValueError(f"expected an image pinned by digest, '<name>@sha256:<64 hex>', got {_shown(value, 120)}")
-    return value
+    text = _string("an image reference", "registry/name@sha256:<64 hex>", value)
+    if not IMAGE_RE.match(text):
+        raise ValueError(f"expected an image pinned by digest, '<name>@sha256:<64 hex>', got {_shown(text, 120)}")
+    return text
 
 
 def _dns_label(value: Any) -> str:
-    value = _string("a name", "demo", value)
-    if not DNS_LABEL_RE.match(value):
-        raise ValueError(f"expected a DNS label (lowercase letters, digits, '-', at most 63), got {_shown(value, 80)}")
-    return value
+    text = _string("a name", "demo", value)
+    if not DNS_LABEL_RE.match(text):
+        raise ValueError(f"expected a DNS label (lowercase letters, digits, '-', at most 63), got {_shown(text, 80)}")
+    return text
 
 
 def _release_name(value: Any) -> str:
-    value = _dns_label(value)
-    if "--" in value:
-        raise ValueError(f"{value!r} contains '--', which separates release and version in Ray Serve application "
+    name = _dns_label(value)
+    if "--" in name:
+        raise ValueError(f"{name!r} contains '--', which separates release and version in Ray Serve application "
                          "names (<release>--<version>), so it could collide with another release's version; use single '-'")
-    return value
+    return name
 
 
 Digest = Annotated[

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+__all__ = ["SHAPE_KEYS", "PipelineRunner", "png", "resolve"]
+
 SHAPE_KEYS = ("steps", "width", "height", "guidance_scale", "num_images")
 
 
@@ -43,8 +45,8 @@ class PipelineRunner:
         """One pipeline call per group of requests with the same shape; results in request order."""
         import torch
 
-        results: list[dict[str, Any] | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
+        results: dict[int, dict[str, Any]] = {}
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(tuple(request[k] for k in SHAPE_KEYS), []).append(index)
         with self.lock:
@@ -64,4 +66,4 @@ class PipelineRunner:
                     params = {k: requests[index][k] for k in ("seed", *SHAPE_KEYS)}
                     results[index] = {"images": [png(i) for i in images], "params": params, "seconds": seconds, "batch_size": len(batch)}
                 self.on_batch(len(batch) * count, seconds)
-        return results  # type: ignore[return-value]
+        return [results[index] for index in range(len(requests))]

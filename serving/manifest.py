@@ -15,6 +15,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+__all__ = ["ArtifactError", "CHUNK", "MANIFEST_NAME", "Manifest", "REFUSED_SUFFIXES", "check_key", "list_model_files", "manifest_of",
+           "sha256_file", "verify"]
+
 MANIFEST_NAME = "MODEL.sha256"
 REFUSED_SUFFIXES = frozenset({".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle", ".py", ".pyc"})
 CHUNK = 1 << 20

@@ -34,6 +34,8 @@ from filelock import FileLock, Timeout
 from serving.cache_eviction import HEX64, CacheEntry, EvictionPlan, ScratchAction, classify_scratch, plan_eviction
 from serving.manifest import MANIFEST_NAME, ArtifactError, Manifest, list_model_files, sha256_file
 
+__all__ = ["EntryCheck", "ModelCache"]
+
 log = logging.getLogger("diffops.serving")
 HASH_WORKERS = 4
 
@@ -51,11 +53,11 @@ class EntryCheck:
         return self.exists and self.manifest is not None and not self.problems
 
 
-def gb(n: int) -> str:
+def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def remove(path: Path) -> None:
+def _remove(path: Path) -> None:
     """Remove a directory tree, a file or a link; what cannot be removed now is left for the next sweep."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -63,7 +65,7 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def hexof(digest: str) -> str:
+def _hexof(digest: str) -> str:
     return digest.removeprefix("sha256:")
 
 
@@ -79,7 +81,7 @@ class ModelCache:
     # --- layout ------------------------------------------------------------------------------------
 
     def path(self, digest: str) -> Path:
-        return self.root / "sha256" / hexof(digest)
+        return self.root / "sha256" / _hexof(digest)
 
     def lock(self, digest: str, timeout: float = -1) -> FileLock:
         self.root.joinpath("sha256").mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,7 @@ class ModelCache:
 
     def scratch(self, kind: str, digest: str) -> Path:
         """A fresh scratch dir name for `digest` (`staging`, `hub`, `trash`); the caller holds the digest's lock."""
-        return self.root / f".{kind}-{hexof(digest)}-{uuid.uuid4().hex[:8]}"
+        return self.root / f".{kind}-{_hexof(digest)}-{uuid.uuid4().hex[:8]}"
 
     def touch(self, digest: str) -> None:
         """Record a use of the entry (eviction is least-recently-used by this stamp, not by atime)."""
@@ -118,7 +120,7 @@ class ModelCache:
         if rehash:
             expected = [key for key in present if key in manifest.files]
             with ThreadPoolExecutor(HASH_WORKERS) as pool:  # hashlib releases the GIL: files hash in parallel
-                hashes = dict(zip(expected, pool.map(lambda key: sha256_file(path / key), expected)))
+                hashes = dict(zip(expected, pool.map(lambda key: sha256_file(path / key), expected), strict=True))
             actual = Manifest({key: hashes.get(key, "-") for key in present})
         else:
             actual = Manifest({key: manifest.files.get(key, "-") for key in present})
@@ -136,7 +138,7 @@ class ModelCache:
             return
         trash = self.scratch("trash", digest)
         os.replace(path, trash)
-        remove(trash)
+        _remove(trash)
         Path(str(path) + ".used").unlink(missing_ok=True)
 
     # --- bounding it -----------------------------------------------------------------------------------
@@ -167,7 +169,8 @@ class ModelCache:
         this time. Returns (digest, bytes) per evicted entry.
         """
         started = time.monotonic()
-        keep, busy = set(keep), set()
+        busy: set[str] = set()
+        keep = set(keep)
         remaining = {entry.digest: entry for entry in self.entries()}
         evicted: list[tuple[str, int]] = []
         while True:
@@ -184,8 +187,8 @@ class ModelCache:
             del remaining[victim.digest]
             evicted.append((victim.digest, victim.bytes))
             log.info("model cache: evicted %s (%s, last used %.0fs ago); cache now %s of %s cap; next: %s",
-                     victim.digest[:19], gb(victim.bytes), time.time() - victim.last_used, gb(plan.total_bytes - victim.bytes),
-                     gb(max_bytes), "evicting the next least recently used" if len(plan.victims) > 1 else "nothing more to evict",
+                     victim.digest[:19], _gb(victim.bytes), time.time() - victim.last_used, _gb(plan.total_bytes - victim.bytes),
+                     _gb(max_bytes), "evicting the next least recently used" if len(plan.victims) > 1 else "nothing more to evict",
                      )
         kept = sum(1 for digest in remaining if digest in keep)
         self._report_over_cap(plan, max_bytes, kept, len(busy), time.monotonic() - started)
@@ -201,14 +204,14 @@ class ModelCache:
         log.warning(
             "model cache: %s stays above its %s cap (%s held by %d models in use, %d busy fetching); keeping them; "
             "next: evicting when they are released (raise --cache-max-bytes if this persists) (%.2fs)",
-            gb(plan.after_bytes), gb(max_bytes), gb(plan.kept_bytes), kept, busy, seconds,
+            _gb(plan.after_bytes), _gb(max_bytes), _gb(plan.kept_bytes), kept, busy, seconds,
         )
 
     # --- clean-up ------------------------------------------------------------------------------------------
 
     def sweep(self) -> list[str]:
         """Remove trash, and staging / hub dirs whose fetch is no longer running; return what was removed."""
-        removed = []
+        removed: list[str] = []
         try:
             names = [entry for entry in os.scandir(self.root) if entry.name.startswith(".")]
         except FileNotFoundError:
@@ -221,11 +224,11 @@ class ModelCache:
                 continue
             decision = classify_scratch(entry.name, age)
             if decision.action is ScratchAction.REMOVE:
-                remove(Path(entry.path))
+                _remove(Path(entry.path))
             elif decision.action is ScratchAction.REMOVE_IF_UNLOCKED and decision.digest:
                 try:
                     with self.lock(decision.digest, timeout=0):
-                        remove(Path(entry.path))
+                        _remove(Path(entry.path))
                 except Timeout:
                     continue  # a fetch of that digest is running (here or in another process)
             else:

@@ -24,15 +24,18 @@ from serving.generator import PipelineRunner, resolve
 from serving.metrics import Nvml, serving_metrics
 from serving.pipeline import load_pipeline, pick_device
 
+__all__ = ["InjectedFault", "ModelServer", "build_model_app"]
+
 log = logging.getLogger("ray.serve")
+
 
 class InjectedFault(RuntimeError):
     """A failure a drill asked for (`spec.faults`)."""
 
 
 class ModelServer:
-    def __init__(self, release: str, version: str, model: dict, generation: dict, repo: str | None, commit: str | None,
-                 cache_dir: str, gpus: float = 0, faults: dict | None = None):
+    def __init__(self, release: str, version: str, model: dict[str, Any], generation: dict[str, Any], repo: str | None,
+                 commit: str | None, cache_dir: str, gpus: float = 0, faults: dict[str, Any] | None = None):
         started = time.monotonic()
         self.release, self.version, self.generation = release, version, generation
         self.tags = {"release": release, "version": version}
@@ -66,8 +69,9 @@ class ModelServer:
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Light settings from the rendered `user_config`: applied in place, no restart."""
         self.gpu_hour_usd = config.get("gpu_hour_usd")
-        self._batch.set_max_batch_size(int(config.get("max_batch_size", 4)))
-        self._batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
+        # serve.batch's typing drops the setters its wrapper carries at run time
+        self._batch.set_max_batch_size(int(config.get("max_batch_size", 4)))  # type: ignore[attr-defined]
+        self._batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))  # type: ignore[attr-defined]
 
     async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
         if self.faults.get("added_latency_s"):
@@ -103,4 +107,4 @@ class ModelServer:
 
 def build_model_app(args: dict[str, Any]) -> serve.Application:
     """Serve application builder named in the rendered config (`serving.model_server:build_model_app`)."""
-    return serve.deployment(ModelServer, name="Model").bind(**args)
+    return serve.deployment(name="Model")(ModelServer).bind(**args)

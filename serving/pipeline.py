@@ -13,6 +13,8 @@ from typing import Any
 
 from serving.samplers import build_scheduler
 
+__all__ = ["DTYPES", "load_pipeline", "pick_device"]
+
 log = logging.getLogger("diffops.serving")
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -33,12 +35,13 @@ def load_pipeline(model_dir: Path, *, dtype: str = "float32", sampler: str = "dd
     import torch
     import transformers
 
+    # diffusers and transformers leave these unannotated (the untyped-library boundary of serving)
     diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     device = device or pick_device()
     weights_dtype = getattr(torch, DTYPES[dtype]) if device != "cpu" else torch.float32
-    pipeline = diffusers.DiffusionPipeline.from_pretrained(
+    pipeline = diffusers.DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
         str(model_dir), dtype=weights_dtype, use_safetensors=True, local_files_only=True
     )
     pipeline.scheduler = build_scheduler(sampler, dict(pipeline.scheduler.config))

@@ -5,7 +5,8 @@ is known to pass `MAX_BODY_BYTES`: a declared Content-Length before a byte is
 read, a streamed body at the chunk that crosses the cap) and calls
 `parse_request` on it before any pipeline work: a bad request becomes a
 `RequestError` (422, naming the field) in microseconds, never a 500 and never
-a GPU second.
+a GPU second. The router answers it with `RequestError.document`, an RFC 9457
+problem details document (`serving.problems`).
 """
 
 from __future__ import annotations
@@ -13,29 +14,31 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterable
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serving.problems import DETAIL_CHARS, FIELD_CHARS, PROBLEM_TYPES, ProblemDocument, echo, problem
+
+__all__ = ["MAX_BODY_BYTES", "GenerateRequest", "RequestError", "RequestKind", "declared_length", "limit_problems", "parse_request",
+           "read_body", "too_large"]
+
 MAX_BODY_BYTES = 4 * 1024 * 1024
-ERROR_NAMES = {400: "bad request", 413: "request too large", 422: "invalid request"}
+
+RequestKind = Literal["bad-request", "request-too-large", "invalid-request"]  # the problem kinds a request itself can be
 
 
 class RequestError(Exception):
-    """A request the release's contract refuses; `status` is the HTTP code to answer with."""
+    """A request the release's contract refuses: (field, detail) problems, bounded; `status` is the HTTP code of its kind."""
 
-    def __init__(self, problems: list[tuple[str, str]], status: int = 422):
-        problems = [(_echo(field), _echo(message, 400)) for field, message in problems]
-        super().__init__("; ".join(f"{field}: {message}" for field, message in problems))
-        self.problems, self.status = problems, status
+    def __init__(self, problems: list[tuple[str, str]], kind: RequestKind = "invalid-request"):
+        problems = [(echo(field, FIELD_CHARS), echo(detail, DETAIL_CHARS)) for field, detail in problems]
+        super().__init__("; ".join(f"{field}: {detail}" for field, detail in problems))
+        self.problems, self.kind, self.status = problems, kind, PROBLEM_TYPES[kind].status
 
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": ERROR_NAMES.get(self.status, "invalid request"),
-            "field": self.problems[0][0],
-            "message": self.problems[0][1],
-            "errors": [{"field": field, "message": message} for field, message in self.problems],
-        }
+    def document(self, request_id: str) -> ProblemDocument:
+        """The problem details answer: the first problem as `detail` and `field`, all of them under `errors`."""
+        return problem(self.kind, self.problems[0][1], request_id, self.problems)
 
 
 class GenerateRequest(BaseModel):
@@ -58,7 +61,7 @@ def _reject_constant(token: str) -> float:
 
 
 def too_large(what: str, cap: int) -> RequestError:
-    return RequestError([("body", f"{what}; request bodies are capped at {cap} bytes ({cap // 1024 // 1024} MiB)")], status=413)
+    return RequestError([("body", f"{what}; request bodies are capped at {cap} bytes ({cap // 1024 // 1024} MiB)")], "request-too-large")
 
 
 def declared_length(value: str | None, cap: int = MAX_BODY_BYTES) -> int | None:
@@ -67,7 +70,7 @@ def declared_length(value: str | None, cap: int = MAX_BODY_BYTES) -> int | None:
         return None
     text = value.strip()
     if not text.isascii() or not text.isdigit() or len(text) > 20:
-        raise RequestError([("Content-Length", f"{value[:40]!r} is not a byte count")], status=400)
+        raise RequestError([("Content-Length", f"{value[:40]!r} is not a byte count")], "bad-request")
     length = int(text)
     if length > cap:
         raise too_large(f"Content-Length {length} bytes", cap)
@@ -153,8 +156,3 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
 
-
-def _echo(text: str, limit: int = 80) -> str:
-    """A client-supplied text (a JSON key, say) safe to echo in a UTF-8 JSON answer: bounded, surrogates escaped."""
-    shown = text if len(text) <= limit else text[:limit] + "…"
-    return shown.encode("utf-8", "backslashreplace").decode("utf-8")

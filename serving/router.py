@@ -12,7 +12,9 @@ analysis judges: only requests the router assigned by weight; requests pinned
 with `X-Diffops-Version` (previews, steerable by any client) are counted apart,
 under `pinned`, in a window of their own so they cannot push judged ones out.
 Backpressure from a full version queue becomes 503 with `Retry-After`; a
-request whose replica dies under it is retried once. The
+request whose replica dies under it is retried once. Every 4xx and 5xx is an
+RFC 9457 problem details document (`application/problem+json`, built by
+`serving.problems.problem`), whatever the request's `Accept` asks for. The
 Serve proxy assigns `X-Request-Id` (or keeps the client's) and echoes it on
 every response; the router reads it for bodies and logs.
 """
@@ -31,11 +33,16 @@ from typing import Any
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from serving.metrics import serving_metrics
+from serving.problems import PROBLEM_MEDIA_TYPE, ProblemDocument, ProblemKind, echo, problem
 from serving.requests import RequestError, parse_request, read_body
+from serving.stats import p95
+
+__all__ = ["REQUEST_ID_HEADER", "VERSION_HEADER", "Router", "build_router_app", "figures", "pick_version", "window_stats"]
 
 log = logging.getLogger("ray.serve")
 
@@ -64,7 +71,7 @@ class Router:
         self.limits: dict[str, int] = {}
         self.defaults: dict[str, int] = {}
         self.retry_after_s = 1
-        self.handles: dict[str, Any] = {}
+        self.handles: dict[str, DeploymentHandle[Any]] = {}
         self.rng = random.Random()
         self.metrics = serving_metrics()
         self.judged: deque[Answer] = deque(maxlen=STATS_WINDOW)  # assigned by weight: what the canary analysis judges
@@ -78,24 +85,32 @@ class Router:
         self.handles = {v: h for v, h in self.handles.items() if v in self.weights}
         log.info("router %s: weights now %s", self.release, self.weights)
 
-    def _handle(self, version: str) -> Any:
+    def _handle(self, version: str) -> DeploymentHandle[Any]:
         if version not in self.handles:
             self.handles[version] = serve.get_deployment_handle("Model", app_name=f"{self.release}--{version}")
         return self.handles[version]
 
     async def __call__(self, request: Request) -> Response:
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex  # set by the Serve proxy
+        try:
+            return await self._answer(request, request_id)
+        except Exception as err:  # a bug in this router: still a problem document, never Serve's bare 500
+            log.exception("router %s: failed request %s: %s; next: answering 500", self.release, request_id, type(err).__name__)
+            detail = f"the router of {self.release} failed ({type(err).__name__}); the Serve logs name request {request_id}"
+            return self._error("internal-error", request_id, None, detail)
+
+    async def _answer(self, request: Request, request_id: str) -> Response:
         path = request.url.path.rstrip("/")
         if request.method == "GET" and (path.endswith(f"/{self.release}") or path.endswith("/versions")):
             try:
                 since = float(request.query_params.get("since") or 0)
             except ValueError:
-                return self._error(422, request_id, None, {"error": "invalid request", "field": "since", "message": "epoch seconds expected"})
+                return self._error("invalid-request", request_id, None, "epoch seconds expected", [("since", "epoch seconds expected")])
             return JSONResponse({"release": self.release, "weights": self.weights, "stats": self.stats(since)})
         if not path.endswith("/generate"):
-            return self._error(404, request_id, None, {"error": "not found", "message": f"use POST /{self.release}/generate"})
+            return self._error("not-found", request_id, None, f"use POST /{self.release}/generate")
         if request.method != "POST":
-            return self._error(405, request_id, None, {"error": "method not allowed", "message": "use POST"}, {"Allow": "POST"})
+            return self._error("method-not-allowed", request_id, None, f"use POST /{self.release}/generate", headers={"Allow": "POST"})
         started = time.monotonic()
         try:
             raw = await read_body(request.stream(), request.headers.get("content-length"))
@@ -103,32 +118,31 @@ class Router:
         except RequestError as err:
             if err.status == 413:
                 log.info("router %s: refused request %s: %s; next: nothing was read past the cap", self.release, request_id, err)
-            return self._error(err.status, request_id, None, err.body())
+            return self._send(err.document(request_id), None)
         except ClientDisconnect:
-            return self._error(400, request_id, None, {"error": "client disconnected", "message": "the body ended early"})
+            return self._error("client-disconnected", request_id, None, "the body ended early; send the whole request again")
         del raw  # up to 4 MiB; not held while the version generates
         pinned = request.headers.get(VERSION_HEADER)
         version = pick_version(self.weights, pinned, self.rng)
         if version is None:
             if pinned is not None:
-                shown = pinned if len(pinned) <= ECHO_CHARS else pinned[:ECHO_CHARS] + "…"
-                body = {"error": "unknown version", "message": f"{shown!r} is not live; live versions: {sorted(self.weights)}"}
-                return self._error(404, request_id, None, body)
-            return self._error(503, request_id, None, {"error": "no version is serving", "message": "retry shortly"}, self._retry())
+                detail = f"{echo(pinned, ECHO_CHARS)!r} is not live; live versions: {sorted(self.weights)}"
+                return self._error("unknown-version", request_id, None, detail, [(VERSION_HEADER, detail)])
+            return self._error("no-version-serving", request_id, None, "retry shortly", headers=self._retry())
         window = self.pinned if pinned is not None else self.judged
         try:
             result = await self._generate(version, params, request_id)
         except BackPressureError:
             window.append((time.time(), version, False, time.monotonic() - started))
-            body = {"error": "overloaded", "message": f"version {version} queue is full; retry after {self.retry_after_s}s"}
-            return self._error(503, request_id, version, body, self._retry())
+            detail = f"version {version} queue is full; retry after {self.retry_after_s}s"
+            return self._error("overloaded", request_id, version, detail, headers=self._retry())
         except DeploymentUnavailableError:
             window.append((time.time(), version, False, time.monotonic() - started))
-            return self._error(503, request_id, version, {"error": "version unavailable", "message": f"{version} is not running"}, self._retry())
+            return self._error("version-unavailable", request_id, version, f"{version} is not running", headers=self._retry())
         except Exception as err:  # the version failed to generate (not the request's fault)
             window.append((time.time(), version, False, time.monotonic() - started))
             log.warning("router %s: version %s failed request %s: %s", self.release, version, request_id, err)
-            return self._error(500, request_id, version, {"error": "generation failed", "message": f"version {version} failed: {type(err).__name__}"})
+            return self._error("generation-failed", request_id, version, f"version {version} failed: {type(err).__name__}")
         seconds = time.monotonic() - started
         window.append((time.time(), version, True, seconds))
         self._count(version, 200, seconds)
@@ -143,11 +157,12 @@ class Router:
     async def _generate(self, version: str, params: dict[str, Any], request_id: str) -> dict[str, Any]:
         """The version's answer; retried once if the replica died under it (generation has no side effects)."""
         try:
-            return await self._handle(version).generate.remote(params)
+            answer: dict[str, Any] = await self._handle(version).generate.remote(params)
         except RayActorError as err:
             log.warning("router %s: a replica of %s died during request %s (%s); next: retry it once",
                         self.release, version, request_id, type(err).__name__)
-            return await self._handle(version).generate.remote(params)
+            answer = await self._handle(version).generate.remote(params)
+        return answer
 
     def stats(self, since: float) -> dict[str, dict[str, Any]]:
         return window_stats(self.judged, self.pinned, since)
@@ -161,19 +176,23 @@ class Router:
         if seconds is not None:
             self.metrics["latency"].observe(seconds, tags=tags)
 
-    def _error(self, code: int, request_id: str, version: str | None, body: dict, headers: dict | None = None) -> Response:
-        self._count(version, code)
+    def _error(self, kind: ProblemKind, request_id: str, version: str | None, detail: str,
+               errors: Iterable[tuple[str, str]] = (), headers: dict[str, str] | None = None) -> Response:
+        return self._send(problem(kind, detail, request_id, list(errors)), version, headers)
+
+    def _send(self, document: ProblemDocument, version: str | None, headers: dict[str, str] | None = None) -> Response:
+        """Answer a problem document: counted under its status, typed application/problem+json whatever `Accept` asked."""
+        self._count(version, document["status"])
         out = dict(headers or {})
         if version:
             out[VERSION_HEADER] = version
-        return JSONResponse({**body, "request_id": request_id}, status_code=code, headers=out)
+        return JSONResponse(document, status_code=document["status"], headers=out, media_type=PROBLEM_MEDIA_TYPE)
 
 
 def figures(answers: list[tuple[bool, float]]) -> dict[str, Any]:
     """Requests, errors (5xx) and p95 latency of those served."""
     latencies = sorted(seconds for ok, seconds in answers if ok)
-    p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None
-    return {"requests": len(answers), "errors": sum(1 for ok, _ in answers if not ok), "p95_latency_s": p95}
+    return {"requests": len(answers), "errors": sum(1 for ok, _ in answers if not ok), "p95_latency_s": p95(latencies)}
 
 
 def window_stats(judged: Iterable[Answer], pinned: Iterable[Answer], since: float) -> dict[str, dict[str, Any]]:
@@ -188,4 +207,4 @@ def window_stats(judged: Iterable[Answer], pinned: Iterable[Answer], since: floa
 
 def build_router_app(args: dict[str, Any]) -> serve.Application:
     """Serve application builder named in the rendered config (`serving.router:build_router_app`)."""
-    return serve.deployment(Router, name="Router").bind(args["release"])
+    return serve.deployment(name="Router")(Router).bind(args["release"])

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+__all__ = ["SAMPLERS", "SamplerName", "build_scheduler"]
+
+SamplerName = Literal["ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+"""The sampler names a release file may use: exactly the keys of `SAMPLERS` (a test holds them equal)."""
+
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
@@ -21,8 +26,6 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
-
-SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 
 
 def build_scheduler(sampler: str, base_config: dict[str, Any]) -> Any:

@@ -16,6 +16,8 @@ from pydantic import Field, field_validator
 from serving.fields import Digest, ImageRef, SpecModel
 from serving.samplers import SamplerName
 
+__all__ = ["FaultsSpec", "GenerationSpec", "LimitsSpec", "MODEL_SCHEMES", "ModelSpec", "ReplicasSpec", "RuntimeSpec", "rules"]
+
 MODEL_SCHEMES = ("file://", "s3://", "gs://", "az://", "abfs://", "hf://")
 
 
@@ -40,28 +42,28 @@ class ModelSpec(SpecModel):
 class GenerationSpec(SpecModel):
     sampler: SamplerName = "ddim"
     """Scheduler used for denoising (see README for the diffusers class of each)."""
-    steps: int = Field(30, ge=1)
+    steps: int = Field(default=30, ge=1)
     """Denoising steps when a request does not set them."""
-    guidance_scale: float = Field(7.5, ge=0, le=50, allow_inf_nan=False)
+    guidance_scale: float = Field(default=7.5, ge=0, le=50, allow_inf_nan=False)
     """Classifier-free guidance (CFG) scale; 0 or 1 disables guidance."""
-    width: int = Field(512, ge=8)
+    width: int = Field(default=512, ge=8)
     """Default image width in pixels, a multiple of 8."""
-    height: int = Field(512, ge=8)
+    height: int = Field(default=512, ge=8)
     """Default image height in pixels, a multiple of 8."""
     negative_prompt: str = ""
     """Negative prompt applied when a request gives none."""
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     """Fixed seed for requests without one; null draws a random seed per request."""
 
 
 class LimitsSpec(SpecModel):
-    max_steps: int = Field(50, ge=1)
+    max_steps: int = Field(default=50, ge=1)
     """Largest `steps` a request may ask for."""
-    max_pixels: int = Field(1_048_576, ge=64)
+    max_pixels: int = Field(default=1_048_576, ge=64)
     """Largest width × height a request may ask for."""
-    max_images: int = Field(4, ge=1)
+    max_images: int = Field(default=4, ge=1)
     """Largest `num_images` per request."""
-    max_prompt_chars: int = Field(2000, ge=1)
+    max_prompt_chars: int = Field(default=2000, ge=1)
     """Longest prompt or negative prompt, in characters."""
 
 
@@ -69,7 +71,7 @@ class RuntimeSpec(SpecModel):
     image: ImageRef
     """Serving container image, pinned by digest."""
     image_policy: Literal["verify", "unverified"] = "verify"
-    """verify: the dependency check fails unless the replica proves it runs `image` (DIFFOPS_IMAGE_DIGEST equal to its digest); unverified: no proof required."""
+    """verify: the dependency check fails unless the replica proves it runs `image` (DIFFOPS_IMAGE_DIGEST equal to its digest); unverified: no proof required."""  # noqa: E501 (one line of the JSON schema)
     requires: dict[str, str] = Field(default_factory=dict)
     """PEP 440 specifiers the replica must satisfy: package name (or `cuda`) -> specifier."""
 
@@ -86,26 +88,26 @@ class RuntimeSpec(SpecModel):
 
 
 class ReplicasSpec(SpecModel):
-    count: int = Field(1, ge=1, le=1000)
+    count: int = Field(default=1, ge=1, le=1000)
     """Replicas of the model deployment."""
-    gpus: float = Field(0, ge=0, le=16)
+    gpus: float = Field(default=0, ge=0, le=16)
     """GPUs per replica (fractions share a GPU); 0 runs on CPU."""
-    cpus: float = Field(0.5, gt=0, le=256)
+    cpus: float = Field(default=0.5, gt=0, le=256)
     """CPUs reserved per replica (fractions allowed)."""
-    max_batch_size: int = Field(4, ge=1, le=256)
+    max_batch_size: int = Field(default=4, ge=1, le=256)
     """Requests of compatible shape batched into one pipeline call."""
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=1)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=1)
     """Longest a batch waits for more requests before it runs (longer: fuller batches, more latency)."""
-    max_ongoing_requests: int = Field(4, ge=1)
+    max_ongoing_requests: int = Field(default=4, ge=1)
     """Requests a replica works on at once; more wait in the queue."""
-    max_queued_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(default=16, ge=1)
     """Requests waiting per deployment before new ones get 503 + Retry-After."""
 
 
 class FaultsSpec(SpecModel):
-    error_rate: float = Field(0, ge=0, le=1)
+    error_rate: float = Field(default=0, ge=0, le=1)
     """Fraction of requests this version answers with HTTP 500 (drills only)."""
-    added_latency_s: float = Field(0, ge=0, le=60)
+    added_latency_s: float = Field(default=0, ge=0, le=60)
     """Seconds added to every generation (drills only)."""
     startup_error: bool = False
     """Replicas of this version raise while starting, so Ray Serve never gets one running (drills only)."""
@@ -122,9 +124,8 @@ def rules(generation: GenerationSpec, limits: LimitsSpec, replicas: ReplicasSpec
             problems.append((f"generation.{side}", f"{value} is not a multiple of 8 (try {value - value % 8 or 8})"))
     pixels = generation.width * generation.height
     if pixels > limits.max_pixels:
-        problems.append(
-            ("generation.width", f"{generation.width}x{generation.height} = {pixels} pixels exceeds limits.max_pixels ({limits.max_pixels})")
-        )
+        size = f"{generation.width}x{generation.height} = {pixels} pixels"
+        problems.append(("generation.width", f"{size} exceeds limits.max_pixels ({limits.max_pixels})"))
     if replicas.max_batch_size > replicas.max_ongoing_requests:
         problems.append(
             (

@@ -20,9 +20,14 @@ import posixpath
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol, cast
 
 from serving.manifest import MANIFEST_NAME, REFUSED_SUFFIXES, ArtifactError, list_model_files
+
+if TYPE_CHECKING:
+    import git
+
+__all__ = ["FsspecStore", "GitTreeStore", "HfStore", "LocalStore", "Store", "open_store"]
 
 LFS_POINTER = b"version https://git-lfs"
 
@@ -74,12 +79,13 @@ class GitTreeStore:
         except KeyError:
             raise ArtifactError(f"{subdir}: not in the repo at commit {commit[:12]}") from None
         self.subdir = subdir
-        self.blobs: dict[str, object] = {}
+        self.blobs: dict[str, git.Blob] = {}
 
-    def _walk(self) -> Iterator[tuple[str, object]]:
-        for item in self.tree.traverse():
+    def _walk(self) -> Iterator[tuple[str, git.Blob]]:
+        # traverse() without as_edge yields the objects themselves: trees, blobs and submodules (type "commit")
+        for item in cast("Iterator[git.Tree | git.Blob | git.Submodule]", self.tree.traverse()):
             key = posixpath.relpath(item.path, self.subdir)
-            if item.type == "commit":
+            if item.type == "submodule":
                 raise ArtifactError(f"{key}: submodules are not allowed in a model directory")
             if item.type == "blob":
                 yield key, item
@@ -101,7 +107,7 @@ class GitTreeStore:
         return listed
 
     def open(self, key: str) -> IO[bytes]:
-        return _BlobStream(self.blobs[key].data_stream)  # type: ignore[attr-defined,return-value]
+        return _BlobStream(self.blobs[key].data_stream)  # type: ignore[return-value]  # read() and `with` are all fetch uses
 
 
 class FsspecStore:
@@ -129,7 +135,8 @@ class FsspecStore:
         return entries
 
     def open(self, key: str) -> IO[bytes]:
-        return self.fs.open(f"{self.root}/{key}", "rb")
+        handle: IO[bytes] = self.fs.open(f"{self.root}/{key}", "rb")  # fsspec is untyped: a binary file object
+        return handle
 
 
 class HfStore:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import git
 import pytest
+
+if TYPE_CHECKING:
+    from controller.apply.ray_cluster import RayHead
+    from controller.apply.serve_client import ServeClient
+    from controller.parse.release import Release
+    from tests.live import Controller
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_RELEASE = (ROOT / "releases" / "demo.yaml").read_text()
@@ -73,10 +81,11 @@ def free_port() -> int:
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
-def make_release(*edits: tuple[str, str], name: str = "demo"):
+def make_release(*edits: tuple[str, str], name: str = "demo") -> Release:
     """The demo release, renamed and edited, parsed through the real loader."""
     from controller.parse.loader import parse_release
 
@@ -87,7 +96,7 @@ def make_release(*edits: tuple[str, str], name: str = "demo"):
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     """A real local Ray head for the session: token auth, 127.0.0.1, 2 advertised GPUs, its own ports and temp dir."""
     import os
     import tempfile
@@ -108,7 +117,7 @@ def ray_head(tmp_path_factory):
 
 
 @pytest.fixture
-def serve(ray_head):
+def serve(ray_head: RayHead) -> Iterator[ServeClient]:
     """Ray Serve on the session head, with no applications before and after the test."""
     from tests import live
 
@@ -118,7 +127,7 @@ def serve(ray_head):
 
 
 @pytest.fixture
-def live_demo(model_repo: ReleaseRepo, serve, tmp_path):
+def live_demo(model_repo: ReleaseRepo, serve: ServeClient, tmp_path: Path) -> Iterator[tuple[ReleaseRepo, Controller, dict[str, Any]]]:
     """The demo release served by a running controller process: (repo, controller, its status entry)."""
     from tests.live import running_controller
 
@@ -127,7 +136,7 @@ def live_demo(model_repo: ReleaseRepo, serve, tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _diffops_logger_restored():
+def _diffops_logger_restored() -> Iterator[None]:
     """A command run in-process (click's CliRunner) may configure the `diffops` logger onto a stream it then
     closes; every test starts from the logger as it was."""
     import logging

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -49,9 +49,13 @@ DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
 SERVE_URL = f"http://127.0.0.1:{HTTP_PORT}"
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
+_T = TypeVar("_T")
+
+
+def wait_for(predicate: Callable[[], _T | None], timeout: float, what: str, every: float = 0.2) -> _T:
+    """The predicate's first truthy answer, polled every `every` seconds; an AssertionError naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: _T | None = None
     while time.monotonic() < deadline:
         last = predicate()
         if last:
@@ -67,7 +71,7 @@ class Controller:
 
     def __init__(self, repo: Path, state_dir: Path, *extra: str):
         self.repo, self.state_dir, self.extra = repo, state_dir, extra
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         Controller.started += 1
         self.log_path = state_dir.parent / f"{state_dir.name}-controller-{Controller.started}.log"
 
@@ -130,10 +134,10 @@ def healthy_on(version: str | None = None) -> Callable[[dict[str, Any]], bool]:
 
 
 def stable_version(release: dict[str, Any]) -> str:
-    return next(v["id"] for v in release["versions"] if v["role"] == "stable")
+    return str(next(v["id"] for v in release["versions"] if v["role"] == "stable"))
 
 
-def generate(release: str = "demo", body: dict | None = None, **kwargs: Any) -> httpx.Response:
+def generate(release: str = "demo", body: dict[str, Any] | None = None, **kwargs: Any) -> httpx.Response:
     return httpx.post(f"{SERVE_URL}/{release}/generate", json=body or {"prompt": "a red cube"}, timeout=60, **kwargs)
 
 
@@ -146,7 +150,7 @@ class Load:
 
     release: str = "demo"
     pin: str | None = None  # send every request to this version (X-Diffops-Version)
-    codes: Counter = field(default_factory=Counter)
+    codes: Counter[int | str] = field(default_factory=Counter)  # HTTP status, or "transport"
     answers: list[tuple[float, int, str, bytes]] = field(default_factory=list)  # (at, status, version, body)
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -195,7 +199,7 @@ def clear_serve() -> None:
     wait_for(lambda: not client.observe(), 60, "Serve applications to be deleted", every=0.5)
 
 
-def pixels(png: bytes):
+def pixels(png: bytes) -> Any:  # a float32 numpy array (height, width, 3)
     import io
 
     import numpy as np
@@ -246,7 +250,7 @@ def wait_ticks(state_dir: Path, count: int, timeout: float = 60, after: float | 
     return wait_for(ticked, timeout, f"{count} reconciles of the controller on {state_dir}", every=0.1)
 
 
-def send_in_background(path: str, body: dict, timeout: float = 300) -> tuple[threading.Thread, list[tuple[float, httpx.Response]]]:
+def send_in_background(path: str, body: dict[str, Any], timeout: float = 300) -> tuple[threading.Thread, list[tuple[float, httpx.Response]]]:
     """POST `body` to SERVE_URL + path from a thread; the answer lands in the list as (at, response)."""
     answers: list[tuple[float, httpx.Response]] = []
 

@@ -130,6 +130,15 @@ def test_symlink_in_git_tree_escaping_is_refused(model_repo: ReleaseRepo, tmp_pa
         fetch("file://models/tiny-sd", DEMO_DIGEST, ModelCache(tmp_path / "c"), repo=model_repo.path, commit=commit)
 
 
+def test_submodule_in_git_tree_is_refused(model_repo: ReleaseRepo, tmp_path):
+    head = model_repo.repo.head.commit.hexsha  # a gitlink entry, as `git submodule add` writes it
+    model_repo.repo.git.update_index("--add", "--cacheinfo", f"160000,{head},models/tiny-sd/vendor")
+    model_repo.repo.git.commit("-m", "submodule in the model directory")  # not `add -A`: no work tree behind it
+    commit = model_repo.repo.head.commit.hexsha
+    with pytest.raises(ArtifactError, match="vendor: submodules are not allowed in a model directory"):
+        fetch("file://models/tiny-sd", DEMO_DIGEST, ModelCache(tmp_path / "c"), repo=model_repo.path, commit=commit)
+
+
 def test_lfs_pointer_is_explained(model_repo: ReleaseRepo, tmp_path):
     model_repo.write(f"models/tiny-sd/{UNET}", "version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 10\n")
     commit = model_repo.commit("lfs")

@@ -96,7 +96,7 @@ def test_a_failing_canary_rolls_back_automatically(live):
     wait_for(lambda: branch in [h.name for h in repo.repo.heads], 10, "the revert branch")
     reverted = repo.repo.commit(branch)
     assert reverted.parents[0].hexsha == commit and "faults" not in (reverted.tree / "releases/demo.yaml").data_stream.read().decode()
-    wait_for(lambda: all(v["id"] == stable for v in controller.parse.release()["versions"]), 30, "the rolled-back canary to be deleted")
+    wait_for(lambda: all(v["id"] == stable for v in controller.release()["versions"]), 30, "the rolled-back canary to be deleted")
     assert generate().headers["X-Diffops-Version"] == stable
 
 
@@ -108,7 +108,7 @@ def test_a_healthy_canary_walks_to_100_and_an_indefinite_pause_waits_for_promote
         canary = next(v["id"] for v in paused["versions"] if v["role"] == "canary")
         assert paused["step"] == "2/3" and {v["id"]: v["weight"] for v in paused["versions"]} == {stable: 50, canary: 50}
         wait_ticks(controller.state_dir, 3)  # three reconciles, more than an analysis interval, with traffic judged
-        held = controller.parse.release()
+        held = controller.release()
         assert held["phase"] == "Paused" and held["step"] == "2/3", held  # it holds
         served = {generate().headers["X-Diffops-Version"] for _ in range(20)}
         assert served == {stable, canary}
@@ -185,7 +185,7 @@ def test_capacity_waits_for_blue_green_and_auto_surges(model_repo: ReleaseRepo, 
         release = controller.wait_release(lambda r: "waiting for capacity" in r["message"], timeout=60)
         assert release["phase"] == "Progressing" and "needs 1 GPU, 0 free" in release["message"]
         wait_ticks(controller.state_dir, 2)  # reconciles while it waits
-        assert "waiting for capacity" in controller.parse.release()["message"]
+        assert "waiting for capacity" in controller.release()["message"]
         assert [name for name in serve.observe() if name.startswith("demo--")] == [f"demo--{stable}"]  # no pending replica
         assert generate().headers["X-Diffops-Version"] == stable
 

@@ -15,7 +15,7 @@ from tests.conftest import ReleaseRepo
 DIFFOPS = str(Path(sys.executable).with_name("diffops"))
 
 
-def run(*args: str, cwd: Path, state: Path | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path, state: Path | None = None) -> subprocess.CompletedProcess[str]:
     env_state = ["--state-dir", str(state)] if state and args[0] in ("lint", "diff", "model") and args[:2] != ("model", "digest") else []
     return subprocess.run([DIFFOPS, *args, *env_state], cwd=cwd, capture_output=True, text=True, timeout=120)
 
@@ -26,13 +26,13 @@ COMMANDS = [[], ["lint"], ["diff"], ["schema"], ["model"], ["model", "digest"], 
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "diffops")
-def test_every_command_has_help(command, tmp_path):
+def test_every_command_has_help(command: list[str], tmp_path: Path) -> None:
     result = run(*command, "--help", cwd=tmp_path)
     assert result.returncode == 0
     assert "Usage: diffops" in result.stdout
 
 
-def test_lint_reports_each_broken_file_with_position(release_repo: ReleaseRepo, tmp_path):
+def test_lint_reports_each_broken_file_with_position(release_repo: ReleaseRepo, tmp_path: Path) -> None:
     release_repo.release("unknown", **{"    dtype: float32\n": "    dtype: float32\n    precision: 16\n"})
     release_repo.release("dupkey", **{"    count: 1\n": "    count: 1\n    count: 2\n"})
     release_repo.release("anchor", **{"  generation:\n": "  generation: &gen\n"})
@@ -52,7 +52,7 @@ def test_lint_reports_each_broken_file_with_position(release_repo: ReleaseRepo, 
     assert "0 valid, 5 invalid" in result.stderr
 
 
-def test_lint_passes_valid_files_and_reads_a_revision(release_repo: ReleaseRepo, tmp_path):
+def test_lint_passes_valid_files_and_reads_a_revision(release_repo: ReleaseRepo, tmp_path: Path) -> None:
     release_repo.release()
     good = release_repo.commit()
     release_repo.release(**{"steps: 4": "steps: 51"})
@@ -64,7 +64,7 @@ def test_lint_passes_valid_files_and_reads_a_revision(release_repo: ReleaseRepo,
     assert run("lint", "--rev", "no-such-rev", cwd=release_repo.path, state=tmp_path).returncode == 2
 
 
-def test_diff_classifies_version_and_light_changes(release_repo: ReleaseRepo, tmp_path):
+def test_diff_classifies_version_and_light_changes(release_repo: ReleaseRepo, tmp_path: Path) -> None:
     release_repo.release()
     release_repo.commit("add demo")
     release_repo.release(**{"steps: 4": "steps: 8"})
@@ -91,7 +91,7 @@ def test_diff_classifies_version_and_light_changes(release_repo: ReleaseRepo, tm
     assert "| `demo` | change | **version** |" in markdown and "`spec.replicas.count`" in markdown
 
 
-def test_diff_of_a_pull_request_branch_uses_the_merge_base(release_repo: ReleaseRepo, tmp_path):
+def test_diff_of_a_pull_request_branch_uses_the_merge_base(release_repo: ReleaseRepo, tmp_path: Path) -> None:
     release_repo.release()
     release_repo.commit()
     release_repo.repo.git.checkout("-b", "feature")
@@ -105,7 +105,7 @@ def test_diff_of_a_pull_request_branch_uses_the_merge_base(release_repo: Release
     assert [(c["name"], c["action"]) for c in changes] == [("second", "add")]
 
 
-def test_diff_first_commit_and_invalid_target(release_repo: ReleaseRepo, tmp_path):
+def test_diff_first_commit_and_invalid_target(release_repo: ReleaseRepo, tmp_path: Path) -> None:
     release_repo.release()
     release_repo.commit()
     result = run("diff", cwd=release_repo.path, state=tmp_path)
@@ -117,7 +117,7 @@ def test_diff_first_commit_and_invalid_target(release_repo: ReleaseRepo, tmp_pat
     assert "invalid: releases/broken.yaml:13:5: spec.generation.steps: 99 exceeds" in result.stdout
 
 
-def test_model_digest_matches_the_pin_and_writes_a_manifest(tmp_path):
+def test_model_digest_matches_the_pin_and_writes_a_manifest(tmp_path: Path) -> None:
     from tests.conftest import DEMO_MODEL, DEMO_RELEASE
 
     copy = tmp_path / "model"
@@ -133,7 +133,7 @@ def test_model_digest_matches_the_pin_and_writes_a_manifest(tmp_path):
     assert refused.returncode == 1 and "unet/weights.bin: .bin files are refused" in refused.stderr
 
 
-def test_model_fetch_verifies_then_hits_the_cache(model_repo: ReleaseRepo, tmp_path):
+def test_model_fetch_verifies_then_hits_the_cache(model_repo: ReleaseRepo, tmp_path: Path) -> None:
     first = run("model", "fetch", "demo", cwd=model_repo.path, state=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "verified 10 files, transferred" in first.stderr
@@ -143,7 +143,7 @@ def test_model_fetch_verifies_then_hits_the_cache(model_repo: ReleaseRepo, tmp_p
     assert (Path(first.stdout.strip()) / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_schema_command_prints_the_committed_schema(tmp_path):
+def test_schema_command_prints_the_committed_schema(tmp_path: Path) -> None:
     from tests.conftest import ROOT
 
     result = run("schema", cwd=tmp_path)

@@ -129,7 +129,7 @@ def test_kill_9_of_a_replica_under_load_is_replaced_and_reported_once(live_demo,
         assert not slow, "the slow request must still be running on the replica when it is killed"
         victim.kill()  # one replica: the slow request (and the load's current one) are in flight on it
         killed_at = time.time()
-        after = wait_for(lambda: (phases.append(controller.parse.release()["phase"]) or True) and (replicas_of("demo", version) or ()) != before
+        after = wait_for(lambda: (phases.append(controller.release()["phase"]) or True) and (replicas_of("demo", version) or ()) != before
                          and replicas_of("demo", version), 120, "Ray Serve to replace the killed replica")
         wait_for(lambda: slow and sum(1 for t, code, _, _ in load.answers if t > killed_at and code == 200) >= 3, 300,
                  "the slow request's answer and the load's answers again")
@@ -165,7 +165,7 @@ def test_a_version_whose_replicas_fail_to_start_never_gets_traffic(drill):
     assert set(load.codes) == {200} and {v for _, v in load.versions} == {stable}
     wait_for(lambda: f"demo--{failed}" not in serve_client().observe(), 60, "the failed version's app to be deleted")
     wait_ticks(controller.state_dir, 3)  # held: the failed version is not retried tick after tick
-    assert controller.parse.release()["phase"] == "Degraded" and f"demo--{failed}" not in serve_client().observe()
+    assert controller.release()["phase"] == "Degraded" and f"demo--{failed}" not in serve_client().observe()
     assert generate().headers["X-Diffops-Version"] == stable
 
 
@@ -181,7 +181,7 @@ def test_hostile_release_files_leave_serving_unchanged(live_demo):
             invalid = controller.wait_release(lambda r: r.get("phase") == "Invalid", timeout=30, name=name)
             assert fragment in invalid["message"] and invalid["versions"] == [], invalid
     assert set(load.codes) == {200} and {v for _, v in load.versions} == {version}
-    assert controller.parse.release()["phase"] == "Healthy" and replicas_of("demo", version) == before
+    assert controller.release()["phase"] == "Healthy" and replicas_of("demo", version) == before
     assert set(serve_client().observe()) == {"demo", f"demo--{version}"}  # nothing deployed for the hostile files
 
 
@@ -217,7 +217,7 @@ def test_kill_9_of_the_controller_at_random_points_of_a_rollout(model_repo: Rele
             for _ in range(7):
                 # anywhere: start-up, gate, replicas starting, steps, the pause (seeded wall-clock points, 2-10 s apart)
                 hold, since = rng.uniform(2.0, 10.0), time.monotonic()
-                wait_for(lambda: time.monotonic() - since >= hold, hold + 5, f"the next kill point ({hold:.1f}s)")
+                wait_for(lambda since=since, hold=hold: time.monotonic() - since >= hold, hold + 5, f"the next kill point ({hold:.1f}s)")
                 controller.stop(signal.SIGKILL)
                 seen.append(recorded(state / "state.db", {old, new}))
                 controller = Controller(model_repo.path, state).start()
@@ -256,7 +256,7 @@ def test_an_unsigned_head_is_refused_while_the_signed_one_keeps_serving(model_re
                                "the unknown key's refusal")
             wait_ticks(controller.state_dir, 2)  # held: the refused heads change nothing tick after tick
         status = controller.status()
-        assert status["commit"] == signed and controller.parse.release()["desired_version"] == version
+        assert status["commit"] == signed and controller.release()["desired_version"] == version
         assert "not in the allowed signers file" in refused["message"]
         assert set(load.codes) == {200} and {v for _, v in load.versions} == {version}
         assert "refused (unsigned)" in controller.logs and "refused (untrusted-key)" in controller.logs

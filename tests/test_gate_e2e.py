@@ -73,7 +73,7 @@ def test_revert_to_a_version_that_passed_does_not_run_the_checks_again(live_demo
     repo.release(**{"scale_down_delay: 10m": "scale_down_delay: 1s", "steps: 4": "steps: 6"})
     repo.commit("more steps")
     second = stable_version(controller.wait_release(lambda r: healthy_on()(r) and stable_version(r) != first, timeout=120))
-    wait_for(lambda: len(controller.parse.release()["versions"]) == 1, 30, "the standby to be scaled down")
+    wait_for(lambda: len(controller.release()["versions"]) == 1, 30, "the standby to be scaled down")
     jobs_before = len(gate_jobs())
     repo.repo.git.revert("--no-edit", "HEAD")
     release = controller.wait_release(lambda r: healthy_on()(r) and stable_version(r) == first, timeout=120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from controller.source.git_source import ReleaseSource
 from serving.artifacts import ModelCache, fetch
 from serving.pipeline import load_pipeline
-from serving.samplers import SAMPLERS
+from serving.samplers import SAMPLERS, SamplerName
 from tests.conftest import DEMO_MODEL, ReleaseRepo
 
 # The README's sampler table ("Samplers and the diffusers scheduler each maps to"), with the settings diffusers'
@@ -67,6 +68,7 @@ def test_demo_model_generates_deterministic_images(demo_model_dir):
 
 def test_the_schema_offers_exactly_the_readme_samplers():
     assert set(SAMPLERS) == set(README_SAMPLERS)
+    assert set(get_args(SamplerName)) == set(README_SAMPLERS)  # the release schema's enum, as the type checker sees it
 
 
 @pytest.mark.parametrize("sampler", sorted(README_SAMPLERS))

@@ -129,7 +129,7 @@ def test_an_unexpected_exception_outside_any_release_never_ends_the_loop(model_r
     def broken_render(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("controller.reconciler.render", broken_render)
+    monkeypatch.setattr("controller.tick.apply.render", broken_render)
     results = [rec.reconcile() for _ in range(3)]
     assert [(r.ok, r.retry_in) for r in results] == [(False, 2.0), (False, 4.0), (False, 8.0)]
     assert len([r for r in caplog.records if r.exc_info]) == 1

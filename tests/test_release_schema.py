@@ -42,6 +42,7 @@ INVALID = [
     ("bad duration", ("    scale_down_delay: 10m\n", "    scale_down_delay: ten minutes\n"), "spec.rollout.scale_down_delay", "expected a duration", "scale_down_delay:"),
     ("canary not ending at 100", ("    strategy: bluegreen\n", CANARY.replace("weight: 100", "weight: 90")), "spec.rollout.steps.2", "must end with {weight: 100}", "weight: 90"),
     ("canary weight going down", ("    strategy: bluegreen\n", CANARY.replace("weight: 25", "weight: 50").replace("pause: 30s", "weight: 10")), "spec.rollout.steps.1.weight", "only rise", "weight: 10"),
+    ("weight step with no weight", ("    strategy: bluegreen\n", CANARY.replace("- pause: 30s", "- weight: null")), "spec.rollout.steps.1.weight", "needs a percent from 0 to 100", "weight: null"),
     ("step with both", ("    strategy: bluegreen\n", CANARY.replace("- pause: 30s", "- {pause: 30s, weight: 50}")), "spec.rollout.steps.1", "either {weight: N} or {pause", "pause: 30s, weight"),
     ("steps on bluegreen", ("    strategy: bluegreen\n", "    strategy: bluegreen\n    steps:\n      - weight: 100\n"), "spec.rollout.steps", "steps are for strategy: canary", "steps:"),
     ("unpinned image", ('    image: "ghcr.io/diffops/serving@sha256:' + "0" * 64 + '"', '    image: "ghcr.io/diffops/serving:latest"'), "spec.runtime.image", "pinned by digest", "image:"),

@@ -50,26 +50,26 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
-def test_refused(case):
+def test_refused(case: tuple[str, bytes, str, int]) -> None:
     _, body, field, status = case
     started = time.perf_counter()
     with pytest.raises(RequestError) as info:
         parse_request(body, LIMITS, DEFAULTS)
     assert info.value.status == status
-    assert info.value.body()["field"] == field
+    assert info.value.document("req-1")["field"] == field
     assert time.perf_counter() - started < 0.5  # refused before any pipeline work; the slowest row takes 4 ms (measured)
 
 
-def test_accepted_with_unset_fields_left_to_the_version():
+def test_accepted_with_unset_fields_left_to_the_version() -> None:
     params = parse_request(b'{"prompt": "a red cube", "steps": 8, "width": 128}', LIMITS, DEFAULTS)
     assert params == {"prompt": "a red cube", "negative_prompt": None, "seed": None, "steps": 8, "guidance_scale": None,
                       "width": 128, "height": None, "num_images": 1}
 
 
-def test_all_problems_are_listed():
+def test_all_problems_are_listed() -> None:
     with pytest.raises(RequestError) as info:
         parse_request(b'{"prompt": "x", "steps": 99, "num_images": 9}', LIMITS, DEFAULTS)
-    assert [e["field"] for e in info.value.body()["errors"]] == ["steps", "num_images"]
+    assert [e["field"] for e in info.value.document("req-1")["errors"]] == ["steps", "num_images"]
 
 
 MIB = 1024 * 1024
@@ -109,7 +109,7 @@ READS = [
 
 
 @pytest.mark.parametrize("case", READS, ids=[c[0] for c in READS])
-def test_read_body_is_bounded_while_streaming(case):
+def test_read_body_is_bounded_while_streaming(case: tuple[str, int, int, str | None, int | None, int]) -> None:
     _, total, chunk, declared, status, most = case
     sender = Sender(total, chunk)
     if status is None:
@@ -119,7 +119,7 @@ def test_read_body_is_bounded_while_streaming(case):
             read(sender, declared)
         assert info.value.status == status
         if status == 413:
-            assert f"capped at {MAX_BODY_BYTES} bytes (4 MiB)" in info.value.body()["message"]
+            assert f"capped at {MAX_BODY_BYTES} bytes (4 MiB)" in info.value.document("req-1")["detail"]
     assert sender.pulled <= most
 
 
@@ -138,8 +138,8 @@ def outcome(body: bytes) -> int:
     try:
         params = parse_request(body, LIMITS, DEFAULTS)
     except RequestError as err:
-        rendered = json.dumps(err.body(), ensure_ascii=False, allow_nan=False).encode("utf-8")
-        assert err.body()["field"] and len(rendered) < 64 * 1024
+        rendered = json.dumps(err.document("req-1"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+        assert err.document("req-1")["field"] and len(rendered) < 64 * 1024
         return err.status
     assert set(params) == set(FIELDS) and params["prompt"].strip()
     return 200
@@ -147,13 +147,13 @@ def outcome(body: bytes) -> int:
 
 @LIMITS_FUZZ
 @given(st.binary(max_size=2048))
-def test_any_bytes_give_parameters_or_a_4xx(body):
+def test_any_bytes_give_parameters_or_a_4xx(body: bytes) -> None:
     assert outcome(body) in (200, 413, 422)
 
 
 @LIMITS_FUZZ
 @given(REQUESTS, st.booleans())
-def test_any_json_object_gives_parameters_or_a_named_422(request, ascii_only):
+def test_any_json_object_gives_parameters_or_a_named_422(request: dict[str, object], ascii_only: bool) -> None:
     body = json.dumps(request, ensure_ascii=ascii_only, allow_nan=True).encode("utf-8", "surrogatepass")
     assert outcome(body) in (200, 422)
 
@@ -188,7 +188,7 @@ EDGES = [
 
 
 @pytest.mark.parametrize("case", EDGES, ids=[c[0] for c in EDGES])
-def test_each_limit_at_its_edge(case):
+def test_each_limit_at_its_edge(case: tuple[str, dict[str, object], tuple[str, str] | None]) -> None:
     _, fields, refused = case
     body = json.dumps({"prompt": "a red cube", **fields}).encode()
     if refused is None:
@@ -198,21 +198,21 @@ def test_each_limit_at_its_edge(case):
     with pytest.raises(RequestError) as info:
         parse_request(body, LIMITS, DEFAULTS)
     field, fragment = refused
-    answer = info.value.body()
-    assert (info.value.status, answer["error"], answer["field"]) == (422, "invalid request", field)
-    assert fragment in answer["message"] and answer["errors"][0] == {"field": field, "message": answer["message"]}
-    assert str(info.value) == "; ".join(f"{e['field']}: {e['message']}" for e in answer["errors"])
+    answer = info.value.document("req-1")
+    assert (info.value.status, answer["title"], answer["field"]) == (422, "invalid request", field)
+    assert fragment in answer["detail"] and answer["errors"][0] == {"field": field, "detail": answer["detail"]}
+    assert str(info.value) == "; ".join(f"{e['field']}: {e['detail']}" for e in answer["errors"])
 
 
-def test_a_client_key_is_echoed_bounded_and_as_valid_utf8():
+def test_a_client_key_is_echoed_bounded_and_as_valid_utf8() -> None:
     key = "k" * 81
     with pytest.raises(RequestError) as info:
         parse_request(json.dumps({"prompt": "x", key: 1}).encode(), LIMITS, DEFAULTS)
-    assert info.value.body()["field"] == "k" * 80 + "…"
+    assert info.value.document("req-1")["field"] == "k" * 80 + "…"
     exact = "k" * 80
     with pytest.raises(RequestError) as info:
         parse_request(json.dumps({"prompt": "x", exact: 1}).encode(), LIMITS, DEFAULTS)
-    assert info.value.body()["field"] == exact
+    assert info.value.document("req-1")["field"] == exact
 
 
 @pytest.mark.parametrize("header, status, says", [
@@ -220,46 +220,46 @@ def test_a_client_key_is_echoed_bounded_and_as_valid_utf8():
     ("9" * 20, 413, "capped at"), ("9" * 21, 400, "is not a byte count"),  # 20 digits is a count (over the cap), 21 is not
     ("²", 400, "is not a byte count"),  # a digit to str.isdigit, not to HTTP
 ])
-def test_content_length_header(header, status, says):
+def test_content_length_header(header: str, status: int | None, says: str | None) -> None:
     from serving.requests import declared_length
 
-    if status is None:
-        assert declared_length(header) == 20
+    if status is None or says is None:
+        assert (status, says) == (None, None) and declared_length(header) == 20
         return
     with pytest.raises(RequestError) as info:
         declared_length(header)
-    assert info.value.status == status and says in info.value.body()["message"]
-    assert info.value.body()["error"] == {400: "bad request", 413: "request too large"}[status]
+    assert info.value.status == status and says in info.value.document("req-1")["detail"]
+    assert info.value.document("req-1")["title"] == {400: "bad request", 413: "request too large"}[status]
 
 
-def test_a_body_of_exactly_the_cap_is_read_and_judged_not_refused_for_size():
+def test_a_body_of_exactly_the_cap_is_read_and_judged_not_refused_for_size() -> None:
     body = b'{"prompt": "' + b"x" * (MAX_BODY_BYTES - len(b'{"prompt": ""}')) + b'"}'
     assert len(body) == MAX_BODY_BYTES
     with pytest.raises(RequestError) as info:
         parse_request(body, LIMITS, DEFAULTS)
-    assert (info.value.status, info.value.body()["field"]) == (422, "prompt")  # too long a prompt, not too large a body
+    assert (info.value.status, info.value.document("req-1")["field"]) == (422, "prompt")  # too long a prompt, not too large a body
     with pytest.raises(RequestError) as info:
         parse_request(body + b" ", LIMITS, DEFAULTS)
-    assert info.value.status == 413 and info.value.body()["message"].startswith(f"{MAX_BODY_BYTES + 1} bytes; ")
+    assert info.value.status == 413 and info.value.document("req-1")["detail"].startswith(f"{MAX_BODY_BYTES + 1} bytes; ")
 
 
-def test_an_unnamed_status_is_an_invalid_request_and_messages_are_bounded():
-    err = RequestError([("prompt", "m" * 500)], status=418)
-    assert err.body()["error"] == "invalid request" and err.body()["message"] == "m" * 400 + "…"
-    assert RequestError([("\ud800", "x")]).body()["field"] == "\\ud800"  # a lone surrogate echoed escaped, as valid UTF-8
+def test_an_unnamed_kind_is_an_invalid_request_and_messages_are_bounded() -> None:
+    err = RequestError([("prompt", "m" * 500)])
+    assert (err.status, err.document("req-1")["title"]) == (422, "invalid request") and err.document("req-1")["detail"] == "m" * 400 + "…"
+    assert RequestError([("\ud800", "x")]).document("req-1")["field"] == "\\ud800"  # a lone surrogate echoed escaped, as valid UTF-8
 
 
-def test_nan_and_infinity_name_the_constant():
+def test_nan_and_infinity_name_the_constant() -> None:
     for constant in ("NaN", "Infinity", "-Infinity"):
         with pytest.raises(RequestError) as info:
             parse_request(f'{{"prompt": "x", "guidance_scale": {constant}}}'.encode(), LIMITS, DEFAULTS)
-        assert f"{constant} is not a number JSON allows" in info.value.body()["message"]
+        assert f"{constant} is not a number JSON allows" in info.value.document("req-1")["detail"]
 
 
-def test_a_streamed_body_over_the_cap_says_where_reading_stopped():
+def test_a_streamed_body_over_the_cap_says_where_reading_stopped() -> None:
     with pytest.raises(RequestError) as info:
         read(Sender(MAX_BODY_BYTES + 10, chunk=MIB), None)
-    assert f"more than {MAX_BODY_BYTES} bytes sent (stopped reading at {MAX_BODY_BYTES + 10})" in info.value.body()["message"]
+    assert f"more than {MAX_BODY_BYTES} bytes sent (stopped reading at {MAX_BODY_BYTES + 10})" in info.value.document("req-1")["detail"]
     with pytest.raises(RequestError) as info:
         read(Sender(10), str(MAX_BODY_BYTES + 1))
-    assert info.value.body()["message"].startswith(f"Content-Length {MAX_BODY_BYTES + 1} bytes; ")
+    assert info.value.document("req-1")["detail"].startswith(f"Content-Length {MAX_BODY_BYTES + 1} bytes; ")

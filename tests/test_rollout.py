@@ -282,15 +282,15 @@ def test_a_pruned_release_names_its_versions():
     (2, {"GPU": 0.0}, "needs 1 CPU, 0 free"),  # a resource not reported is not free; one CPU is singular
 ])
 def test_shortfall(replicas, free, lacking):
-    from controller.rollout.steps import shortfall
+    from controller.rollout.capacity import per_replica, shortfall
 
-    assert shortfall(spec(), replicas, free) == lacking
+    assert shortfall(per_replica(spec()), replicas, free) == lacking
 
 
 def test_shortfall_names_every_resource_short():
-    from controller.rollout.steps import shortfall
+    from controller.rollout.capacity import per_replica, shortfall
 
-    gpu = spec(make_release(("    gpus: 0\n", "    gpus: 1\n")))
+    gpu = per_replica(spec(make_release(("    gpus: 0\n", "    gpus: 1\n"))))
     assert shortfall(gpu, 2, {"GPU": 1.0, "CPU": 0.5}) == "needs 2 GPUs, 1 free; needs 1 CPU, 0.5 free"
     assert shortfall(gpu, 1, {"GPU": 0.0, "CPU": 4.0}) == "needs 1 GPU, 0 free"
 

@@ -138,7 +138,7 @@ def test_removed_release_is_pruned_but_not_all_at_once(live_demo, serve):
     controller.wait_release(healthy_on(), name="second")
     repo.remove("releases/second.yaml")
     repo.commit("remove second")
-    wait_for(lambda: not controller.parse.release("second"), 30, "second pruned")
+    wait_for(lambda: not controller.release("second"), 30, "second pruned")
     wait_for(lambda: not any(name.startswith("second") for name in serve.observe()), 30, "second's apps deleted")
     repo.remove("releases/demo.yaml")
     repo.commit("remove everything")
@@ -212,7 +212,7 @@ def test_overload_gets_503_with_retry_after(model_repo, serve, tmp_path):
         assert codes == [200, 503], codes
         shed = [r for r in responses if r.status_code == 503]
         served = [r for r in responses if r.status_code == 200]
-        assert all(r.headers.get("Retry-After") == "1" and r.json()["error"] == "overloaded" for r in shed)
+        assert all(r.headers.get("Retry-After") == "1" and r.json()["title"] == "overloaded" for r in shed)
         slowest_shed = max(r.elapsed.total_seconds() for r in shed)
         slowest_served = max(r.elapsed.total_seconds() for r in served)
         assert slowest_shed < alone, (slowest_shed, alone)  # refused at once, not after waiting for room

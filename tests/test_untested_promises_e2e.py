@@ -97,7 +97,7 @@ def test_a_request_in_flight_when_its_apps_are_deleted_is_still_answered(live_de
     assert not slow, "the slow request must still be running when the release is removed"
     repo.remove("releases/second.yaml")
     repo.commit("remove second")
-    wait_for(lambda: not controller.parse.release("second"), 60, "second pruned")
+    wait_for(lambda: not controller.release("second"), 60, "second pruned")
     deleting = wait_for(lambda: (lambda apps: time.time() if f"second--{second}" not in apps or not apps[f"second--{second}"].ready
                                  else None)(serve_client().observe()), 60, "Ray Serve to start deleting second's version")
     sender.join(timeout=300)

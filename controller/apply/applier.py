@@ -21,10 +21,14 @@ from controller.apply.serve_client import ServeApi
 from controller.metrics import ControllerMetrics
 from controller.state.records import ObservedApp
 
+__all__ = ["Applier"]
+
 log = logging.getLogger("diffops.controller")
 
 
 class Applier:
+    """PUTs the rendered config when ours changed or drifted; remembers what it applied to tell drift from change."""
+
     def __init__(self, serve: ServeApi, metrics: ControllerMetrics | None = None):
         self.serve, self.metrics = serve, metrics
         self.applied: dict[str, dict[str, Any]] | None = None  # our apps as last applied, by name

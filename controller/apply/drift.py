@@ -18,6 +18,9 @@ from typing import Any
 
 from controller.state.records import ObservedApp
 
+__all__ = ["APP_FIELDS", "DEPLOYMENT_FIELDS", "OWNER_KEY", "Drift", "carried", "differences", "essence", "find_drift", "holder", "mark",
+           "owner_of", "partition", "release_of"]
+
 OWNER_KEY = "owner"
 APP_FIELDS = ("import_path", "route_prefix", "args")
 DEPLOYMENT_FIELDS = ("num_replicas", "max_ongoing_requests", "max_queued_requests", "ray_actor_options", "user_config")
@@ -55,7 +58,8 @@ def owner_of(config: dict[str, Any] | None) -> str | None:
 
 def partition(observed: dict[str, ObservedApp], owner: str, recorded: set[str]) -> tuple[dict[str, ObservedApp], dict[str, ObservedApp]]:
     """(ours, others). Ours: marked with our id, or unmarked but recorded as ours (deployed before owner marks)."""
-    ours, others = {}, {}
+    ours: dict[str, ObservedApp] = {}
+    others: dict[str, ObservedApp] = {}
     for name, app in observed.items():
         mark_ = owner_of(app.config)
         (ours if mark_ == owner or (mark_ is None and name in recorded) else others)[name] = app
@@ -69,7 +73,8 @@ def holder(release: str, others: dict[str, ObservedApp]) -> str | None:
             continue
         if name == release or name.startswith(f"{release}--"):
             who = owner_of(app.config)
-            by = f"controller {who!r} (another state dir on this Ray cluster)" if who else "another Ray Serve client (no diffops owner mark)"
+            by = (f"controller {who!r} (another state dir on this Ray cluster)" if who
+                  else "another Ray Serve client (no diffops owner mark)")
             return (f"Ray Serve application {name!r} belongs to {by}; it is left untouched and this release is not deployed; "
                     f"next: rename the release, or remove it from that controller, or delete that application")
     return None
@@ -96,10 +101,11 @@ def _normal(value: Any) -> Any:
 def essence(app: dict[str, Any]) -> dict[str, Any]:
     """The fields of an app config that decide what serves, normalized."""
     deployments = {d.get("name"): {f: d.get(f) for f in DEPLOYMENT_FIELDS} for d in app.get("deployments") or []}
-    return _normal({**{f: app.get(f) for f in APP_FIELDS}, "deployments": deployments})
+    normal: dict[str, Any] = _normal({**{f: app.get(f) for f in APP_FIELDS}, "deployments": deployments})
+    return normal
 
 
-def differences(applied: dict[str, Any], deployed: dict[str, Any], path: str = "") -> list[str]:
+def differences(applied: Any, deployed: Any, path: str = "") -> list[str]:
     """`field: applied -> deployed` for each leaf that differs (both normalized by `essence`)."""
     if isinstance(applied, dict) and isinstance(deployed, dict):
         out: list[str] = []

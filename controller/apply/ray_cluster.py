@@ -5,8 +5,8 @@ controller finds the running head through its dashboard and adopts it. Its
 dashboard (the REST API) listens on 127.0.0.1 only, with token auth on
 (`RAY_AUTH_MODE=token`); Serve's HTTP proxy is put on 127.0.0.1 by the
 rendered config. Ray's internal ports follow Ray's own choice of address. The token
-lives where Ray's own clients read it ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH,
-else ~/.ray/auth_token) and is created, mode 0600, when missing.
+lives where Ray's own clients read it (`controller.apply.dashboard.token_path`)
+and is created, mode 0600, when missing.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.apply.serve_client import ServeClient, ray_token
+from controller.apply.dashboard import DashboardClient, ray_token, token_path
+
+__all__ = ["RayHead", "dashboard_url_for", "ensure_token", "kill_head", "ray_executable", "start_head", "stop_head"]
 
 log = logging.getLogger("diffops.controller")
 
@@ -38,10 +40,6 @@ class RayHead:
     @property
     def dashboard_url(self) -> str:
         return f"http://{self.host}:{self.dashboard_port}"
-
-
-def token_path() -> Path:
-    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
 
 
 def ensure_token() -> str:
@@ -75,7 +73,7 @@ def dashboard_url_for(address: str) -> str:
 def start_head(head: RayHead, num_cpus: float | None = None, num_gpus: int | None = None, timeout_s: float = 60) -> str:
     """Reuse a running head with this dashboard, or start one; return the dashboard URL."""
     token = ensure_token()
-    client = ServeClient(head.dashboard_url, token)
+    client = DashboardClient(head.dashboard_url, token)
     if client.alive():
         log.info("ray: head already running at %s; next: adopt it", head.dashboard_url)
         return head.dashboard_url
@@ -92,7 +90,8 @@ def start_head(head: RayHead, num_cpus: float | None = None, num_gpus: int | Non
         command.append(f"--num-cpus={num_cpus:g}")
     if num_gpus is not None:
         command.append(f"--num-gpus={num_gpus}")
-    log.info("ray: starting a local head on %s (dashboard :%d, GCS :%d); next: wait for the dashboard", head.host, head.dashboard_port, head.gcs_port)
+    log.info("ray: starting a local head on %s (dashboard :%d, GCS :%d); next: wait for the dashboard",
+             head.host, head.dashboard_port, head.gcs_port)
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "token"})
     if result.returncode != 0:
         raise RuntimeError(f"ray start failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}")
@@ -100,7 +99,8 @@ def start_head(head: RayHead, num_cpus: float | None = None, num_gpus: int | Non
         if time.monotonic() - started > timeout_s:
             raise RuntimeError(f"Ray dashboard at {head.dashboard_url} did not come up within {timeout_s:.0f}s")
         time.sleep(0.5)
-    log.info("ray: head up at %s after %.1fs; it keeps serving when the controller stops (`diffops ray stop` ends it)", head.dashboard_url, time.monotonic() - started)
+    log.info("ray: head up at %s after %.1fs; it keeps serving when the controller stops (`diffops ray stop` ends it)",
+             head.dashboard_url, time.monotonic() - started)
     return head.dashboard_url
 
 

@@ -1,37 +1,28 @@
-"""Talk to Ray Serve's REST API (the one `serve deploy` and KubeRay use), with Ray's token auth.
+"""Talk to Ray Serve's REST API (the one `serve deploy` and KubeRay use), through the dashboard client.
 
 The apply step PUTs the whole rendered config; the observe step reads every
 application's status, replicas and deployed config back (drift, ownership).
 `ServeApi` is the protocol the reconciler depends on, so unit tests can pass
-a fake at this boundary.
+a fake at this boundary. Requests, the token and error mapping are
+`controller.apply.dashboard`'s; the routers are asked through the Serve proxy.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
-from controller.errors import TemporaryError
+from controller.apply.dashboard import DashboardClient, DashboardError, ray_token
 from controller.state.records import ObservedApp
 
+__all__ = ["APPLICATIONS_PATH", "ServeApi", "ServeClient", "ServeError", "brief", "parse_applications", "ray_token"]
+
 APPLICATIONS_PATH = "/api/serve/applications/"
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-
-class ServeError(TemporaryError):
-    """Ray Serve could not be reached or refused a request (temporary: retried with backoff)."""
-
-
-def ray_token() -> str | None:
-    """The token Ray clients use: $RAY_AUTH_TOKEN, else $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    return path.read_text().strip() if path.is_file() else None
+ServeError = DashboardError  # Ray Serve could not be reached or refused a request (temporary: retried with backoff)
 
 
 class ServeApi(Protocol):
@@ -44,7 +35,7 @@ class ServeApi(Protocol):
 
 def brief(message: str) -> str:
     """Ray's status message in one line: a traceback becomes its summary plus the exception it ended with."""
-    text = ANSI.sub("", message).strip()
+    text = _ANSI.sub("", message).strip()
     if "Traceback" not in text:
         return " ".join(text.split())
     summary = " ".join(text.split("Error:", 1)[0].split()) if "Error:" in text else text.splitlines()[0].strip()
@@ -80,35 +71,21 @@ def parse_applications(details: dict[str, Any]) -> dict[str, ObservedApp]:
 
 
 class ServeClient:
+    """`ServeApi` over HTTP: the Serve REST API through the dashboard, the routers through the Serve proxy."""
+
     def __init__(self, dashboard_url: str, token: str | None = None, timeout_s: float = 10.0, serve_url: str = "http://127.0.0.1:8000"):
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.url = dashboard_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        self.dashboard = DashboardClient(dashboard_url, token, timeout_s)
+        self.url = self.dashboard.url
         self.proxy = httpx.Client(base_url=serve_url.rstrip("/"), timeout=2.0)
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.HTTPError as err:
-            raise ServeError(f"Ray dashboard at {self.url} unreachable ({type(err).__name__}); is Ray running?") from None
-        if response.status_code == 401:
-            raise ServeError(f"Ray dashboard at {self.url} refused the auth token; set RAY_AUTH_MODE=token and the same token as the cluster")
-        if response.status_code >= 400:
-            raise ServeError(f"Ray Serve {method} {path} answered {response.status_code}: {response.text[:500]}")
-        return response
-
     def alive(self) -> bool:
-        try:
-            self._request("GET", "/api/version")
-            return True
-        except ServeError:
-            return False
+        return self.dashboard.alive()
 
     def apply(self, config: dict[str, Any]) -> None:
-        self._request("PUT", APPLICATIONS_PATH, json=config)
+        self.dashboard.request("PUT", APPLICATIONS_PATH, json=config)
 
     def observe(self) -> dict[str, ObservedApp]:
-        return parse_applications(self._request("GET", APPLICATIONS_PATH).json())
+        return parse_applications(self.dashboard.request("GET", APPLICATIONS_PATH).json())
 
     def router_weights(self, release: str) -> dict[str, int] | None:
         """Ask a release's router, through the Serve proxy, which weights it is using now."""
@@ -121,7 +98,7 @@ class ServeClient:
     def cluster_resources(self) -> dict[str, tuple[float, float]] | None:
         """(used, total) logical CPUs and GPUs as Ray's autoscaler last reported them (seconds old), or None."""
         try:
-            data = self._request("GET", "/api/cluster_status").json()
+            data = self.dashboard.request("GET", "/api/cluster_status").json()
             usage = data["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
         except (ServeError, KeyError, TypeError, ValueError):
             return None
@@ -136,5 +113,5 @@ class ServeClient:
             return None
 
     def close(self) -> None:
-        self.http.close()
+        self.dashboard.close()
         self.proxy.close()

@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.apply.drift import mark
+from controller.rollout.capacity import effective_replicas
 from controller.state.records import ReleaseRecord, VersionRecord
+
+__all__ = ["CONSTRUCTOR_RETRIES", "GRACEFUL_SHUTDOWN_S", "MODEL_IMPORT", "ROUTER_CPUS", "ROUTER_IMPORT", "ROUTER_MAX_ONGOING",
+           "RenderSettings", "default_controller_id", "model_app", "render", "rendered_versions", "router_app", "router_weights"]
 
 MODEL_IMPORT = "serving.model_server:build_model_app"
 ROUTER_IMPORT = "serving.router:build_router_app"
@@ -66,7 +70,7 @@ def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any
         "deployments": [
             {
                 "name": "Model",
-                "num_replicas": version.replicas if version.replicas is not None else replicas["count"],
+                "num_replicas": effective_replicas(version),
                 "max_ongoing_requests": replicas["max_ongoing_requests"],
                 "max_queued_requests": replicas["max_queued_requests"],
                 "ray_actor_options": {"num_cpus": resources["cpus"], "num_gpus": resources["gpus"]},
@@ -86,6 +90,7 @@ def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any
 
 
 def router_app(release: ReleaseRecord, versions: list[VersionRecord]) -> dict[str, Any]:
+    """The release's router application: its route, and the weights and limits in its `user_config` (lightweight)."""
     spec = release.spec or versions[0].spec
     return {
         "name": release.name,
@@ -112,6 +117,7 @@ def router_app(release: ReleaseRecord, versions: list[VersionRecord]) -> dict[st
 
 
 def router_weights(versions: Iterable[VersionRecord]) -> dict[str, int]:
+    """Version -> weight for every version that has a Serve app: what the router is told, and must answer back."""
     return {v.version: v.weight for v in rendered_versions(versions)}
 
 
@@ -121,6 +127,7 @@ def rendered_versions(versions: Iterable[VersionRecord]) -> list[VersionRecord]:
 
 
 def render(releases: Iterable[ReleaseRecord], versions: Iterable[VersionRecord], settings: RenderSettings) -> dict[str, Any]:
+    """The complete Serve config: every release's router and live versions, each marked with this controller's owner id."""
     by_release: dict[str, list[VersionRecord]] = {}
     for version in sorted(rendered_versions(versions), key=lambda v: (v.release, v.version)):
         by_release.setdefault(version.release, []).append(version)

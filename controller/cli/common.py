@@ -14,6 +14,8 @@ from controller.source.credentials import private_dir, redact
 from controller.source.git_source import ReleaseSource, SourceError
 from controller.state.store import StateFileError, Store
 
+__all__ = ["default_state_dir", "fail", "open_source", "release_at", "repo_option", "state_dir_option", "store_at"]
+
 
 def default_state_dir() -> Path:
     if os.environ.get("DIFFOPS_STATE_DIR"):
@@ -42,7 +44,8 @@ state_dir_option = click.option(
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    """Say what went wrong and what to do on stderr (`error:` in red on a terminal), and exit with `code`."""
+    click.echo(f"{click.style('error:', fg='red', bold=True)} {message}", err=True)
     sys.exit(code)
 
 

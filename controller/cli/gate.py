@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -11,16 +10,24 @@ import click
 
 from checks.report import GateReport
 from controller.cli.common import fail, open_source, release_at, repo_option, state_dir_option
+from controller.cli.output import choose, dump, legacy_format_option, output_option
+from controller.cli.terminal import progress
 from controller.plan.versions import version_id
 
+__all__ = ["COMMANDS", "MARKS", "check", "golden", "report_text"]
+
 MARKS = {"passed": "✓", "failed": "✗", "error": "✗", "skipped": "-"}
+COLORS = {"passed": "green", "failed": "red", "error": "red", "skipped": "yellow"}
 
 
 def report_text(report: GateReport, saved: list[Path]) -> str:
+    """The gate's report for a terminal; the marks carry ANSI colour, which click drops where colour is off or piped."""
     verdict = "passed" if report.ok else "FAILED"
-    lines = [f"{report.release} {report.version}: gate {verdict} in {report.seconds:.1f}s"]
+    lines = [f"{report.release} {report.version}: gate {click.style(verdict, fg='green' if report.ok else 'red', bold=True)} "
+             f"in {report.seconds:.1f}s"]
     for check in report.checks:
-        lines.append(f"  {MARKS[check.outcome]} {check.name:<12} {check.outcome:<8} {check.message}")
+        mark = click.style(MARKS[check.outcome], fg=COLORS[check.outcome])
+        lines.append(f"  {mark} {check.name:<12} {check.outcome:<8} {check.message}")
     lines += [f"  saved {path}" for path in saved]
     return "\n".join(lines)
 
@@ -30,19 +37,24 @@ def report_text(report: GateReport, saved: list[Path]) -> str:
 @repo_option
 @state_dir_option
 @click.option("--rev", default=None, help="Revision to check (default: HEAD).")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def check(release_name: str, repo: str, state_dir: Path, rev: str | None, fmt: str) -> None:
+@output_option("text", "json", "yaml")
+@legacy_format_option("text", "json", "yaml")
+def check(release_name: str, repo: str, state_dir: Path, rev: str | None, output: str, legacy_format: str | None) -> None:
     """Run the gate locally (artifact, dependency, cuda, load, golden, performance); exit 1 on failure."""
     from controller.gate.runner import LocalGate, gate_input
 
     source = open_source(repo, state_dir)
     release, commit = release_at(source, release_name, rev)
     version = version_id(release)
-    click.echo(f"{release_name}: checking version {version} at {commit[:12]}; next: artifact, dependency, load, golden, performance", err=True)
-    report = LocalGate().run(gate_input(release, version, source, str(state_dir / "models"), model_commit=commit, checks_commit=commit))
+    fmt = choose(output, legacy_format)
+    click.echo(f"{release_name}: checking version {version} at {commit[:12]}; next: artifact, dependency, load, golden, "
+               "performance", err=True)
+    with progress(f"{release_name} {version}: gate running (artifact, dependency, load, golden, performance)"):
+        report = LocalGate().run(gate_input(release, version, source, str(state_dir / "models"), model_commit=commit,
+                                            checks_commit=commit))
     saved = report.save_artifacts(state_dir / "gate" / release_name / version)
-    if fmt == "json":
-        click.echo(json.dumps({**report.to_dict(with_artifacts=False), "saved": [str(p) for p in saved]}, indent=2))
+    if fmt != "text":
+        click.echo(dump({**report.to_dict(with_artifacts=False), "saved": [str(p) for p in saved]}, fmt))
     else:
         click.echo(report_text(report, saved))
     sys.exit(0 if report.ok else 1)
@@ -70,10 +82,11 @@ def golden(release_name: str, repo: str, state_dir: Path, rev: str | None, write
     started = time.monotonic()
     spec = release.model_dump(mode="json")["spec"]
     model = release.spec.model
-    fetched = fetch(model.uri, model.digest, ModelCache(state_dir / "models"), repo=source.path, commit=commit)
-    device = pick_device()
-    runner = PipelineRunner(load_pipeline(fetched.path, dtype=model.dtype, sampler=spec["generation"]["sampler"], device=device), device)
-    image = render(runner, spec["checks"]["golden"], spec["generation"])
+    with progress(f"{release_name}: fetching {model.uri}, loading and rendering the golden prompt"):
+        fetched = fetch(model.uri, model.digest, ModelCache(state_dir / "models"), repo=source.path, commit=commit)
+        device = pick_device()
+        pipeline = load_pipeline(fetched.path, dtype=model.dtype, sampler=spec["generation"]["sampler"], device=device)
+        image = render(PipelineRunner(pipeline, device), spec["checks"]["golden"], spec["generation"])
     target = Path(source.repo.working_tree_dir) / release.spec.checks.golden.reference
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(image)

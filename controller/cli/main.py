@@ -1,4 +1,5 @@
-"""The `diffops` command line, authoring side: lint, diff, schema, model artifacts.
+"""The `diffops` command line: the group (its `--no-color`, every option's DIFFOPS_ variable, `completion`,
+`version`) and the authoring side: lint, diff, schema, model artifacts.
 
 Each command parses its options, calls the pure or I/O module that does the
 work, prints, and maps failures to an exit code and a message saying what to do.
@@ -7,6 +8,7 @@ work, prints, and maps failures to an exit code and a message saying what to do.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,28 +18,45 @@ import click
 from controller.cli import gate as cli_gate
 from controller.cli import operate as cli_operate
 from controller.cli.common import fail, open_source, release_at, repo_option, state_dir_option
+from controller.cli.output import Output, choose, dump, legacy_format_option, output_option
+from controller.cli.shell import apply_envvars, completion
+from controller.cli.terminal import color_wanted, progress
+from controller.cli.version import version
+from controller.parse.loader import ReleaseError
 from controller.parse.release import Release
 from controller.plan import report as diff_report
-from controller.plan.changes import diff_releases
+from controller.plan.changes import ReleaseChange, diff_releases
 from controller.source.git_source import ReleaseSource, SourceError
 from serving.manifest import MANIFEST_NAME, ArtifactError, manifest_of
+
+__all__ = ["diff", "diff_exit_code", "diff_output", "lint", "main", "model", "release_schema_text", "resolve_range", "schema"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="diffops")
-def main() -> None:
+@click.option("--no-color", is_flag=True, help="No colour in any output (also: NO_COLOR set and not empty).")
+@click.pass_context
+def main(ctx: click.Context, no_color: bool) -> None:
     """diffops: GitOps releases of diffusion models to Ray Serve.
 
     Release files live in releases/<name>.yaml of a git repository; every
     command reads them from git objects at a revision, never the work tree.
+
+    Every option can also be set as DIFFOPS_<OPTION> (--state-dir:
+    DIFFOPS_STATE_DIR, -o: DIFFOPS_OUTPUT); the command line wins. Exit
+    codes: 0 ok, 1 failed (or, with diff --exit-code, differences), 2 usage
+    error or an input diffops could not read (revision, repository, state).
     """
+    if not color_wanted(no_color, os.environ):
+        ctx.color = False
 
 
 @main.command()
 @repo_option
 @state_dir_option
 @click.option("--rev", default=None, help="Revision to validate (default: HEAD).")
-def lint(repo: str, state_dir: Path, rev: str | None) -> None:
+@output_option("text", "json", "yaml")
+def lint(repo: str, state_dir: Path, rev: str | None, output: str) -> None:
     """Validate every release file at a revision; print file:line:col errors, exit 1 on any."""
     source = open_source(repo, state_dir)
     try:
@@ -46,12 +65,20 @@ def lint(repo: str, state_dir: Path, rev: str | None) -> None:
         fail(str(err), 2)
     except Exception as err:  # whatever is committed, lint answers with a message, never a traceback
         fail(f"could not read releases at {rev or 'HEAD'}: {type(err).__name__}: {err}; this is a bug in diffops, please report it", 2)
-    for error in snapshot.errors:
-        click.echo(str(error))
     bad = sum(1 for f in snapshot.files.values() if f.errors)
     good = len(snapshot.files) - bad
+    fmt = choose(output)
+    if fmt == "text":
+        for error in snapshot.errors:
+            click.echo(str(error))
+    else:
+        click.echo(dump({"revision": snapshot.revision, "valid": good, "invalid": bad, "errors": _error_rows(snapshot.errors)}, fmt))
     click.echo(f"{good} valid, {bad} invalid release file(s) at {snapshot.revision[:12]}", err=True)
     sys.exit(1 if bad else 0)
+
+
+def _error_rows(errors: list[ReleaseError]) -> list[dict[str, object]]:
+    return [{"file": e.file, "line": e.line, "column": e.column, "field": e.field, "message": e.message, "text": str(e)} for e in errors]
 
 
 def resolve_range(source: ReleaseSource, spec: str | None) -> tuple[str, str]:
@@ -72,13 +99,18 @@ def resolve_range(source: ReleaseSource, spec: str | None) -> tuple[str, str]:
 @repo_option
 @state_dir_option
 @click.argument("revisions", required=False, metavar="[A..B]")
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]), default="text", show_default=True)
-def diff(repo: str, state_dir: Path, revisions: str | None, fmt: str) -> None:
+@output_option("text", "json", "yaml", "markdown")
+@legacy_format_option("text", "json", "yaml", "markdown")
+@click.option("--exit-code", is_flag=True, help="Exit 1 if anything differs (invalid files at B included), 0 if nothing does.")
+def diff(repo: str, state_dir: Path, revisions: str | None, output: str, legacy_format: str | None, exit_code: bool) -> None:
     """Per release: added/changed/removed fields, change class, version ids and GPU impact.
 
     A..B compares two revisions, A...B compares B with its merge base with A
     (what a pull request changes), A alone means A..HEAD; the default is the
-    last commit (HEAD~1..HEAD). Exits 1 if B has invalid release files.
+    last commit (HEAD~1..HEAD). Exits 1 if B has invalid release files; with
+    --exit-code (as git diff): 0 nothing differs, 1 differences, 2 an error
+    (unknown revision, unreadable repository). markdown is made for a pull
+    request comment.
     """
     source = open_source(repo, state_dir)
     try:
@@ -89,17 +121,26 @@ def diff(repo: str, state_dir: Path, revisions: str | None, fmt: str) -> None:
         fail(str(err), 2)
     changes = diff_releases(before.releases, after.releases)
     errors = after.errors
-    if fmt == "json":
-        click.echo(diff_report.as_json(changes, errors, base_rev, target_rev))
-    elif fmt == "markdown":
-        click.echo(diff_report.as_markdown(changes, errors, base_rev, target_rev))
-    else:
-        click.echo(diff_report.as_text(changes, errors))
-    sys.exit(1 if errors else 0)
+    click.echo(diff_output(choose(output, legacy_format), changes, errors, base_rev, target_rev))
+    sys.exit(diff_exit_code(bool(changes), bool(errors), exit_code))
+
+
+def diff_output(fmt: Output, changes: list[ReleaseChange], errors: list[ReleaseError], base: str, target: str) -> str:
+    if fmt == "text":
+        return diff_report.as_text(changes, errors)
+    if fmt == "markdown":
+        return diff_report.as_markdown(changes, errors, base, target)
+    return dump(json.loads(diff_report.as_json(changes, errors, base, target)), fmt)
+
+
+def diff_exit_code(changed: bool, invalid: bool, exit_code: bool) -> int:
+    """1 when B has invalid files; with --exit-code also 1 when any release changed. (Errors exit 2 earlier.)"""
+    return 1 if invalid or (exit_code and changed) else 0
 
 
 @main.command()
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file instead of stdout.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write the schema to FILE instead of stdout (a file here, not an output format: the schema is JSON).")
 def schema(output: Path | None) -> None:
     """Print the release file JSON Schema (committed as releases/release.schema.json)."""
     text = release_schema_text()
@@ -126,7 +167,8 @@ def model() -> None:
 def model_digest(path: Path, write: bool) -> None:
     """Print the digest of a model directory, to pin as spec.model.digest."""
     try:
-        manifest = manifest_of(path)
+        with progress(f"hashing {path}"):
+            manifest = manifest_of(path)
     except ArtifactError as err:
         fail(f"{path}: {err}")
     if write:
@@ -150,10 +192,11 @@ def model_fetch(release_name: str, repo: str, state_dir: Path, rev: str | None, 
     started = time.monotonic()
     click.echo(f"{release_name}: fetching {release.spec.model.uri} ({release.spec.model.digest[:19]}…)", err=True)
     try:
-        result = fetch(
-            release.spec.model.uri, release.spec.model.digest, ModelCache(state_dir / "models"),
-            repo=source.path, commit=commit, reverify=reverify,
-        )
+        with progress(f"{release_name}: fetching and verifying {release.spec.model.uri}"):
+            result = fetch(
+                release.spec.model.uri, release.spec.model.digest, ModelCache(state_dir / "models"),
+                repo=source.path, commit=commit, reverify=reverify,
+            )
     except ArtifactError as err:
         fail(f"{release_name}: model refused: {err}; the model is not cached and nothing will load it")
     how = "cache hit, nothing transferred" if result.cached else f"transferred {result.bytes_transferred} bytes"
@@ -161,8 +204,9 @@ def model_fetch(release_name: str, repo: str, state_dir: Path, rev: str | None, 
     click.echo(str(result.path))
 
 
-for command in [*cli_gate.COMMANDS, *cli_operate.COMMANDS]:
+for command in [*cli_gate.COMMANDS, *cli_operate.COMMANDS, completion, version]:
     main.add_command(command)
+apply_envvars(main)
 
 if __name__ == "__main__":
     main()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,10 +15,15 @@ import httpx
 
 from controller import logs
 from controller.cli.common import fail, open_source, repo_option, state_dir_option, store_at
+from controller.cli.output import choose, dump, output_option
 from controller.cli.status_view import history_rows, history_text, status_json, status_text
+from controller.cli.tables import history_table, status_table
+from controller.cli.terminal import is_terminal, print_rich
 from controller.source.credentials import private_dir
 from controller.state.records import Command
 from controller.state.store import Store
+
+__all__ = ["COMMANDS", "DEFAULT_URL", "abort", "controller", "generate", "history", "open_store", "promote", "ray", "retry", "status"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -129,9 +134,11 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
                             allow_faults=allow_fault_injection, revert_on_abort=revert_on_abort,
                             signatures=SignatureGate(Path(source.repo.git_dir), trust) if trust is not None else None,
                             cache_max_bytes=cache_max_bytes)
-    click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}, id {settings.owner}); serving at http://127.0.0.1:{http_port}/<release>/generate", err=True)
+    click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}, id {settings.owner}); "
+               f"serving at http://127.0.0.1:{http_port}/<release>/generate", err=True)
     if trust is not None:
-        click.echo(f"diffops: reconciling only a branch head signed by one of {trusted}; an unsigned or unknown-key head is refused", err=True)
+        click.echo(f"diffops: reconciling only a branch head signed by one of {trusted}; an unsigned or unknown-key head is refused",
+                   err=True)
     try:
         if once:
             result = reconciler.reconcile()
@@ -146,18 +153,27 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
 
 @click.command()
 @state_dir_option
-@click.option("--json", "as_json", is_flag=True, help="One JSON object (the documented contract).")
-@click.option("--watch", is_flag=True, help="Redraw every second until interrupted.")
-def status(state_dir: Path, as_json: bool, watch: bool) -> None:
-    """Every release: phase, message, versions, roles, weights and ready replicas."""
+@output_option("text", "json", "yaml")
+@click.option("--json", "as_json", is_flag=True, help="Same as -o json (the documented contract).")
+@click.option("--watch", is_flag=True, help="Redraw every second until interrupted (json: one line per drawing; yaml: one document).")
+def status(state_dir: Path, output: str, as_json: bool, watch: bool) -> None:
+    """Every release: phase, message, versions, roles, weights and ready replicas.
+
+    On a terminal the text is a table that fits its width; piped, plain lines.
+    """
     store = open_store(state_dir)
+    fmt = choose(output, as_json=as_json)
     while True:
         state, gates = store.load(), store.gate_reports()
-        if as_json:
-            click.echo(json.dumps(status_json(state, gates), indent=None if watch else 2))
-        else:
+        if fmt == "json":
+            click.echo(dump(status_json(state, gates), "json", compact=watch))
+        elif fmt == "yaml":
+            click.echo(("---\n" if watch else "") + dump(status_json(state, gates), "yaml"))
+        elif is_terminal(sys.stdout):
             if watch:
                 click.clear()
+            print_rich(status_table(status_json(state, gates)))
+        else:
             click.echo(status_text(state, gates))
         if not watch:
             return
@@ -167,17 +183,25 @@ def status(state_dir: Path, as_json: bool, watch: bool) -> None:
 @click.command()
 @click.argument("release")
 @state_dir_option
-@click.option("--json", "as_json", is_flag=True)
-def history(release: str, state_dir: Path, as_json: bool) -> None:
-    """A release's rollouts: commit, version, outcome and duration."""
+@output_option("text", "json", "yaml")
+@click.option("--json", "as_json", is_flag=True, help="Same as -o json.")
+def history(release: str, state_dir: Path, output: str, as_json: bool) -> None:
+    """A release's rollouts: commit, version, outcome and duration, each with its timeline."""
     rows = history_rows(open_store(state_dir).events(release))
-    click.echo(json.dumps(rows, indent=2) if as_json else history_text(release, rows))
+    fmt = choose(output, as_json=as_json)
+    if fmt != "text":
+        click.echo(dump(rows, fmt))
+    elif rows and is_terminal(sys.stdout):
+        print_rich(history_table(release, rows))
+    else:
+        click.echo(history_text(release, rows))
 
 
 @click.command()
 @click.argument("release")
 @click.argument("prompt")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG file to write.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, metavar="FILE",
+              help="PNG file to write (a file here, not an output format: generate prints no state).")
 @click.option("--url", default=lambda: os.environ.get("DIFFOPS_URL", DEFAULT_URL), show_default=f"$DIFFOPS_URL or {DEFAULT_URL}")
 @click.option("--seed", type=int)
 @click.option("--steps", type=int)

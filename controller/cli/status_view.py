@@ -10,14 +10,39 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, TypedDict
 
-from controller.state.records import Event, app_name
+from controller.state.records import Event, ReleaseRecord, app_name
 from controller.state.store import State
+
+__all__ = ["HistoryRow", "TimelineItem", "age", "checks_summary", "history_rows", "history_text", "image_policy", "status_json",
+           "status_text", "step_text"]
 
 ROLE_ORDER = {"stable": 0, "canary": 1, "standby": 2}
 OUTCOMES = {"promoted": "promoted", "failed": "failed", "abandoned": "abandoned", "rolled-back": "rolled back",
             "aborted": "rolled back (aborted)"}
+
+
+class TimelineItem(TypedDict):
+    after_s: float
+    event: str
+    message: str
+
+
+class _HistoryRequired(TypedDict):
+    version: str | None
+    commit: str | None
+    started_at: float
+    finished_at: float | None
+    outcome: str
+    message: str
+    timeline: list[TimelineItem]
+
+
+class HistoryRow(_HistoryRequired, total=False):
+    """One rollout in `diffops history -o json` (`checks`: what the gate said when the version was prepared)."""
+
+    checks: str
 
 
 def checks_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -70,17 +95,19 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
 
 def image_policy(spec: dict[str, Any]) -> str:
     """`verify` unless the version's release said `runtime.image_policy: unverified` (versions recorded before it existed: verify)."""
-    return (spec.get("runtime") or {}).get("image_policy", "verify")
+    policy: str = (spec.get("runtime") or {}).get("image_policy", "verify")
+    return policy
 
 
-def step_text(release: Any) -> str | None:
+def step_text(release: ReleaseRecord) -> str | None:
     """'2/3' while a canary walks its steps."""
     if release.step is None or not release.spec:
         return None
     return f"{release.step + 1}/{len(release.spec['rollout']['steps'])}"
 
 
-def _age(seconds: float) -> str:
+def age(seconds: float) -> str:
+    """A short age for a table cell: 45s, 12m, 3h."""
     seconds = max(0, int(seconds))
     return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
 
@@ -93,19 +120,20 @@ def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
     lines = [f"reconciled {commit} (fully live: {applied})", ""]
     refused = data["refused_commit"]
     if refused:
-        lines[1:1] = [f"refused   {refused['commit'][:12]} ({refused['reason']}, {_age(now - refused['at'])} ago): "
+        lines[1:1] = [f"refused   {refused['commit'][:12]} ({refused['reason']}, {age(now - refused['at'])} ago): "
                       f"nothing from it is applied; {refused['message']}"]
     if not data["releases"]:
         lines.append("no releases")
     for release in data["releases"]:
-        lines.append(f"{release['name']:<20} {release['phase']:<12} {_age(now - release['updated_at'])} ago  {release['message']}")
+        lines.append(f"{release['name']:<20} {release['phase']:<12} {age(now - release['updated_at'])} ago  {release['message']}")
         if release["step"]:
             lines.append(f"  canary step {release['step']}")
         analysis = release["analysis"]
         if analysis:
             canary = analysis.get("canary", {})
-            lines.append(f"  analysis: {analysis['verdict']} ({analysis['failures']} failed in a row): canary {canary.get('requests', 0)} requests, "
-                         f"error rate {canary.get('error_rate', '-')}, p95 {canary.get('p95_latency_s', '-')}s"
+            lines.append(f"  analysis: {analysis['verdict']} ({analysis['failures']} failed in a row): "
+                         f"canary {canary.get('requests', 0)} requests, error rate {canary.get('error_rate', '-')}, "
+                         f"p95 {canary.get('p95_latency_s', '-')}s"
                          + (f"; {'; '.join(analysis['reasons'])}" if analysis.get("reasons") else ""))
         for v in release["versions"]:
             gate = v["gate"]
@@ -113,19 +141,19 @@ def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
                 f"{name}:{'ok' if c['outcome'] == 'passed' else c['outcome']}" for name, c in gate["checks"].items())
             actual = "" if v["live_weight"] in (None, v["weight"]) else f" (router: {v['live_weight']}%)"
             image = "  image unverified" if v["image_policy"] == "unverified" else ""
-            lines.append(f"  {v['id']:<12} {v['role']:<8} weight {v['weight']:>3}%{actual}  replicas {v['ready_replicas']}/{v['replicas']}  "
-                         f"from {v['commit'][:12]}{image}{checks}")
+            lines.append(f"  {v['id']:<12} {v['role']:<8} weight {v['weight']:>3}%{actual}  "
+                         f"replicas {v['ready_replicas']}/{v['replicas']}  from {v['commit'][:12]}{image}{checks}")
     return "\n".join(lines)
 
 
-def history_rows(events: list[Event]) -> list[dict[str, Any]]:
+def history_rows(events: list[Event]) -> list[HistoryRow]:
     """One row per rollout (start -> outcome) and per instant rollback, oldest first."""
-    rows: list[dict[str, Any]] = []
-    open_rollouts: dict[str, dict[str, Any]] = {}
+    rows: list[HistoryRow] = []
+    open_rollouts: dict[str, HistoryRow] = {}
     for event in events:
         if event.kind == "rollout-started":
-            row = {"version": event.version, "commit": event.commit, "started_at": event.at, "finished_at": None,
-                   "outcome": "in progress", "message": event.message, "timeline": []}
+            row: HistoryRow = {"version": event.version, "commit": event.commit, "started_at": event.at, "finished_at": None,
+                               "outcome": "in progress", "message": event.message, "timeline": []}
             open_rollouts[event.version or ""] = row
             rows.append(row)
         elif event.kind == "rolled-back":
@@ -138,17 +166,18 @@ def history_rows(events: list[Event]) -> list[dict[str, Any]]:
                 row["checks"] = event.message
             if event.kind in OUTCOMES:
                 open_rollouts.pop(event.version or "")
-                row.update(finished_at=event.at, outcome=OUTCOMES[event.kind], message=event.message)
+                row["finished_at"], row["outcome"], row["message"] = event.at, OUTCOMES[event.kind], event.message
     return rows
 
 
-def history_text(release: str, rows: list[dict[str, Any]]) -> str:
+def history_text(release: str, rows: list[HistoryRow]) -> str:
     if not rows:
         return f"{release}: no rollouts recorded"
     lines = [f"{'started (UTC)':<20} {'version':<12} {'commit':<12} {'outcome':<12} {'took':>7}  message"]
     for row in rows:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["started_at"]))
         took = f"{row['finished_at'] - row['started_at']:.1f}s" if row["finished_at"] else "-"
-        lines.append(f"{started:<20} {row['version'] or '':<12} {(row['commit'] or '')[:12]:<12} {row['outcome']:<12} {took:>7}  {row['message']}")
+        commit = (row["commit"] or "")[:12]
+        lines.append(f"{started:<20} {row['version'] or '':<12} {commit:<12} {row['outcome']:<12} {took:>7}  {row['message']}")
         lines += [f"{'':<20}   +{item['after_s']:>6.1f}s  {item['event']}: {item['message']}" for item in row["timeline"]]
     return "\n".join(lines)

@@ -33,17 +33,21 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import git
-import httpx
 
 from checks.job import REFERENCE_MAX_BYTES, REPORT_PREFIX, pack, run_dir
 from checks.report import CheckResult, GateReport
+from controller.apply.dashboard import DashboardClient, DashboardError
 from controller.gate.start import DEFAULT_START_BASE_S, Fail, asked, start_deadline_s, start_verdict
 from controller.parse.release import Release
 from controller.source.git_source import ReleaseSource
+
+__all__ = ["FINAL", "JOBS_PATH", "PACKAGES_PATH", "PACKAGE_MAX_BYTES", "Gate", "LocalGate", "RayJobGate", "crashed", "gate_input",
+           "gate_key", "job_request", "package_uri", "reference_blob", "settings_from_env"]
 
 log = logging.getLogger("diffops.controller")
 JOBS_PATH = "/api/jobs/"
@@ -53,6 +57,8 @@ PACKAGE_MAX_BYTES = 100 * 2**20  # the dashboard's request body limit (DASHBOARD
 
 
 class Gate(Protocol):
+    """Runs a version's checks on `cpus` and `gpus` and reports them; the reconciler's boundary to the gate."""
+
     def run(self, gate: dict[str, Any], cpus: float, gpus: float) -> GateReport: ...
 
 
@@ -70,7 +76,7 @@ def gate_key(release: Release, reference: git.Blob | None) -> str:
 
 
 def gate_input(release: Release, version: str, source: ReleaseSource, cache_dir: str, *, model_commit: str,
-               checks_commit: str, model: dict | None = None) -> dict[str, Any]:
+               checks_commit: str, model: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the gate job needs: the model as the version pins it, the checks as the desired commit has them."""
     spec = release.model_dump(mode="json")["spec"]
     blob = reference_blob(source, checks_commit, release)
@@ -105,7 +111,7 @@ def job_request(gate: dict[str, Any], job_id: str, uri: str, python: str, cpus: 
     return body
 
 
-def settings_from_env(environ: dict[str, str] | os._Environ = os.environ) -> tuple[float, dict[str, float]]:
+def settings_from_env(environ: Mapping[str, str] = os.environ) -> tuple[float, dict[str, float]]:
     """(start deadline base, custom resources) from DIFFOPS_GATE_START_DEADLINE_S / DIFFOPS_GATE_RESOURCES."""
     raw_base = environ.get("DIFFOPS_GATE_START_DEADLINE_S", "")
     try:
@@ -117,7 +123,8 @@ def settings_from_env(environ: dict[str, str] | os._Environ = os.environ) -> tup
     raw = environ.get("DIFFOPS_GATE_RESOURCES", "")
     try:
         resources = json.loads(raw) if raw else {}
-        if not isinstance(resources, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0 for k, v in resources.items()):
+        if not isinstance(resources, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
+                                                      for k, v in resources.items()):
             raise ValueError
     except ValueError:
         raise ValueError(f'DIFFOPS_GATE_RESOURCES={raw!r}: give a JSON object of positive amounts, e.g. {{"gpu-pool-a100": 1}}') from None
@@ -125,6 +132,7 @@ def settings_from_env(environ: dict[str, str] | os._Environ = os.environ) -> tup
 
 
 def crashed(gate: dict[str, Any], message: str, seconds: float) -> GateReport:
+    """A report whose one failed check says why the gate could not run or report."""
     return GateReport(gate["release"], gate["version"], (CheckResult("gate", "error", message),), round(seconds, 3))
 
 
@@ -133,8 +141,7 @@ class RayJobGate:
 
     def __init__(self, dashboard_url: str, token: str | None, python: str | None = None, poll_s: float = 0.5,
                  start_base_s: float | None = None, resources: dict[str, float] | None = None):
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=dashboard_url.rstrip("/"), headers=headers, timeout=30)
+        self.dashboard = DashboardClient(dashboard_url, token, timeout_s=30)
         self.python = python or sys.executable  # the cluster's Python with diffops installed; this one for a local head
         self.poll_s = poll_s
         env_base, env_resources = settings_from_env()
@@ -157,9 +164,11 @@ class RayJobGate:
             else:
                 job_id = f"{base}-{uuid.uuid4().hex[:6]}"
                 uploaded = self._upload(uri, package)
-                response = self.http.post(JOBS_PATH, json=job_request(gate, job_id, uri, self.python, cpus, gpus, self.resources))
+                body = job_request(gate, job_id, uri, self.python, cpus, gpus, self.resources)
+                response = self.dashboard.send("POST", JOBS_PATH, json=body)
                 if response.status_code >= 400:
-                    return crashed(gate, f"Ray refused the gate job: HTTP {response.status_code} {response.text[:300]}", time.monotonic() - started)
+                    refused = f"Ray refused the gate job: HTTP {response.status_code} {response.text[:300]}"
+                    return crashed(gate, refused, time.monotonic() - started)
                 log.info("%s: gate job %s for %s submitted (input %s, %d bytes, %s) in %.1fs; next: wait up to %.0fs for "
                          "it to start on %s", gate["release"], job_id, gate["version"], uri, len(package),
                          "uploaded" if uploaded else "already in the cluster", time.monotonic() - started,
@@ -170,9 +179,9 @@ class RayJobGate:
                 log.warning("%s: gate job %s for %s never started (%.0fs); next: the gate fails with Ray's reason",
                             gate["release"], job_id, gate["version"], time.monotonic() - started)
                 return crashed(gate, reason, time.monotonic() - started)
-            logs = self.http.get(f"{JOBS_PATH}{job_id}/logs").json().get("logs", "")
-        except httpx.HTTPError as err:
-            return crashed(gate, f"Ray job API unreachable ({type(err).__name__})", time.monotonic() - started)
+            logs = str(self.dashboard.send("GET", f"{JOBS_PATH}{job_id}/logs").json().get("logs", ""))
+        except DashboardError as err:
+            return crashed(gate, f"Ray job API: {err}", time.monotonic() - started)
         for line in reversed(logs.splitlines()):
             if line.startswith(REPORT_PREFIX):
                 return GateReport.from_dict(json.loads(line[len(REPORT_PREFIX):]))
@@ -183,22 +192,23 @@ class RayJobGate:
         """Put the package in the cluster's package store unless it is there; True if it was uploaded.
         The GET also pins the package for a while, so Ray keeps it until the job that names it starts."""
         name = uri.removeprefix("gcs://")
-        found = self.http.get(f"{PACKAGES_PATH}{name}")
+        found = self.dashboard.send("GET", f"{PACKAGES_PATH}{name}")
         if found.status_code == 200:
             return False
         if found.status_code != 404:
-            raise httpx.HTTPStatusError(f"package lookup: HTTP {found.status_code}", request=found.request, response=found)
-        put = self.http.put(f"{PACKAGES_PATH}{name}", content=package)
+            raise DashboardError(f"package lookup {name} answered HTTP {found.status_code}: {found.text[:300]}")
+        put = self.dashboard.send("PUT", f"{PACKAGES_PATH}{name}", content=package)
         if put.status_code != 200:
-            raise httpx.HTTPStatusError(f"package upload: HTTP {put.status_code} {put.text[:300]}", request=put.request, response=put)
+            raise DashboardError(f"package upload {name} answered HTTP {put.status_code}: {put.text[:300]}")
         return True
 
     def _left_behind(self, base: str) -> str | None:
         """A job for exactly this gate input still running after its controller was killed (a finished one is run again)."""
-        jobs = self.http.get(JOBS_PATH).json()
+        jobs = self.dashboard.send("GET", JOBS_PATH).json()
         for job in jobs if isinstance(jobs, list) else []:
-            if str(job.get("submission_id") or "").startswith(f"{base}-") and job.get("status") in ("PENDING", "RUNNING"):
-                return job["submission_id"]
+            submission = str(job.get("submission_id") or "")
+            if submission.startswith(f"{base}-") and job.get("status") in ("PENDING", "RUNNING"):
+                return submission
         return None
 
     def _wait(self, job_id: str, limit_s: float, cpus: float, gpus: float) -> tuple[str, str | None]:
@@ -206,7 +216,7 @@ class RayJobGate:
         submitted = time.monotonic()
         running_since: float | None = None
         while True:
-            response = self.http.get(f"{JOBS_PATH}{job_id}")
+            response = self.dashboard.send("GET", f"{JOBS_PATH}{job_id}")
             job = response.json() if response.status_code == 200 else {"status": "UNKNOWN", "message": response.text[:300]}
             status = str(job.get("status") or "UNKNOWN")
             if status in FINAL:
@@ -216,12 +226,12 @@ class RayJobGate:
             now = time.monotonic()
             verdict = start_verdict(status, str(job.get("message") or ""), now - submitted, cpus, gpus, self.resources, self.start_base_s)
             if isinstance(verdict, Fail):
-                self.http.post(f"{JOBS_PATH}{job_id}/stop")
+                self.dashboard.send("POST", f"{JOBS_PATH}{job_id}/stop")
                 return status, verdict.reason
             if status == "RUNNING" and running_since is None:
                 running_since = now
             if (running_since is not None and now - running_since > limit_s) or self.stopping.is_set():
-                self.http.post(f"{JOBS_PATH}{job_id}/stop")
+                self.dashboard.send("POST", f"{JOBS_PATH}{job_id}/stop")
                 return ("STOPPED (the controller is stopping)" if self.stopping.is_set() else f"STOPPED after {limit_s:.0f}s"), None
             self.stopping.wait(self.poll_s)
 
@@ -237,4 +247,5 @@ class LocalGate:
 
         with tempfile.TemporaryDirectory(prefix="diffops-gate-") as folder:
             zipfile.ZipFile(BytesIO(pack(gate))).extractall(folder)
-            return run_dir(Path(folder))
+            report: GateReport = run_dir(Path(folder))
+            return report

@@ -15,6 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+__all__ = ["DEFAULT_START_BASE_S", "GPU_FACTOR", "NOT_STARTED", "Fail", "KeepWaiting", "StartVerdict", "asked", "start_deadline_s",
+           "start_verdict"]
+
 DEFAULT_START_BASE_S = 120.0
 GPU_FACTOR = 3.0
 NOT_STARTED = {"PENDING", "UNKNOWN"}  # UNKNOWN: Ray does not (yet, or any longer) report the job
@@ -22,15 +25,17 @@ NOT_STARTED = {"PENDING", "UNKNOWN"}  # UNKNOWN: Ray does not (yet, or any longe
 
 @dataclass(frozen=True)
 class KeepWaiting:
-    pass
+    """The job started, finished, or is still within its start deadline."""
 
 
 @dataclass(frozen=True)
 class Fail:
+    """The job did not start in time; `reason` says what Ray said and what it asked for."""
+
     reason: str
 
 
-Verdict = KeepWaiting | Fail
+StartVerdict = KeepWaiting | Fail
 
 
 def start_deadline_s(gpus: float, base_s: float = DEFAULT_START_BASE_S) -> float:
@@ -39,12 +44,13 @@ def start_deadline_s(gpus: float, base_s: float = DEFAULT_START_BASE_S) -> float
 
 
 def asked(cpus: float, gpus: float, resources: dict[str, float] | None = None) -> str:
+    """What a gate job asks Ray for, for people: `0.5 CPU, 1 GPU, 1 gpu-pool-a100`."""
     parts = [f"{cpus:g} CPU", f"{gpus:g} GPU"] + [f"{amount:g} {name}" for name, amount in sorted((resources or {}).items())]
     return ", ".join(parts)
 
 
 def start_verdict(status: str, message: str, pending_s: float, cpus: float, gpus: float,
-                  resources: dict[str, float] | None = None, base_s: float = DEFAULT_START_BASE_S) -> Verdict:
+                  resources: dict[str, float] | None = None, base_s: float = DEFAULT_START_BASE_S) -> StartVerdict:
     """Keep waiting for a gate job, or fail it because it did not start in time (with Ray's reason)."""
     if status not in NOT_STARTED:
         return KeepWaiting()  # running or finished: the start deadline no longer applies

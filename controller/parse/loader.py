@@ -15,10 +15,13 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from controller.parse import safe_yaml
 from controller.parse.release import Release, rules
 from controller.parse.safe_yaml import shown
+
+__all__ = ["InvalidRelease", "ReleaseError", "parse_release"]
 
 log = logging.getLogger("diffops.loader")
 log.addHandler(logging.NullHandler())  # the controller's handler gets the traceback; `diffops lint` prints none
@@ -43,17 +46,17 @@ class InvalidRelease(Exception):
         self.errors = errors
 
 
-def dotted(path: tuple[Any, ...]) -> str:
+def _dotted(path: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in path)
 
 
 def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     """The schema model class found by walking field names from `Release`."""
-    model: Any = Release
+    model: type[BaseModel] = Release
     for part in path:
         if isinstance(part, int):
             continue
-        info = getattr(model, "model_fields", {}).get(part)
+        info = model.model_fields.get(part)
         if info is None:
             return None
         annotation = info.annotation
@@ -66,7 +69,7 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _message(error: dict[str, Any]) -> str:
+def _message(error: ErrorDetails) -> str:
     loc, kind = error["loc"], error["type"]
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1])
@@ -91,7 +94,8 @@ def parse_release(raw: bytes, file: str) -> Release:
     except Exception as err:  # a bug, not the file's fault; still only this file's problem
         log.exception("%s: validation raised %s; next: the file is Invalid until it changes", file, type(err).__name__)
         summary = f"{type(err).__name__}: {shown(str(err), 200)}"
-        raise InvalidRelease([ReleaseError(file, 1, 1, f"could not be validated ({summary}); this is a bug in diffops, please report it")]) from None
+        message = f"could not be validated ({summary}); this is a bug in diffops, please report it"
+        raise InvalidRelease([ReleaseError(file, 1, 1, message)]) from None
 
 
 def _parse(raw: bytes, file: str) -> Release:
@@ -108,7 +112,7 @@ def _parse(raw: bytes, file: str) -> Release:
         for item in err.errors():
             loc = tuple(item["loc"])
             line, column = doc.locate(loc, at_key=item["type"] == "extra_forbidden")
-            errors.append(ReleaseError(file, line, column, _message(item), dotted(loc)))
+            errors.append(ReleaseError(file, line, column, _message(item), _dotted(loc)))
         raise InvalidRelease(errors) from None
     stem = PurePosixPath(file).stem
     problems = rules(release, stem)

@@ -9,6 +9,7 @@ collects every package's cross-field rules as (field path, message) pairs for
 from __future__ import annotations
 
 from datetime import timedelta
+from itertools import pairwise
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -17,14 +18,16 @@ from checks.schema import ChecksSpec
 from serving import schema as serving
 from serving.fields import Duration, ReleaseName, SpecModel
 
+__all__ = ["Analysis", "Cost", "Metadata", "Release", "Rollout", "Spec", "Step", "rules"]
+
 
 class Metadata(SpecModel):
     name: ReleaseName
-    """Release name: a DNS label without '--' (it separates release and version in app names), equal to the file stem; also the route `/<name>`."""
+    """Release name: a DNS label without '--' (it separates release and version in app names), equal to the file stem; also the route `/<name>`."""  # noqa: E501 (one line of the JSON schema)
 
 
 class Step(SpecModel):
-    weight: int | None = Field(None, ge=0, le=100)
+    weight: int | None = Field(default=None, ge=0, le=100)
     """Percent of traffic to the new version."""
     pause: Duration | None = None
     """Hold before the next step; empty (`pause:`) waits for `diffops promote`."""
@@ -43,14 +46,14 @@ class Step(SpecModel):
 class Analysis(SpecModel):
     interval: Duration = timedelta(seconds=10)
     """How often live canary figures are judged."""
-    min_requests: int = Field(5, ge=0)
+    min_requests: int = Field(default=5, ge=0)
     """Judged requests (the router's weighted draws; pinned previews never count) an interval needs for a verdict;
     fewer make it inconclusive, and a canary step completes only after an interval of its own passed."""
-    max_error_rate: float = Field(0.05, ge=0, le=1)
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
     """Largest fraction of non-2xx (excluding 4xx) answers."""
-    max_p95_latency_s: float | None = Field(None, gt=0)
+    max_p95_latency_s: float | None = Field(default=None, gt=0)
     """Largest p95 latency of the canary, seconds."""
-    failure_limit: int = Field(2, ge=1)
+    failure_limit: int = Field(default=2, ge=1)
     """Consecutive failed intervals that abort the rollout."""
     on_no_traffic: Literal["wait", "promote"] = "wait"
     """A step whose intervals never reach min_requests judged requests: `wait` holds it and aborts the rollout at
@@ -72,7 +75,7 @@ class Rollout(SpecModel):
 
 
 class Cost(SpecModel):
-    gpu_hour_usd: float | None = Field(None, ge=0)
+    gpu_hour_usd: float | None = Field(default=None, ge=0)
     """Price of one GPU hour, for cost-per-image metrics and diff estimates."""
 
 
@@ -100,16 +103,19 @@ class Release(SpecModel):
         return self.metadata.name
 
 
-def rollout_rules(rollout: Rollout) -> list[tuple[str, str]]:
+def _rollout_rules(rollout: Rollout) -> list[tuple[str, str]]:
     if rollout.strategy != "canary":
         if rollout.steps:
             return [("rollout.steps", "steps are for strategy: canary; remove them or switch the strategy")]
         return []
-    weights = [(i, s.weight) for i, s in enumerate(rollout.steps) if not s.is_pause]
+    unset = [i for i, s in enumerate(rollout.steps) if not s.is_pause and s.weight is None]
+    if unset:  # `{weight: null}` names no weight at all
+        return [(f"rollout.steps.{i}.weight", "a weight step needs a percent from 0 to 100") for i in unset]
+    weights = [(i, s.weight) for i, s in enumerate(rollout.steps) if not s.is_pause and s.weight is not None]
     if not weights:
         return [("rollout.steps", "a canary needs steps ending with {weight: 100}")]
     problems = []
-    for (_, before), (i, after) in zip(weights, weights[1:]):
+    for (_, before), (i, after) in pairwise(weights):
         if after < before:
             problems.append((f"rollout.steps.{i}.weight", f"weight goes down from {before} to {after}; canary weights only rise"))
     last_index, last_weight = weights[-1]
@@ -124,6 +130,6 @@ def rules(release: Release, stem: str) -> list[tuple[str, str]]:
     problems = []
     if release.metadata.name != stem:
         problems.append(("metadata.name", f"{release.metadata.name!r} must equal the file name stem {stem!r}"))
-    in_spec = serving.rules(spec.generation, spec.limits, spec.replicas) + rollout_rules(spec.rollout)
+    in_spec = serving.rules(spec.generation, spec.limits, spec.replicas) + _rollout_rules(spec.rollout)
     problems += [(f"spec.{path}", message) for path, message in in_spec]
     return problems

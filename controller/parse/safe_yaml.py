@@ -12,9 +12,11 @@ nothing else escapes `load`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import yaml
+
+__all__ = ["Document", "MAX_BYTES", "YamlError", "load", "shown"]
 
 MAX_BYTES = 256 * 1024
 MAX_DEPTH = 32
@@ -66,8 +68,16 @@ def _position(text: str, index: int) -> tuple[int, int]:
     return text.count("\n", 0, index) + 1, index - text.rfind("\n", 0, index)
 
 
-def _at(mark: yaml.Mark) -> tuple[int, int]:
-    return mark.line + 1, mark.column + 1
+class _Mark(Protocol):
+    """Where a parser event starts or ends (0-based), as PyYAML's pure and C marks both say."""
+
+    line: int
+    column: int
+
+
+def _at(mark: _Mark | None) -> tuple[int, int]:
+    """1-based (line, column) of a mark; the parser marks every event, so (1, 1) is only a fallback."""
+    return (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
 
 
 class _Builder:
@@ -83,8 +93,9 @@ class _Builder:
     def feed(self, event: yaml.Event) -> None:
         if isinstance(event, yaml.AliasEvent):
             raise YamlError(f"alias '*{event.anchor}' is not allowed in release files; write the value out", *_at(event.start_mark))
-        if getattr(event, "anchor", None):
-            raise YamlError(f"anchor '&{event.anchor}' is not allowed in release files; write the value out", *_at(event.start_mark))
+        anchor = getattr(event, "anchor", None)
+        if anchor:
+            raise YamlError(f"anchor '&{anchor}' is not allowed in release files; write the value out", *_at(event.start_mark))
         if isinstance(event, yaml.DocumentStartEvent):
             self.documents += 1
             if self.documents > 1:
@@ -99,7 +110,10 @@ class _Builder:
                 self.pending_key.pop()
 
     def _scalar(self, event: yaml.ScalarEvent) -> Any:
-        tag = event.tag if event.tag not in (None, "!") else self.resolver.resolve(yaml.ScalarNode, event.value, event.implicit)
+        explicit = event.tag not in (None, "!")
+        # the resolver's stub leaves `resolve` unannotated; it returns the implicit tag of a plain scalar
+        tag: str = event.tag if explicit and event.tag is not None else self.resolver.resolve(  # type: ignore[no-untyped-call]
+            yaml.ScalarNode, event.value, event.implicit)
         if event.tag not in (None, "!") and tag not in SCALAR_TAGS:
             raise YamlError(f"tag {_tag(event.tag)!r} is not allowed in release files", *_at(event.start_mark))
         if tag == f"{CORE}null":
@@ -113,7 +127,9 @@ class _Builder:
         if tag != f"{CORE}bool" and len(event.value) > MAX_NUMBER_CHARS:
             raise YamlError(f"number is {len(event.value)} characters long; release files take numbers of at most "
                             f"{MAX_NUMBER_CHARS} (quote it if it is text)", *_at(event.start_mark))
-        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+        # the pure-Python SafeLoader's events carry `yaml.error.Mark`s (never the C parser's)
+        start, end = cast("yaml.error.Mark | None", event.start_mark), cast("yaml.error.Mark | None", event.end_mark)
+        node = yaml.ScalarNode(tag, event.value, start, end, event.style)
         try:
             value = getattr(self.resolver, f"construct_yaml_{tag.removeprefix(CORE)}")(node)
         except (ValueError, KeyError, ArithmeticError):  # an explicit tag on a value that is not one: `!!int abc`
@@ -134,7 +150,7 @@ class _Builder:
         if isinstance(container, dict):
             self.pending_key.append(None)
 
-    def _value(self, value: Any, mark: yaml.Mark) -> Path:
+    def _value(self, value: Any, mark: _Mark | None) -> Path:
         """Place a value in the open container (or as the root); return its path."""
         if not self.stack:
             self.doc.data = value

@@ -14,15 +14,19 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from controller.parse.release import Release
-from controller.plan.versions import COST_ORDER, field_class, leaves, version_id
+from controller.plan.versions import COST_ORDER, ChangeClass, field_class, leaves, version_id
+
+__all__ = ["FieldChange", "GpuImpact", "ReleaseChange", "diff_releases", "field_changes", "gpu_impact", "gpus", "release_change"]
 
 
 @dataclass(frozen=True)
 class FieldChange:
+    """One field that differs: its dotted path, both values, and what changing it costs."""
+
     path: str
     old: Any
     new: Any
-    change_class: str
+    change_class: ChangeClass
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class GpuImpact:
 
 @dataclass(frozen=True)
 class ReleaseChange:
+    """One release's change between two revisions, as `diffops diff` shows it."""
+
     name: str
     action: Literal["add", "change", "remove"]
     change_class: Literal["version", "light", "policy", "remove"]
@@ -49,12 +55,13 @@ class ReleaseChange:
 
 
 def gpus(release: Release | None) -> float:
+    """GPUs a release's replicas hold (none for no release)."""
     if release is None:
         return 0.0
     return release.spec.replicas.count * release.spec.replicas.gpus
 
 
-def gpu_impact(old: Release | None, new: Release | None, change_class: str) -> GpuImpact:
+def gpu_impact(old: Release | None, new: Release | None, change_class: ChangeClass | Literal["remove"]) -> GpuImpact:
     """GPU cost of moving from old to new; both versions run side by side during a version rollout."""
     before, after = gpus(old), gpus(new)
     if new is None:
@@ -70,6 +77,7 @@ def gpu_impact(old: Release | None, new: Release | None, change_class: str) -> G
 
 
 def field_changes(old: Release, new: Release) -> tuple[FieldChange, ...]:
+    """Every field that differs from `old` to `new`, sorted by path."""
     before, after = leaves(old), leaves(new)
     paths = sorted(before.keys() | after.keys())
     return tuple(
@@ -91,7 +99,7 @@ def release_change(name: str, old: Release | None, new: Release | None) -> Relea
     changes = field_changes(old, new)
     if not changes:
         return None
-    change_class = max((c.change_class for c in changes), key=COST_ORDER.__getitem__)
+    change_class = max((c.change_class for c in changes), key=lambda c: COST_ORDER[c])
     return ReleaseChange(name, "change", change_class, old_version, new_version, gpu_impact(old, new, change_class), strategy, changes)
 
 

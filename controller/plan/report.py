@@ -14,6 +14,8 @@ from typing import Any
 from controller.parse.loader import ReleaseError
 from controller.plan.changes import GpuImpact, ReleaseChange
 
+__all__ = ["WHAT_HAPPENS", "as_json", "as_markdown", "as_text", "impact_line", "summary", "version_text"]
+
 WHAT_HAPPENS = {
     "version": "new version: gate checks, then rollout",
     "light": "in-place update, no replica restarts",

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from controller.parse.release import Release
+
+__all__ = ["COST_ORDER", "FIELD_CLASSES", "HASHED_ONLY_WHEN_SET", "ChangeClass", "field_class", "flatten", "leaves", "version_id"]
 
 ChangeClass = Literal["version", "light", "policy"]
 
@@ -57,6 +60,7 @@ def field_class(path: str) -> ChangeClass:
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """Leaves of nested dicts/lists as {dotted path: value}; empty containers are leaves."""
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict) and value:
         items = value.items()
     elif isinstance(value, list) and value:
@@ -70,6 +74,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def leaves(release: Release) -> dict[str, Any]:
+    """Every field of a release as {dotted path: value}, as the field-class table and `diffops diff` name them."""
     return flatten(release.model_dump(mode="json"))
 
 

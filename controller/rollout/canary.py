@@ -19,36 +19,43 @@ original deadline.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from controller.apply.serve_config import router_weights
-from controller.parse.release import Analysis
-from controller.parse.release import Step as RolloutStep
-from controller.state.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, with_phase
+from controller.parse.release import Analysis, Step
+from controller.rollout.outcomes import Abort, Continue, Desired, Outcome, Promote, StepResult
+from controller.state.records import Command, Event, ObservedApp, Phase, ReleaseRecord, VersionRecord, with_phase
+
+__all__ = ["RETIRE_DELAY_S", "AnalysisVerdict", "Figures", "Walk", "describe", "judge", "pinned_requests", "retire"]
 
 RETIRE_DELAY_S = 10.0  # an aborted canary's app lives this long at weight 0, so in-flight requests finish
 
+Figures = dict[str, Any]  # one version's figures as the router reports them (JSON): requests, errors, p95_latency_s, pinned
+
 
 @dataclass(frozen=True)
-class Verdict:
-    outcome: str  # passed, failed, inconclusive
+class AnalysisVerdict:
+    """One analysis interval's judgement of the canary's figures."""
+
+    outcome: Literal["passed", "failed", "inconclusive"]
     reasons: tuple[str, ...]
-    figures: dict[str, Any]
+    figures: Figures
 
 
-def pinned_requests(figures: dict[str, Any]) -> int:
+def pinned_requests(figures: Figures) -> int:
+    """Requests pinned with X-Diffops-Version (previews): reported beside the judged ones, never judged."""
     pinned = figures.get("pinned")
     return int(pinned.get("requests", 0)) if isinstance(pinned, dict) else 0
 
 
-def judge(stats: dict[str, Any] | None, analysis: Analysis) -> Verdict:
+def judge(stats: Figures | None, analysis: Analysis) -> AnalysisVerdict:
     """One interval's verdict on the canary's judged figures (pinned previews never count) against the thresholds."""
     figures = dict(stats or {})
     requests, errors = int(figures.get("requests", 0)), int(figures.get("errors", 0))
     if requests < analysis.min_requests:
         pinned = pinned_requests(figures)
         aside = f" ({pinned} pinned previews not counted)" if pinned else ""
-        return Verdict("inconclusive", (f"{requests} judged requests < min_requests {analysis.min_requests}{aside}",), figures)
+        return AnalysisVerdict("inconclusive", (f"{requests} judged requests < min_requests {analysis.min_requests}{aside}",), figures)
     rate = errors / requests if requests else 0.0
     figures["error_rate"] = round(rate, 4)
     reasons = []
@@ -57,105 +64,120 @@ def judge(stats: dict[str, Any] | None, analysis: Analysis) -> Verdict:
     p95 = figures.get("p95_latency_s")
     if analysis.max_p95_latency_s is not None and p95 is not None and p95 > analysis.max_p95_latency_s:
         reasons.append(f"p95 latency {p95:.2f}s > {analysis.max_p95_latency_s}s")
-    return Verdict("failed" if reasons else "passed", tuple(reasons), figures)
+    return AnalysisVerdict("failed" if reasons else "passed", tuple(reasons), figures)
 
 
-def describe(step: RolloutStep, index: int, total: int) -> str:
+def describe(step: Step, index: int, total: int) -> str:
+    """`step 2/4: weight 50%`, `step 3/4: pause 30s`, `step 3/4: pause until promoted`."""
     if not step.is_pause:
         return f"step {index + 1}/{total}: weight {step.weight}%"
     return f"step {index + 1}/{total}: pause {'until promoted' if step.pause is None else f'{step.pause.total_seconds():.0f}s'}"
 
 
 class Walk:
-    """One tick of a canary walk; mutates the `Step` it is given (`out`)."""
+    """One tick of a canary walk; updates the `StepResult` it is given (`out`), returns an `Outcome`."""
 
-    def __init__(self, out: Any, canary: VersionRecord, stable: VersionRecord, desired: Any, now: float):
+    def __init__(self, out: StepResult, canary: VersionRecord, stable: VersionRecord, desired: Desired, now: float):
         self.out, self.canary, self.stable, self.desired, self.now = out, canary, stable, desired, now
         self.rollout = desired.release.spec.rollout
         self.steps = self.rollout.steps
 
     @property
     def record(self) -> ReleaseRecord:
+        assert self.out.release is not None  # a walk runs for a release that exists
         return self.out.release
 
-    def set_record(self, **changes: Any) -> None:
-        self.out.release = replace(self.out.release, **changes)
+    @property
+    def index(self) -> int:
+        """The current step's index (the walk enters step 0 before anything reads it)."""
+        assert self.record.step is not None
+        return self.record.step
 
-    def event(self, kind: str, message: str) -> None:
+    @property
+    def step_started_at(self) -> float:
+        assert self.record.step_started_at is not None  # set whenever a step is entered
+        return self.record.step_started_at
+
+    def run(self, router: ObservedApp | None, stats: dict[str, Figures] | None, commands: list[Command]) -> Outcome:
+        """Advance the walk: `Promote` once the last step is done, `Abort(reason)`, else `Continue`."""
+        if self.record.step is None:
+            self._set_record(analysis_at=self.now, failures=0, analysis=None)
+            self._enter(0)
+        for command in commands:
+            outcome = self._command(command)
+            if not isinstance(outcome, Continue):
+                return outcome
+        aborted = self._analyse(stats)
+        if aborted is not None:
+            return aborted
+        confirmed = router is not None and router.weights == router_weights(self.out.versions)
+        index, step = self.index, self.steps[self.index]
+        where = describe(step, index, len(self.steps))
+        if not confirmed:
+            self._phase("Progressing", f"{where}: waiting for the router to take the weights")
+            return Continue()
+        if not step.is_pause:
+            held = self._unjudged(index, self.step_started_at)
+            if held is not None:
+                return held
+            if index == len(self.steps) - 1:
+                return Promote()
+            self._enter(index + 1)
+            return Continue()
+        if step.pause is None:
+            self._phase("Paused", f"{where}; canary {self.canary.version} at {self.canary.weight}%; "
+                                  f"`diffops promote {self.canary.release}` to go on")
+            return Continue()
+        remaining = self.step_started_at + step.pause.total_seconds() - self.now
+        if remaining <= 0:
+            held = self._unjudged(index, self.step_started_at + step.pause.total_seconds())
+            if held is not None:
+                return held
+            self._enter(index + 1)
+        else:
+            self._phase("Progressing", f"{where}: {remaining:.0f}s left; canary {self.canary.version} at {self.canary.weight}%")
+        return Continue()
+
+    def _set_record(self, **changes: Any) -> None:
+        self.out.release = replace(self.record, **changes)
+
+    def _event(self, kind: str, message: str) -> None:
         self.out.events.append(Event(self.canary.release, kind, message, self.canary.version, self.desired.commit))
 
-    def set_weight(self, weight: int) -> None:
+    def _set_weight(self, weight: int) -> None:
         self.canary = replace(self.canary, weight=weight)
         self.stable = replace(self.stable, weight=100 - weight)
         self.out.versions = [self.canary if v.version == self.canary.version else self.stable if v.version == self.stable.version else v
                              for v in self.out.versions]
 
-    def enter(self, index: int) -> None:
-        self.set_record(step=index, step_started_at=self.now, analysis_at=self.now)  # intervals start with the step
+    def _enter(self, index: int) -> None:
+        self._set_record(step=index, step_started_at=self.now, analysis_at=self.now)  # intervals start with the step
         step = self.steps[index]
         if not step.is_pause:
-            self.set_weight(step.weight or 0)
-        self.event("step", f"{describe(step, index, len(self.steps))} ({self.canary.version} canary, {self.stable.version} stable)")
+            self._set_weight(step.weight or 0)
+        self._event("step", f"{describe(step, index, len(self.steps))} ({self.canary.version} canary, {self.stable.version} stable)")
 
-    def run(self, router: ObservedApp | None, stats: dict[str, Any] | None, commands: list[Command]) -> str:
-        """Advance the walk; returns 'walking', 'promote' (the last step is done) or an abort reason prefixed 'abort:'."""
-        if self.record.step is None:
-            self.set_record(analysis_at=self.now, failures=0, analysis=None)
-            self.enter(0)
-        for command in commands:
-            outcome = self.command(command)
-            if outcome != "walking":
-                return outcome
-        aborted = self.analyse(stats)
-        if aborted:
-            return aborted
-        confirmed = router is not None and router.weights == router_weights(self.out.versions)
-        index, step = self.record.step, self.steps[self.record.step]
-        if not confirmed:
-            self.phase("Progressing", f"{describe(step, index, len(self.steps))}: waiting for the router to take the weights")
-            return "walking"
-        if not step.is_pause:
-            held = self.unjudged(index, self.record.step_started_at)
-            if held:
-                return held
-            if index == len(self.steps) - 1:
-                return "promote"
-            self.enter(index + 1)
-            return "walking"
-        if step.pause is None:
-            self.phase("Paused", f"{describe(step, index, len(self.steps))}; canary {self.canary.version} at {self.canary.weight}%; `diffops promote {self.canary.release}` to go on")
-            return "walking"
-        remaining = self.record.step_started_at + step.pause.total_seconds() - self.now
-        if remaining <= 0:
-            held = self.unjudged(index, self.record.step_started_at + step.pause.total_seconds())
-            if held:
-                return held
-            self.enter(index + 1)
-        else:
-            self.phase("Progressing", f"{describe(step, index, len(self.steps))}: {remaining:.0f}s left; canary {self.canary.version} at {self.canary.weight}%")
-        return "walking"
-
-    def command(self, command: Command) -> str:
+    def _command(self, command: Command) -> Outcome:
         if command.action == "abort":
-            return f"abort:aborted by {command.who}"
+            return Abort(f"aborted by {command.who}")
         if command.action != "promote":
-            return "walking"
-        index = self.record.step
+            return Continue()
+        index = self.index
         if command.full:
-            self.event("promoted-manually", f"{command.who} promoted {self.canary.version} to the end of its steps, unjudged")
-            self.set_weight(100)
+            self._event("promoted-manually", f"{command.who} promoted {self.canary.version} to the end of its steps, unjudged")
+            self._set_weight(100)
             last = len(self.steps) - 1
             waived = {"at": self.now, "verdict": "waived", "reasons": [f"promoted by {command.who}"], "failures": 0,
                       "canary": {}, "stable": {}, "step": last, "step_passed": True}
-            self.set_record(step=last, step_started_at=self.now, analysis_at=self.now, failures=0, analysis=waived)
-            return "walking"
+            self._set_record(step=last, step_started_at=self.now, analysis_at=self.now, failures=0, analysis=waived)
+            return Continue()
         if self.steps[index].is_pause and index + 1 < len(self.steps):
-            self.event("promoted-manually", f"{command.who} ended the pause at {describe(self.steps[index], index, len(self.steps))}")
-            self.enter(index + 1)
-        return "walking"
+            self._event("promoted-manually", f"{command.who} ended the pause at {describe(self.steps[index], index, len(self.steps))}")
+            self._enter(index + 1)
+        return Continue()
 
-    def analyse(self, stats: dict[str, Any] | None) -> str | None:
-        """Judge the canary once per interval; an abort reason after `failure_limit` failures in a row."""
+    def _analyse(self, stats: dict[str, Figures] | None) -> Abort | None:
+        """Judge the canary once per interval; an abort after `failure_limit` failures in a row."""
         analysis = self.rollout.analysis
         started = self.record.analysis_at or self.now
         if self.canary.weight == 0 or self.now - started < analysis.interval.total_seconds():
@@ -164,19 +186,20 @@ class Walk:
         failures = self.record.failures + 1 if verdict.outcome == "failed" else 0 if verdict.outcome == "passed" else self.record.failures
         prior = self.record.analysis or {}
         passed_before = prior.get("step") == self.record.step and bool(prior.get("step_passed"))
-        self.set_record(analysis_at=self.now, failures=failures, analysis={
+        self._set_record(analysis_at=self.now, failures=failures, analysis={
             "at": self.now, "verdict": verdict.outcome, "reasons": list(verdict.reasons), "failures": failures,
             "canary": verdict.figures, "stable": (stats or {}).get(self.stable.version, {}),
             "step": self.record.step, "step_passed": passed_before or verdict.outcome == "passed",
         })
         if verdict.outcome == "failed":
-            self.event("analysis-failed", f"analysis {failures}/{analysis.failure_limit} failed: {'; '.join(verdict.reasons)}")
+            self._event("analysis-failed", f"analysis {failures}/{analysis.failure_limit} failed: {'; '.join(verdict.reasons)}")
         if failures >= analysis.failure_limit:
-            return f"abort:analysis failed {failures} intervals in a row: {'; '.join(verdict.reasons)}"
+            return Abort(f"analysis failed {failures} intervals in a row: {'; '.join(verdict.reasons)}")
         return None
 
-    def unjudged(self, index: int, due_at: float) -> str | None:
-        """None when step `index` (due to complete at `due_at`) may complete; else 'walking' or a not-enough-traffic abort.
+    def _unjudged(self, index: int, due_at: float) -> Continue | Abort | None:
+        """None when step `index` (due to complete at `due_at`) may complete; else `Continue` (hold) or a
+        not-enough-traffic `Abort`.
 
         A step that gives the canary no traffic, or had an interval of its own
         pass (and not fail since), completes. Otherwise `on_no_traffic: promote`
@@ -192,20 +215,21 @@ class Walk:
         seen = f"last interval: {judged} judged requests, {pinned} pinned previews (not counted)" if mine else "no interval judged yet"
         where = describe(self.steps[index], index, len(self.steps))
         if analysis.on_no_traffic == "promote":
-            self.event("unjudged", f"{where} completes without a passing analysis ({seen}; min_requests {analysis.min_requests}); "
-                                   "on_no_traffic: promote")
+            self._event("unjudged", f"{where} completes without a passing analysis ({seen}; min_requests {analysis.min_requests}); "
+                                    "on_no_traffic: promote")
             return None
         waited, deadline = self.now - due_at, self.rollout.progress_deadline.total_seconds()
         interval = f"{analysis.interval.total_seconds():g}s"
         if waited > deadline:
-            return (f"abort:not enough traffic to judge the canary: no {interval} interval of {where} reached min_requests "
-                    f"{analysis.min_requests} judged requests within progress_deadline {deadline:.0f}s ({seen}); send traffic "
-                    "through the router without X-Diffops-Version, lower analysis.min_requests, or set analysis.on_no_traffic: promote")
-        self.phase("Progressing", f"{where}: waiting for enough traffic to judge: min_requests {analysis.min_requests} judged "
-                                  f"requests in one {interval} interval ({seen}); aborts in {deadline - waited:.0f}s (progress_deadline)")
-        return "walking"
+            return Abort(f"not enough traffic to judge the canary: no {interval} interval of {where} reached min_requests "
+                         f"{analysis.min_requests} judged requests within progress_deadline {deadline:.0f}s ({seen}); "
+                         "send traffic through the router without X-Diffops-Version, lower analysis.min_requests, "
+                         "or set analysis.on_no_traffic: promote")
+        self._phase("Progressing", f"{where}: waiting for enough traffic to judge: min_requests {analysis.min_requests} judged "
+                                   f"requests in one {interval} interval ({seen}); aborts in {deadline - waited:.0f}s (progress_deadline)")
+        return Continue()
 
-    def phase(self, phase: str, message: str) -> None:
+    def _phase(self, phase: Phase, message: str) -> None:
         self.out.release = with_phase(self.record, phase, message, self.now)
 
 

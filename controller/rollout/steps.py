@@ -13,44 +13,23 @@ the next tick.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from controller.apply.serve_config import router_weights
 from controller.parse.release import Release
 from controller.rollout import canary as canary_walk
+from controller.rollout.capacity import Resources, per_replica, shortfall
+from controller.rollout.outcomes import Abort, Continue, Desired, Prepared, Promote, StepResult
 from controller.rollout.surge import Surge
-from controller.state.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name, with_phase
+from controller.state.records import Command, Event, ObservedApp, ReleaseRecord, Role, VersionRecord, app_name, with_phase
+
+__all__ = ["DEADLINE_LOAD_FACTOR", "DEADLINE_MARGIN_S", "Desired", "Prepared", "StepResult", "deadline_s", "invalid", "removed",
+           "role_of", "step"]
 
 DEADLINE_LOAD_FACTOR = 3
 DEADLINE_MARGIN_S = 30
-
-
-@dataclass(frozen=True)
-class Desired:
-    release: Release
-    version: str
-    commit: str
-    fingerprint: str  # changes when the release file or its checks' inputs change
-    gate_key: str  # the checks a version must pass: their config and the golden reference
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A finished preparation: model fetched and verified, then the gate run (or its passing result reused)."""
-
-    ok: bool
-    message: str
-    seconds: float
-    report: dict[str, Any] | None = None
-
-
-@dataclass
-class Step:
-    release: ReleaseRecord | None  # None: the release is gone
-    versions: list[VersionRecord]
-    events: list[Event] = field(default_factory=list)
-    prepare: list[VersionRecord] = field(default_factory=list)  # versions to prepare + gate against the desired gate key
 
 
 def deadline_s(release: Release, load_seconds: float | None) -> float:
@@ -61,31 +40,33 @@ def deadline_s(release: Release, load_seconds: float | None) -> float:
     return max(floor, DEADLINE_LOAD_FACTOR * load_seconds + DEADLINE_MARGIN_S)
 
 
-def role_of(versions: list[VersionRecord], role: str) -> list[VersionRecord]:
+def role_of(versions: Sequence[VersionRecord], role: Role) -> list[VersionRecord]:
+    """The versions that have this role (at most one stable, one canary, one standby)."""
     return [v for v in versions if v.role == role]
 
 
-def invalid(record: ReleaseRecord | None, name: str, errors: list[str], versions: list[VersionRecord], now: float) -> Step:
+def invalid(record: ReleaseRecord | None, name: str, errors: list[str], versions: list[VersionRecord], now: float) -> StepResult:
     """The release file does not validate: report it, change nothing that serves."""
     serving = role_of(versions, "stable")
     tail = f"; {serving[0].version} keeps serving" if serving else "; nothing was serving"
     message = "; ".join(errors[:3]) + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else "") + tail
     record = record or ReleaseRecord(name, "Invalid", "", None, None, None, now)
     events = [] if record.phase == "Invalid" and record.message == message else [Event(name, "invalid", message)]
-    return Step(with_phase(record, "Invalid", message, now), versions, events)
+    return StepResult(with_phase(record, "Invalid", message, now), versions, events)
 
 
-def removed(record: ReleaseRecord, versions: list[VersionRecord], allowed: bool, now: float) -> Step:
+def removed(record: ReleaseRecord, versions: list[VersionRecord], allowed: bool, now: float) -> StepResult:
+    """The release file is gone: delete its apps, unless every release file is gone and pruning all is not allowed."""
     if not allowed:
         message = "release file removed, but so is every other release: pruning all needs --allow-prune-all; still serving"
-        return Step(with_phase(record, record.phase, message, now), versions)
+        return StepResult(with_phase(record, record.phase, message, now), versions)
     live = ", ".join(v.version for v in versions) or "none"
-    return Step(None, [], [Event(record.name, "pruned", f"release file removed; deleting its apps (versions: {live})")])
+    return StepResult(None, [], [Event(record.name, "pruned", f"release file removed; deleting its apps (versions: {live})")])
 
 
 def step(name: str, now: float, desired: Desired, record: ReleaseRecord | None, versions: list[VersionRecord],
-         observed: dict[str, ObservedApp], prepared: dict[str, Prepared], stats: dict[str, Any] | None = None,
-         commands: list[Command] = (), free: dict[str, float] | None = None) -> Step:
+         observed: dict[str, ObservedApp], prepared: dict[str, Prepared], stats: dict[str, canary_walk.Figures] | None = None,
+         commands: Sequence[Command] = (), free: Resources | None = None) -> StepResult:
     """Advance one valid release toward its desired version."""
     rollout = desired.release.spec.rollout
     spec = desired.release.model_dump(mode="json")["spec"]
@@ -93,12 +74,14 @@ def step(name: str, now: float, desired: Desired, record: ReleaseRecord | None, 
         record or ReleaseRecord(name, "Progressing", "", None, None, None, now),
         desired_commit=desired.commit, desired_version=desired.version, spec=spec,
     )
-    out = Step(record, list(versions))
+    out = StepResult(record, list(versions))
     target = desired.version
     for command in commands:
         if command.action == "retry" and record.failed_version:
             out.release = replace(record, failed_version=None, held_fingerprint=None)
-            out.events.append(Event(name, "retry", f"{command.who} asked to retry {record.failed_version}; its hold is lifted", record.failed_version))
+            out.events.append(Event(name, "retry", f"{command.who} asked to retry {record.failed_version}; its hold is lifted",
+                                    record.failed_version))
+    assert out.release is not None
     record = out.release
     _expire_standbys(out, rollout.scale_down_delay.total_seconds(), now)
     _abandon_other_canaries(out, target)
@@ -118,7 +101,8 @@ def step(name: str, now: float, desired: Desired, record: ReleaseRecord | None, 
     if canary is None:
         canary = VersionRecord(name, target, "canary", 0, "preparing", desired.commit, spec, now, gate_key=desired.gate_key)
         out.versions = [v for v in out.versions if v.version != target] + [canary]  # a retiring attempt makes way
-        out.events.append(Event(name, "rollout-started", f"rolling out {target} ({rollout.strategy}) from {desired.commit[:12]}; next: verify the model and run the checks", target, desired.commit))
+        out.events.append(Event(name, "rollout-started", f"rolling out {target} ({rollout.strategy}) from {desired.commit[:12]}; "
+                                "next: verify the model and run the checks", target, desired.commit))
     if any(c.action == "abort" for c in commands) and canary.status != "ready":
         who = next(c.who for c in commands if c.action == "abort")
         return _fail(out, canary, f"aborted by {who}", desired, now)
@@ -134,65 +118,59 @@ def step(name: str, now: float, desired: Desired, record: ReleaseRecord | None, 
     return _walk(out, canary, stable, desired, observed.get(name), stats, [c for c in commands if c.action != "retry"], now)
 
 
-def _surge(out: Step, canary: VersionRecord, stable: VersionRecord | None, app: ObservedApp | None,
-           router: ObservedApp | None, free: dict[str, float] | None, now: float) -> Step:
+def _surge(out: StepResult, canary: VersionRecord, stable: VersionRecord | None, app: ObservedApp | None,
+           router: ObservedApp | None, free: Resources | None, now: float) -> StepResult:
     surge = Surge(out, canary, stable, now)
-    if surge.advance(app, router, free) != "promote":
-        return out
-    return _switch(out, replace(surge.canary, replicas=None), None, now, rollback=False)  # the old version already left
+    match surge.advance(app, router, free):
+        case Promote():
+            return _switch(out, replace(surge.canary, replicas=None), None, now, rollback=False)  # the old version already left
+        case Continue():
+            return out
 
 
-def _walk(out: Step, canary: VersionRecord, stable: VersionRecord | None, desired: Desired, router: ObservedApp | None,
-          stats: dict[str, Any] | None, commands: list[Command], now: float) -> Step:
+def _walk(out: StepResult, canary: VersionRecord, stable: VersionRecord | None, desired: Desired, router: ObservedApp | None,
+          stats: dict[str, canary_walk.Figures] | None, commands: list[Command], now: float) -> StepResult:
     assert out.release is not None
     if stable is None or desired.release.spec.rollout.strategy != "canary":  # the strategy changed mid-walk
         out.release = replace(out.release, step=None, step_started_at=None)
         return _switch(out, canary, stable, now, rollback=False)
     walk = canary_walk.Walk(out, canary, stable, desired, now)
-    outcome = walk.run(router, stats, commands)
-    if outcome == "promote":
-        out.release = replace(out.release, step=None, step_started_at=None)
-        return _switch(out, walk.canary, walk.stable, now, rollback=False)
-    if outcome.startswith("abort:"):
-        return _abort(out, walk.canary, walk.stable, outcome.removeprefix("abort:"), desired, now)
-    return out
+    match walk.run(router, stats, commands):
+        case Promote():
+            assert out.release is not None
+            out.release = replace(out.release, step=None, step_started_at=None)
+            return _switch(out, walk.canary, walk.stable, now, rollback=False)
+        case Abort(reason):
+            return _abort(out, walk.canary, walk.stable, reason, desired, now)
+        case Continue():
+            return out
 
 
-def _abort(out: Step, canary: VersionRecord, stable: VersionRecord, reason: str, desired: Desired, now: float) -> Step:
+def _abort(out: StepResult, canary: VersionRecord, stable: VersionRecord, reason: str, desired: Desired, now: float) -> StepResult:
     """All traffic back to stable at once; the canary retires; git still asks for it, so say so."""
     assert out.release is not None
-    out.versions = [canary_walk.retire(v, now) if v.version == canary.version else replace(v, weight=100) if v.version == stable.version else v
-                    for v in out.versions]
+    out.versions = [canary_walk.retire(v, now) if v.version == canary.version
+                    else replace(v, weight=100) if v.version == stable.version else v for v in out.versions]
     message = (f"canary {canary.version} rolled back: {reason}; {stable.version} serves 100%; "
-               f"git still asks for {canary.version}: revert the commit (it is held until a new commit or `diffops retry {canary.release}`)")
+               f"git still asks for {canary.version}: revert the commit "
+               f"(it is held until a new commit or `diffops retry {canary.release}`)")
     out.release = replace(out.release, failed_version=canary.version, held_fingerprint=desired.fingerprint, step=None, step_started_at=None)
     out.release = with_phase(out.release, "Degraded", message, now)
     out.events.append(Event(canary.release, "aborted", message, canary.version, desired.commit))
     return out
 
 
-def shortfall(spec: dict[str, Any], replicas: int, free: dict[str, float] | None) -> str | None:
-    """Why `replicas` of this version do not fit the cluster's free resources now, or None if they do."""
-    if free is None:
-        return None
-    short = []
-    for resource, per_replica in (("GPU", spec["replicas"]["gpus"]), ("CPU", spec["replicas"]["cpus"])):
-        need, have = replicas * per_replica, free.get(resource, 0.0)
-        if need > have + 1e-9:
-            short.append(f"needs {need:g} {resource}{'s' * (need != 1)}, {have:g} free")
-    return "; ".join(short) or None
-
-
-def _preparing(out: Step, canary: VersionRecord, result: Prepared | None, desired: Desired, now: float,
-               free: dict[str, float] | None = None) -> Step:
+def _preparing(out: StepResult, canary: VersionRecord, result: Prepared | None, desired: Desired, now: float,
+               free: Resources | None = None) -> StepResult:
     assert out.release is not None
     stable = next(iter(role_of(out.versions, "stable")), None)
     if canary.status == "verified":
         return _start_when_it_fits(out, canary, stable, desired, free, now)
     if result is None:
-        lacking = shortfall(canary.spec, 1, free)
+        lacking = shortfall(per_replica(canary.spec), 1, free)
         if lacking:
-            out.release = with_phase(out.release, "Progressing", f"{canary.version}: waiting for capacity to run its checks: {lacking}", now)
+            message = f"{canary.version}: waiting for capacity to run its checks: {lacking}"
+            out.release = with_phase(out.release, "Progressing", message, now)
             if desired.release.spec.rollout.strategy == "auto" and stable is not None:
                 Surge(out, canary, stable, now).make_room(f"its checks {lacking}")
             return out
@@ -203,21 +181,23 @@ def _preparing(out: Step, canary: VersionRecord, result: Prepared | None, desire
         return _fail(out, canary, result.message, desired, now)
     verified = replace(canary, status="verified", gate_key=desired.gate_key)
     out.versions = [verified if v is canary else v for v in out.versions]
-    out.events.append(Event(canary.release, "prepared", f"model verified, {result.message} ({result.seconds:.1f}s); next: start {canary.spec['replicas']['count']} replica(s) of {canary.version} at weight 0", canary.version))
+    out.events.append(Event(canary.release, "prepared", f"model verified, {result.message} ({result.seconds:.1f}s); "
+                            f"next: start {canary.spec['replicas']['count']} replica(s) of {canary.version} at weight 0", canary.version))
     return _start_when_it_fits(out, verified, stable, desired, free, now)
 
 
-def _start_when_it_fits(out: Step, canary: VersionRecord, stable: VersionRecord | None, desired: Desired,
-                        free: dict[str, float] | None, now: float) -> Step:
+def _start_when_it_fits(out: StepResult, canary: VersionRecord, stable: VersionRecord | None, desired: Desired,
+                        free: Resources | None, now: float) -> StepResult:
     """Create the version's app only when every replica can be scheduled: never a silently pending replica."""
     assert out.release is not None
     count = canary.spec["replicas"]["count"]
-    lacking = shortfall(canary.spec, count, free)
+    lacking = shortfall(per_replica(canary.spec), count, free)
     if lacking and desired.release.spec.rollout.strategy == "auto" and stable is not None:
         Surge(out, canary, stable, now).start(free)
         return out
     if lacking:
-        message = f"{canary.version}: waiting for capacity: {count} replica(s) beside the serving version {lacking}; free GPUs or lower replicas.count"
+        message = (f"{canary.version}: waiting for capacity: {count} replica(s) beside the serving version {lacking}; "
+                   "free GPUs or lower replicas.count")
         out.release = with_phase(out.release, "Progressing", message, now)
         return out
     started = replace(canary, status="starting", created_at=now)
@@ -226,14 +206,16 @@ def _start_when_it_fits(out: Step, canary: VersionRecord, stable: VersionRecord 
     return out
 
 
-def _starting(out: Step, canary: VersionRecord, stable: VersionRecord | None, app: ObservedApp | None, desired: Desired, now: float) -> Step:
+def _starting(out: StepResult, canary: VersionRecord, stable: VersionRecord | None, app: ObservedApp | None, desired: Desired,
+              now: float) -> StepResult:
     assert out.release is not None
     if app is not None and app.ready:
         if desired.release.spec.rollout.strategy == "canary" and stable is not None:
             ready = replace(canary, status="ready", ready_at=now)
             out.versions = [ready if v is canary else v for v in out.versions]
             out.release = replace(out.release, load_seconds=now - canary.created_at)
-            out.events.append(Event(canary.release, "ready", f"{canary.version} ready after {now - canary.created_at:.1f}s; next: walk the canary steps", canary.version))
+            out.events.append(Event(canary.release, "ready", f"{canary.version} ready after {now - canary.created_at:.1f}s; "
+                                    "next: walk the canary steps", canary.version))
             return out
         return _switch(out, canary, stable, now, rollback=False)
     if app is not None and app.failed:
@@ -247,7 +229,7 @@ def _starting(out: Step, canary: VersionRecord, stable: VersionRecord | None, ap
     return out
 
 
-def _switch(out: Step, target: VersionRecord, stable: VersionRecord | None, now: float, rollback: bool) -> Step:
+def _switch(out: StepResult, target: VersionRecord, stable: VersionRecord | None, now: float, rollback: bool) -> StepResult:
     assert out.release is not None
     promoted = replace(target, role="stable", weight=100, status="ready", standby_since=None, ready_at=target.ready_at if rollback else now)
     updated = []
@@ -257,24 +239,27 @@ def _switch(out: Step, target: VersionRecord, stable: VersionRecord | None, now:
         elif stable is not None and version.version == stable.version:
             updated.append(replace(version, role="standby", weight=0, standby_since=now))
         elif version.role == "standby":  # one warm standby at most: the previous stable
-            out.events.append(Event(version.release, "standby-removed", f"standby {version.version} replaced by {stable.version if stable else 'none'}", version.version))
+            out.events.append(Event(version.release, "standby-removed",
+                                    f"standby {version.version} replaced by {stable.version if stable else 'none'}", version.version))
         else:
             updated.append(version)
     out.versions = updated
     delay = out.release.spec["rollout"]["scale_down_delay"] if out.release.spec else "?"
     after = f"; {stable.version} kept warm as standby for {delay}" if stable else ""
     if rollback:
-        out.events.append(Event(target.release, "rolled-back", f"{target.version} was the warm standby: traffic switched back to it at once, no reload{after}", target.version))
+        message = f"{target.version} was the warm standby: traffic switched back to it at once, no reload{after}"
+        out.events.append(Event(target.release, "rolled-back", message, target.version))
     else:
         took = now - target.created_at
         out.release = replace(out.release, load_seconds=took)
-        out.events.append(Event(target.release, "promoted", f"{target.version} ready after {took:.1f}s; traffic switched to it (100%){after}", target.version))
+        message = f"{target.version} ready after {took:.1f}s; traffic switched to it (100%){after}"
+        out.events.append(Event(target.release, "promoted", message, target.version))
     out.release = replace(out.release, failed_version=None, held_fingerprint=None)
     out.release = with_phase(out.release, "Progressing", f"{target.version}: switching traffic to it (100%)", now)
     return out
 
 
-def _recheck(out: Step, stable: VersionRecord, result: Prepared | None, desired: Desired, now: float) -> Step:
+def _recheck(out: StepResult, stable: VersionRecord, result: Prepared | None, desired: Desired, now: float) -> StepResult:
     """The checks changed (config or golden reference) under a serving version: gate it again, in place."""
     assert out.release is not None
     held = out.release.failed_version == stable.version and out.release.held_fingerprint == desired.fingerprint
@@ -285,7 +270,8 @@ def _recheck(out: Step, stable: VersionRecord, result: Prepared | None, desired:
         out.release = with_phase(out.release, "Progressing", f"{stable.version}: checks changed; re-checking the serving version", now)
         return out
     if not result.ok:
-        message = f"{stable.version} failed its changed checks: {result.message}; it keeps serving; fix the checks or the reference and commit"
+        message = (f"{stable.version} failed its changed checks: {result.message}; it keeps serving; "
+                   "fix the checks or the reference and commit")
         out.release = replace(out.release, failed_version=stable.version, held_fingerprint=desired.fingerprint)
         out.release = with_phase(out.release, "Degraded", message, now)
         out.events.append(Event(stable.release, "failed", message, stable.version, desired.commit))
@@ -297,7 +283,7 @@ def _recheck(out: Step, stable: VersionRecord, result: Prepared | None, desired:
     return out
 
 
-def _fail(out: Step, canary: VersionRecord, reason: str, desired: Desired, now: float) -> Step:
+def _fail(out: StepResult, canary: VersionRecord, reason: str, desired: Desired, now: float) -> StepResult:
     assert out.release is not None
     out.versions = [v for v in out.versions if v.version != canary.version]
     stable = next(iter(role_of(out.versions, "stable")), None)
@@ -309,7 +295,7 @@ def _fail(out: Step, canary: VersionRecord, reason: str, desired: Desired, now: 
     return out
 
 
-def _healthy(out: Step, version: str, observed: dict[str, ObservedApp], now: float) -> Step:
+def _healthy(out: StepResult, version: str, observed: dict[str, ObservedApp], now: float) -> StepResult:
     """Healthy once the router itself answers with the recorded weights."""
     assert out.release is not None
     router = observed.get(out.release.name)
@@ -322,8 +308,7 @@ def _healthy(out: Step, version: str, observed: dict[str, ObservedApp], now: flo
     app = observed.get(app_name(out.release.name, version))
     message = f"{version} serving 100%"
     was_short = out.release.phase == "Healthy" and out.release.message != message and out.release.message.startswith(message)
-    short = app is not None and not app.ready and bool(app.target)
-    if short:
+    if app is not None and not app.ready and bool(app.target):
         message += f" ({app.running}/{app.target} replicas running; Ray Serve is starting or replacing replicas)"
         if out.release.phase == "Healthy" and not was_short:
             out.events.append(Event(out.release.name, "replicas-lost", f"{version}: {app.running}/{app.target} replicas running; "
@@ -335,26 +320,29 @@ def _healthy(out: Step, version: str, observed: dict[str, ObservedApp], now: flo
     return out
 
 
-def _follow_light_changes(out: Step, stable: VersionRecord, spec: dict[str, Any]) -> None:
+def _follow_light_changes(out: StepResult, stable: VersionRecord, spec: dict[str, Any]) -> None:
     """In-place fields (count, queues, batch, cost) follow git; the model location stays what replicas loaded."""
     followed = {**spec, "model": stable.spec["model"]}
     if followed != stable.spec:
         out.versions = [replace(v, spec=followed) if v is stable else v for v in out.versions]
-        out.events.append(Event(stable.release, "updated", f"light change applied in place to {stable.version}; no replica restarts", stable.version))
+        out.events.append(Event(stable.release, "updated", f"light change applied in place to {stable.version}; no replica restarts",
+                                stable.version))
 
 
-def _expire_standbys(out: Step, delay_s: float, now: float) -> None:
+def _expire_standbys(out: StepResult, delay_s: float, now: float) -> None:
     for version in [v for v in out.versions if v.status == "retiring" and v.retire_at is not None and now >= v.retire_at]:
         out.versions.remove(version)
         out.events.append(Event(version.release, "retired", f"rolled-back canary {version.version} deleted", version.version))
     for version in role_of(out.versions, "standby"):
         if version.standby_since is not None and now - version.standby_since >= delay_s:
             out.versions.remove(version)
-            out.events.append(Event(version.release, "standby-removed", f"standby {version.version} scaled down after {delay_s:.0f}s", version.version))
+            out.events.append(Event(version.release, "standby-removed", f"standby {version.version} scaled down after {delay_s:.0f}s",
+                                    version.version))
 
 
-def _abandon_other_canaries(out: Step, target: str) -> None:
+def _abandon_other_canaries(out: StepResult, target: str) -> None:
     for version in role_of(out.versions, "canary"):
         if version.version != target and version.status != "retiring":
             out.versions.remove(version)
-            out.events.append(Event(version.release, "abandoned", f"{version.version} is no longer desired; its rollout stops and its app is deleted", version.version))
+            out.events.append(Event(version.release, "abandoned",
+                                    f"{version.version} is no longer desired; its rollout stops and its app is deleted", version.version))

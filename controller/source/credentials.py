@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+__all__ = ["Credentials", "env_credentials", "git_env", "private_dir", "redact", "split_credentials"]
+
 log = logging.getLogger("diffops.controller")
 
 USERNAME_ENV, PASSWORD_ENV = "DIFFOPS_GIT_USERNAME", "DIFFOPS_GIT_PASSWORD"

@@ -15,6 +15,7 @@ line saying where the commit is.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ import git
 
 from controller import errors
 from controller.source.credentials import redact
+
+__all__ = ["IDENTITY", "MAX_RETRY_S", "Pushed", "configure", "fetch", "is_mirror", "next_delay", "pending", "publish", "queue"]
 
 log = logging.getLogger("diffops.controller")
 
@@ -123,7 +126,7 @@ def _reason(err: git.GitCommandError, secrets: tuple[str, ...]) -> str:
 def publish(repo: git.Repo, url: str, secrets: tuple[str, ...] = (), now: float | None = None) -> Pushed:
     """Push the notes and every queued commit. Failures are logged and retried on a later call (backoff)."""
     now = time.monotonic() if now is None else now
-    backoff = _backoff.setdefault(repo.git_dir, Backoff())
+    backoff = _backoff.setdefault(os.fspath(repo.git_dir), Backoff())
     notes_ahead = _sha(repo, NOTES) not in (None, _sha(repo, NOTES_TRACKING))
     if now < backoff.not_before:
         return Pushed(waiting=(*[NOTES] * notes_ahead, *(remote for _, remote in pending(repo))))
@@ -176,5 +179,5 @@ def publish(repo: git.Repo, url: str, secrets: tuple[str, ...] = (), now: float 
                     "credentials push access to the repository (notes and revert commits are pushed there)", "; ".join(failures),
                     redact(url, secrets), delay)
     else:
-        _backoff.pop(repo.git_dir, None)
+        _backoff.pop(os.fspath(repo.git_dir), None)
     return Pushed(tuple(pushed), tuple(waiting), tuple(refused))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from controller.parse.release import Release
 from controller.parse.safe_yaml import MAX_BYTES
 from controller.source import git_remote
 from controller.source.credentials import Credentials, env_credentials, git_env, private_dir, redact, split_credentials
+
+__all__ = ["EMPTY_TREE", "ReleaseFile", "ReleaseSource", "Snapshot", "SourceError", "read_release_file"]
 
 RELEASES_DIR = "releases"
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
@@ -77,7 +80,7 @@ def read_release_file(path: str, blob: git.Blob) -> ReleaseFile:
         return ReleaseFile(path, blob.hexsha, None, tuple(err.errors))
 
 
-def mirror_path(state_dir: Path, url: str) -> Path:
+def _mirror_path(state_dir: Path, url: str) -> Path:
     return Path(state_dir) / "repos" / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".git")
 
 
@@ -107,8 +110,8 @@ class ReleaseSource:
         if state_dir is None:
             raise SourceError(f"{redact(url)}: a remote repository needs a state dir to clone into")
         private_dir(Path(state_dir))
-        mirror = mirror_path(state_dir, url)
-        legacy = mirror_path(state_dir, location)  # older diffops keyed mirrors on the URL as given, secret included
+        mirror = _mirror_path(state_dir, url)
+        legacy = _mirror_path(state_dir, location)  # older diffops keyed mirrors on the URL as given, secret included
         if legacy != mirror and legacy.is_dir() and not mirror.exists():
             legacy.rename(mirror)
             log.info("source: mirror of %s moved to %s and its stored URL stripped of credentials; next: fetch", url, mirror)
@@ -214,10 +217,11 @@ class ReleaseSource:
         for blob in releases_tree.blobs:
             if not blob.name.endswith((".yaml", ".yml")):
                 continue
-            known = reuse.get(blob.path)
+            path = os.fspath(blob.path)
+            known = reuse.get(path)
             if known is not None and known.blob == blob.hexsha:
-                files[blob.path] = known
+                files[path] = known
             else:
-                files[blob.path] = read_release_file(blob.path, blob)
+                files[path] = read_release_file(path, blob)
                 parsed += 1
         return Snapshot(obj.hexsha, releases_tree.hexsha, files, parsed)

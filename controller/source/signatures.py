@@ -24,6 +24,9 @@ from typing import Literal
 
 from controller.state.store import RefusedCommit
 
+__all__ = ["Admission", "Commit", "Format", "Reason", "SignatureError", "SignatureGate", "Trust", "TrustError", "Verdict", "check_trust",
+           "classify", "parse_commit", "verify"]
+
 log = logging.getLogger("diffops.controller")
 
 Format = Literal["ssh", "openpgp", "x509", "unknown"]
@@ -31,8 +34,8 @@ Reason = Literal["unsigned", "untrusted-key", "bad-signature"]
 GIT_TIMEOUT_S = 30.0
 CACHE_SIZE = 256
 SIGNATURE_HEADERS = ("gpgsig ", "gpgsig-sha256 ")
-ARMOR = {"-----BEGIN SSH SIGNATURE-----": "ssh", "-----BEGIN PGP SIGNATURE-----": "openpgp",
-         "-----BEGIN PGP MESSAGE-----": "openpgp", "-----BEGIN SIGNED MESSAGE-----": "x509"}  # as git tells them apart
+ARMOR: dict[str, Format] = {"-----BEGIN SSH SIGNATURE-----": "ssh", "-----BEGIN PGP SIGNATURE-----": "openpgp",
+                           "-----BEGIN PGP MESSAGE-----": "openpgp", "-----BEGIN SIGNED MESSAGE-----": "x509"}  # as git tells them apart
 FORMAT_NAMES = {"ssh": "an SSH key", "openpgp": "an OpenPGP key", "x509": "an X.509 certificate",
                 "unknown": "a signature of a kind git does not know"}
 
@@ -61,7 +64,9 @@ class Trust:
 
     @property
     def formats(self) -> tuple[Format, ...]:
-        return (("ssh",) if self.allowed_signers else ()) + (("openpgp",) if self.openpgp else ())
+        ssh: tuple[Format, ...] = ("ssh",) if self.allowed_signers else ()
+        openpgp: tuple[Format, ...] = ("openpgp",) if self.openpgp else ()
+        return ssh + openpgp
 
     def keyring(self) -> str:
         return str(self.gnupghome or os.environ.get("GNUPGHOME") or Path.home() / ".gnupg")
@@ -182,7 +187,7 @@ def _last_line(output: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _git(git_dir: Path, trust: Trust, *args: str) -> subprocess.CompletedProcess:
+def _git(git_dir: Path, trust: Trust, *args: str) -> subprocess.CompletedProcess[str]:
     config = ["-c", "gpg.format=ssh", "-c", f"gpg.ssh.allowedSignersFile={trust.allowed_signers}"] if trust.allowed_signers else []
     env = {**os.environ, "LC_ALL": "C", "LANGUAGE": ""}
     if trust.gnupghome is not None:
@@ -243,19 +248,22 @@ class Admission:
     refused: RefusedCommit | None
 
 
+_Stamp = tuple[tuple[str, int | None, int | None], ...]  # (path, mtime in ns, size) of each trust file
+
+
 class SignatureGate:
     """Verifies each new HEAD once (one verdict per commit and trust files), and logs each refusal once."""
 
     def __init__(self, git_dir: Path, trust: Trust):
         self.git_dir, self.trust = Path(git_dir), trust
-        self.verdicts: dict[tuple[str, tuple], Verdict] = {}
+        self.verdicts: dict[tuple[str, _Stamp], Verdict] = {}
 
-    def _stamp(self) -> tuple:
+    def _stamp(self) -> _Stamp:
         """The trust files' identity: editing the allowed signers file or the keyring re-verifies HEAD."""
         paths = [self.trust.allowed_signers] if self.trust.allowed_signers else []
         if self.trust.openpgp:
             paths += [Path(self.trust.keyring()) / name for name in ("pubring.kbx", "pubring.gpg", "trustdb.gpg")]
-        stamp = []
+        stamp: list[tuple[str, int | None, int | None]] = []
         for path in paths:
             try:
                 info = path.stat()

@@ -17,12 +17,14 @@ import git
 from controller.source import git_remote
 from controller.state.records import Event
 
+__all__ = ["NOTES_REF", "annotate"]
+
 log = logging.getLogger("diffops.controller")
 NOTES_REF = "diffops"
 NOTED = {"promoted": "live", "rolled-back": "live again (warm standby)", "failed": "held back", "aborted": "rolled back"}
 
 
-def note_line(event: Event) -> str:
+def _note_line(event: Event) -> str:
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.at or time.time()))
     return f"{when} {event.release} {event.version or '-'}: {NOTED[event.kind]}: {event.message}"
 
@@ -33,7 +35,7 @@ def annotate(repo: git.Repo, events: list[Event]) -> None:
         if event.kind not in NOTED or not event.commit:
             continue
         try:
-            repo.git.notes(f"--ref={NOTES_REF}", "append", "-m", note_line(event), event.commit)
+            repo.git.notes(f"--ref={NOTES_REF}", "append", "-m", _note_line(event), event.commit)
             written = True
         except git.GitCommandError as err:
             log.warning("%s: could not write a git note on %s (%s); next: carry on", event.release, event.commit[:12], err.stderr.strip())

@@ -20,6 +20,8 @@ import git
 
 from controller.source import git_remote
 
+__all__ = ["RevertError", "revert_release"]
+
 AUTHOR = git_remote.IDENTITY
 
 

@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+
+__all__ = ["MIGRATIONS", "Migration", "SCHEMA_VERSION", "StateFileError", "file_version", "migrate", "pending", "refuse_newer"]
 
 log = logging.getLogger("diffops.controller")
 
@@ -73,7 +74,7 @@ V2_COLUMNS = {
     "apps": ('weights TEXT',),
 }
 
-Step = Union[str, Callable[[sqlite3.Connection], None]]
+Step = str | Callable[[sqlite3.Connection], None]
 
 
 class StateFileError(Exception):
@@ -87,12 +88,12 @@ class Migration:
     steps: tuple[Step, ...]
 
 
-def statements(script: str) -> list[str]:
+def _statements(script: str) -> list[str]:
     """A frozen DDL script as single statements (executescript would commit the migration's transaction)."""
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def add_columns(columns: dict[str, tuple[str, ...]]) -> Callable[[sqlite3.Connection], None]:
+def _add_columns(columns: dict[str, tuple[str, ...]]) -> Callable[[sqlite3.Connection], None]:
     def step(db: sqlite3.Connection) -> None:
         for table, wanted in columns.items():
             have = {row[1] for row in db.execute(f'PRAGMA table_info("{table}")')}
@@ -103,9 +104,9 @@ def add_columns(columns: dict[str, tuple[str, ...]]) -> Callable[[sqlite3.Connec
 
 
 MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "the first layout: controller, releases, versions, events, apps", tuple(statements(V1_TABLES))),
+    Migration(1, "the first layout: controller, releases, versions, events, apps", tuple(_statements(V1_TABLES))),
     Migration(2, "canary steps, gates, manual commands, router weights, surge replicas, refused commits",
-              (*statements(V2_TABLES), add_columns(V2_COLUMNS))),
+              (*_statements(V2_TABLES), _add_columns(V2_COLUMNS))),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+__all__ = ["Command", "Event", "ObservedApp", "Phase", "ReleaseRecord", "Role", "Status", "VersionRecord", "app_name", "with_phase"]
+
 Phase = Literal["Healthy", "Progressing", "Paused", "Degraded", "Failed", "Invalid"]
 Role = Literal["stable", "canary", "standby"]
 Status = Literal["preparing", "verified", "starting", "ready", "retiring"]

@@ -17,19 +17,26 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from controller.state.migrations import SCHEMA_VERSION, StateFileError, file_version, migrate, refuse_newer
 from controller.state.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord
 
-__all__ = ["SCHEMA_VERSION", "ControllerRecord", "RefusedCommit", "State", "StateFileError", "Store"]
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+__all__ = ["SCHEMA_VERSION", "ControllerRecord", "GateRecord", "RefusedCommit", "State", "StateFileError", "Store"]
 
 log = logging.getLogger("diffops.controller")
 
 APP_COLUMNS = ("name", "status", "message", "running", "target", "weights")
 JSON_FIELDS = {"spec", "deployed_args", "analysis"}
+
+GateRecord = tuple[str, str, str, dict[str, Any]]  # release, version, gate key, the gate's report
+_R = TypeVar("_R", bound="DataclassInstance")
 
 
 @dataclass(frozen=True)
@@ -59,13 +66,13 @@ class State:
     apps: dict[str, ObservedApp] = field(default_factory=dict)  # what Ray Serve last reported, for `status`
 
 
-def _row(record: Any) -> dict[str, Any]:
+def _row(record: DataclassInstance) -> dict[str, Any]:
     """A record's fields as column values; JSON fields are encoded as they are (no deep copy on every tick)."""
     row = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
     return {k: json.dumps(v, sort_keys=True) if k in JSON_FIELDS and v is not None else v for k, v in row.items()}
 
 
-def _record(cls: type, row: sqlite3.Row) -> Any:
+def _record(cls: type[_R], row: sqlite3.Row) -> _R:
     """A record from a row; columns the record does not know (a state file from another diffops) are left out."""
     known = {f.name for f in dataclasses.fields(cls)}
     values = {k: json.loads(row[k]) if k in JSON_FIELDS and row[k] is not None else row[k] for k in row.keys() if k in known}
@@ -118,8 +125,8 @@ class Store:
                 for r in self.db.execute("SELECT * FROM apps")}
         return State(controller, releases, versions, apps)
 
-    def save(self, state: State, events: list[Event] = (), gates: list[tuple[str, str, str, dict]] = (),
-             consumed: list[Command] = ()) -> None:
+    def save(self, state: State, events: Sequence[Event] = (), gates: Sequence[GateRecord] = (),
+             consumed: Sequence[Command] = ()) -> None:
         """Replace the recorded state, append events, record gate reports (release, version, gate key, report)
         and mark manual commands consumed, atomically."""
         db = self.db
@@ -145,8 +152,9 @@ class Store:
             now = time.time()
             for command in consumed:
                 db.execute("UPDATE commands SET consumed_at = ? WHERE id = ?", (now, command.id))
-            for release, version, key, report in gates:
-                db.execute('INSERT OR REPLACE INTO gates VALUES (?, ?, ?, ?, ?, ?)', (release, version, key, int(report["ok"]), json.dumps(report), now))
+            for gate_release, gate_version, key, report in gates:
+                db.execute("INSERT OR REPLACE INTO gates VALUES (?, ?, ?, ?, ?, ?)",
+                           (gate_release, gate_version, key, int(report["ok"]), json.dumps(report), now))
             for event in events:
                 _insert(db, "events", _row(dataclasses.replace(event, at=event.at or now)))
             db.execute("COMMIT")
@@ -179,7 +187,10 @@ class Store:
         """A passing gate report for exactly this version and these checks, if one was recorded."""
         row = self.db.execute("SELECT report FROM gates WHERE release = ? AND version = ? AND gate_key = ? AND ok = 1",
                               (release, version, gate_key)).fetchone()
-        return json.loads(row["report"]) if row else None
+        if row is None:
+            return None
+        report: dict[str, Any] = json.loads(row["report"])
+        return report
 
     def gate_reports(self, release: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
         """The latest gate report per (release, version)."""
@@ -188,7 +199,7 @@ class Store:
         return {(r["release"], r["version"]): json.loads(r["report"]) for r in rows}
 
     def integrity(self) -> str:
-        return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+        return str(self.db.execute("PRAGMA integrity_check").fetchone()[0])
 
     def close(self) -> None:
         self.db.close()

@@ -1,0 +1,113 @@
+"""Prepare: fetch and verify a version's model, then gate it, in the background; a later tick reads the result.
+
+Started by the apply phase (`controller.tick`) for the versions the plan names,
+read back by the observe phase: `collect` hands each finished preparation to
+exactly one tick (its gate report to the record phase). Nothing here blocks the
+loop; `close` cancels what is queued and stops running gate jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from checks.report import GateReport
+from controller.gate.runner import Gate, gate_input
+from controller.rollout.outcomes import Desired, Prepared
+from controller.source.git_source import ReleaseSource
+from controller.state.records import VersionRecord
+from controller.state.store import Store
+from serving.artifacts import ModelCache, fetch
+from serving.manifest import ArtifactError
+
+__all__ = ["Key", "Preparations", "judge"]
+
+log = logging.getLogger("diffops.controller")
+Key = tuple[str, str, str]  # (release, version, gate key)
+_WORKERS = 4
+
+
+class Preparations:
+    """Model fetches and gate runs in a thread pool, keyed by (release, version, gate key)."""
+
+    def __init__(self, source: ReleaseSource, store: Store, gate: Gate, cache: ModelCache, cache_dir: str, gate_dir: Path,
+                 on_prepared: Callable[[], None] = lambda: None):
+        self.source, self.store, self.gate, self.cache = source, store, gate, cache
+        self.cache_dir, self.gate_dir, self.on_prepared = cache_dir, gate_dir, on_prepared
+        self.prepared: dict[Key, Prepared] = {}  # finished, not yet seen by a tick that went through
+        self.preparing: dict[Key, Future[Prepared]] = {}  # running or queued (their resources are held)
+        self._finished: queue.SimpleQueue[tuple[Key, Prepared]] = queue.SimpleQueue()
+        self._pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="prepare")
+
+    def collect(self) -> list[tuple[Key, Prepared]]:
+        """The preparations finished since the last call, moved to `prepared`."""
+        finished = []
+        while not self._finished.empty():
+            key, result = self._finished.get()
+            self.preparing.pop(key, None)
+            self.prepared[key] = result
+            finished.append((key, result))
+        return finished
+
+    def seen(self) -> None:
+        """A tick decided with `prepared`: a result is seen by exactly one tick (passing gates are kept in the store)."""
+        self.prepared = {}
+
+    def start(self, version: VersionRecord, desired: Desired) -> None:
+        """Fetch and verify a version's model, then gate it, in the background; a later tick reads the result."""
+        key = (version.release, version.version, desired.gate_key)
+        if key in self.preparing or key in self.prepared:
+            return
+        model = version.spec["model"]
+        passed = self.store.passed_gate(*key)
+        gate = gate_input(desired.release, version.version, self.source, self.cache_dir,
+                          model_commit=version.commit, checks_commit=desired.commit, model=model)
+        resources = version.spec["replicas"]
+
+        def work() -> Prepared:
+            started = time.monotonic()
+            try:
+                fetch(model["uri"], model["digest"], self.cache, repo=self.source.path, commit=version.commit,
+                      reverify=True, heal=True)  # a damaged cached copy is fetched again, never gated
+            except ArtifactError as err:
+                return Prepared(False, f"model refused: {err}", time.monotonic() - started)
+            except Exception as err:  # network, permissions: the version fails with the reason, the controller goes on
+                return Prepared(False, f"model fetch failed: {type(err).__name__}: {err}", time.monotonic() - started)
+            if passed is not None:
+                return Prepared(True, "checks passed before for this version and these checks (reused, not run again)",
+                                time.monotonic() - started)
+            report = self.gate.run(gate, resources["cpus"], resources["gpus"])
+            return judge(report, time.monotonic() - started, self.gate_dir)
+
+        def done(future: Future[Prepared]) -> None:
+            if not future.cancelled():
+                self._finished.put((key, future.result()))
+                self.on_prepared()
+
+        note = "reusing its passed checks" if passed else "running the gate as a Ray job"
+        log.info("%s: verifying model %s for %s, then %s; next: start replicas if it passes",
+                 version.release, model["digest"][:19], version.version, note)
+        future = self._pool.submit(work)
+        self.preparing[key] = future
+        future.add_done_callback(done)
+
+    def close(self) -> None:
+        """Cancel queued preparations and stop running gate jobs so the process can exit now."""
+        stopping = getattr(self.gate, "stopping", None)  # a gate running Ray jobs stops them when this is set
+        if isinstance(stopping, threading.Event):
+            stopping.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def judge(report: GateReport, seconds: float, gate_dir: Path) -> Prepared:
+    """A gate report as a preparation result; a failure's images are saved under `gate_dir` and named."""
+    if report.ok:
+        return Prepared(True, f"checks passed: {report.summary()}", seconds, report.to_dict(with_artifacts=False))
+    saved = report.save_artifacts(gate_dir / report.release / report.version)
+    where = f" (images: {', '.join(str(p) for p in saved)})" if saved else ""
+    return Prepared(False, f"checks failed: {report.summary()}{where}", seconds, report.to_dict(with_artifacts=False))
