@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from serving.manifest import CHUNK, MANIFEST_NAME, ArtifactError, Manifest, check_key
 from serving.model_cache import ModelCache
-from serving.stores import Store, open_store
+from serving.stores import ArtifactStore, open_store
 
 __all__ = ["ArtifactError", "FetchResult", "ModelCache", "fetch"]
 
@@ -68,7 +68,7 @@ class FetchResult:
     healed: tuple[str, ...] = ()  # what was wrong with the cached copy this fetch replaced
 
 
-def _authentic_manifest(store: Store, keys: set[str], digest: str) -> Manifest | None:
+def _authentic_manifest(store: ArtifactStore, keys: set[str], digest: str) -> Manifest | None:
     if MANIFEST_NAME not in keys:
         return None
     with store.open(MANIFEST_NAME) as handle:
@@ -76,7 +76,7 @@ def _authentic_manifest(store: Store, keys: set[str], digest: str) -> Manifest |
     return manifest if manifest.digest == digest else None
 
 
-def _copy(store: Store, key: str, target: Path, progress: tqdm) -> str:
+def _copy(store: ArtifactStore, key: str, target: Path, progress: tqdm) -> str:
     digest = hashlib.sha256()
     target.parent.mkdir(parents=True, exist_ok=True)
     with store.open(key) as src, open(target, "wb") as dst:
@@ -171,7 +171,7 @@ def _fetch_into(cache: ModelCache, uri: str, digest: str, repo: Path | None, com
     return FetchResult(cache.path(digest), digest, len(listing), sum(listing.values()), False, time.monotonic() - started)
 
 
-def _download(store: Store, listing: dict[str, int], staging: Path, expected: Manifest | None, uri: str) -> dict[str, str]:
+def _download(store: ArtifactStore, listing: dict[str, int], staging: Path, expected: Manifest | None, uri: str) -> dict[str, str]:
     total = sum(listing.values())
     hashes = {}
     with tqdm(

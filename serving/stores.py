@@ -27,12 +27,14 @@ from serving.manifest import MANIFEST_NAME, REFUSED_SUFFIXES, ArtifactError, lis
 if TYPE_CHECKING:
     import git
 
-__all__ = ["FsspecStore", "GitTreeStore", "HfStore", "LocalStore", "Store", "open_store"]
+__all__ = ["ArtifactStore", "FsspecStore", "GitTreeStore", "HfStore", "LocalStore", "open_store"]
 
 LFS_POINTER = b"version https://git-lfs"
 
 
-class Store(Protocol):
+class ArtifactStore(Protocol):
+    """Where model files are read from: S3, GCS, Azure, the Hub, a local folder or a git tree; listed, then opened by key."""
+
     def list(self) -> list[tuple[str, int]]: ...
     def open(self, key: str) -> IO[bytes]: ...
 
@@ -169,7 +171,7 @@ class HfStore:
 
 
 def open_store(uri: str, *, repo: Path | None, commit: str | None, allowed_roots: tuple[Path, ...] = (),
-               scratch: Path | None = None) -> Store:
+               scratch: Path | None = None) -> ArtifactStore:
     """The store for a model URI; file:// paths never escape the repo or an allowed root.
 
     `scratch`: a directory the caller owns and removes, for stores that must download before

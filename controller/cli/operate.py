@@ -225,8 +225,8 @@ def generate(release: str, prompt: str, output: Path, url: str, seed: int | None
         fail(f"{url} unreachable ({type(err).__name__}); is the controller running (`make demo`)?")
     if response.status_code != 200:
         try:
-            detail = response.json()
-            message = f"{detail.get('field', '')}: {detail.get('message', '')}".strip(": ")
+            problem = response.json()  # an RFC 9457 problem document: the field at fault and what to do
+            message = f"{problem.get('field', '')}: {problem.get('detail') or problem.get('title', '')}".strip(": ")
         except ValueError:
             message = response.text[:300]
         retry = f"; retry after {response.headers['Retry-After']}s" if "Retry-After" in response.headers else ""

@@ -15,8 +15,8 @@ from typing import Any, TypedDict
 from controller.state.records import Event, ReleaseRecord, app_name
 from controller.state.store import State
 
-__all__ = ["HistoryRow", "TimelineItem", "age", "checks_summary", "history_rows", "history_text", "image_policy", "status_json",
-           "status_text", "step_text"]
+__all__ = ["HistoryRow", "TimelineItem", "age", "analysis_summary", "checks_summary", "history_rows", "history_text", "image_policy",
+           "status_json", "status_text", "step_text"]
 
 ROLE_ORDER = {"stable": 0, "canary": 1, "standby": 2}
 OUTCOMES = {"promoted": "promoted", "failed": "failed", "abandoned": "abandoned", "rolled-back": "rolled back",
@@ -112,6 +112,14 @@ def age(seconds: float) -> str:
     return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
 
 
+def analysis_summary(analysis: dict[str, Any]) -> str:
+    """The canary analysis in one line: verdict, failures in a row, the canary's figures, the reasons."""
+    canary = analysis.get("canary", {})
+    return (f"{analysis['verdict']} ({analysis['failures']} failed in a row): canary {canary.get('requests', 0)} requests, "
+            f"error rate {canary.get('error_rate', '-')}, p95 {canary.get('p95_latency_s', '-')}s"
+            + (f"; {'; '.join(analysis['reasons'])}" if analysis.get("reasons") else ""))
+
+
 def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | None = None, now: float | None = None) -> str:
     now = now or time.time()
     data = status_json(state, gates)
@@ -130,11 +138,7 @@ def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
             lines.append(f"  canary step {release['step']}")
         analysis = release["analysis"]
         if analysis:
-            canary = analysis.get("canary", {})
-            lines.append(f"  analysis: {analysis['verdict']} ({analysis['failures']} failed in a row): "
-                         f"canary {canary.get('requests', 0)} requests, error rate {canary.get('error_rate', '-')}, "
-                         f"p95 {canary.get('p95_latency_s', '-')}s"
-                         + (f"; {'; '.join(analysis['reasons'])}" if analysis.get("reasons") else ""))
+            lines.append(f"  analysis: {analysis_summary(analysis)}")
         for v in release["versions"]:
             gate = v["gate"]
             checks = "" if gate is None else "  checks " + " ".join(

@@ -12,7 +12,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from controller.cli.status_view import HistoryRow, age
+from controller.cli.status_view import HistoryRow, age, analysis_summary
 
 __all__ = ["PHASE_STYLES", "history_table", "status_table"]
 
@@ -27,10 +27,7 @@ def _release_detail(release: dict[str, Any]) -> str:
         parts.append(f"canary step {release['step']}")
     analysis = release["analysis"]
     if analysis:
-        canary = analysis.get("canary", {})
-        parts.append(f"analysis {analysis['verdict']} ({analysis['failures']} failed in a row): {canary.get('requests', 0)} requests, "
-                     f"error rate {canary.get('error_rate', '-')}, p95 {canary.get('p95_latency_s', '-')}s"
-                     + (f"; {'; '.join(analysis['reasons'])}" if analysis.get("reasons") else ""))
+        parts.append(f"analysis {analysis_summary(analysis)}")
     return "\n".join(parts)
 
 
