@@ -61,14 +61,20 @@ def release_repo(tmp_path: Path) -> ReleaseRepo:
     return ReleaseRepo(tmp_path / "repo")
 
 
+def demo_repo(path: Path, name: str = "demo") -> ReleaseRepo:
+    """A release repo at `path` holding release `name` (the demo release), the demo model and its golden images, committed."""
+    repo = ReleaseRepo(path)
+    shutil.copytree(DEMO_MODEL, repo.path / "models" / "tiny-sd")
+    shutil.copytree(ROOT / "releases" / "golden", repo.path / "releases" / "golden")
+    repo.release(name)
+    repo.commit(f"{name} release")
+    return repo
+
+
 @pytest.fixture
-def model_repo(release_repo: ReleaseRepo) -> ReleaseRepo:
+def model_repo(tmp_path: Path) -> ReleaseRepo:
     """A release repo holding the demo release and the demo model, committed."""
-    shutil.copytree(DEMO_MODEL, release_repo.path / "models" / "tiny-sd")
-    shutil.copytree(ROOT / "releases" / "golden", release_repo.path / "releases" / "golden")
-    release_repo.release()
-    release_repo.commit("demo release")
-    return release_repo
+    return demo_repo(tmp_path / "repo")
 
 
 def edit(text: str, old: str, new: str) -> str:

@@ -8,12 +8,12 @@ state dirs (their own owner ids) never touch each other's applications.
 from __future__ import annotations
 
 import re
-import shutil
 
 import httpx
 import pytest
 
-from tests.conftest import DEMO_MODEL, ROOT, ReleaseRepo, free_port
+from tests.conftest import ReleaseRepo, free_port
+from tests.conftest import demo_repo as repo_with
 from tests.live import HTTP_PORT, Controller, generate, healthy_on, serve_client, stable_version, wait_for
 
 pytestmark = pytest.mark.timeout(600)
@@ -46,13 +46,6 @@ def test_every_app_deleted_behind_the_controllers_back_is_healed_without_a_resta
     assert set(serve_client().observe()) == {"demo", f"demo--{version}"}
 
 
-def repo_with(path, name: str) -> ReleaseRepo:
-    repo = ReleaseRepo(path)
-    shutil.copytree(DEMO_MODEL, repo.path / "models" / "tiny-sd")
-    shutil.copytree(ROOT / "releases" / "golden", repo.path / "releases" / "golden")
-    repo.release(name)
-    repo.commit(f"{name} release")
-    return repo
 
 
 def reconciles(port: int) -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from controller.parse.release import Release
 from controller.reconciler import Reconciler
 from controller.source.git_source import ReleaseSource
 from controller.state.store import Store
-from tests.conftest import DEMO_MODEL, DEMO_RELEASE, ROOT, ReleaseRepo
+from tests.conftest import DEMO_RELEASE, ReleaseRepo, demo_repo
 from tests.live import wait_for
 
 DIFFOPS = str(Path(sys.executable).parent / "diffops")
@@ -238,11 +237,7 @@ class Tracebacks(logging.Handler):
 def ticking(tmp_path_factory) -> Iterator[tuple[ReleaseRepo, Reconciler, InstantServe, Tracebacks]]:
     """A real repo with the demo release Healthy under a reconciler (real git, real SQLite, real model verification)."""
     base = tmp_path_factory.mktemp("fuzz-tick")
-    repo = ReleaseRepo(base / "repo")
-    shutil.copytree(DEMO_MODEL, repo.path / "models" / "tiny-sd")
-    shutil.copytree(ROOT / "releases" / "golden", repo.path / "releases" / "golden")
-    repo.release()
-    repo.commit("demo release")
+    repo = demo_repo(base / "repo")
     serve = InstantServe()
     settings_ = RenderSettings(repo=str(repo.path), cache_dir=str(base / "state" / "models"))
     rec = Reconciler(ReleaseSource.open(repo.path), Store(base / "state" / "state.db"), serve, settings_, gate=PassingGate())

@@ -16,7 +16,6 @@ import base64
 import json
 import os
 import select
-import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serving.requests import MAX_BODY_BYTES
-from tests.conftest import DEMO_MODEL, ROOT, ReleaseRepo
+from tests.conftest import demo_repo
 from tests.live import DASHBOARD, HTTP_PORT, SERVE_URL, Controller, clear_serve, generate, healthy_on, serve_client, stable_version
 
 pytestmark = pytest.mark.timeout(600)
@@ -44,11 +43,7 @@ def served_demo(ray_head, tmp_path_factory):
     """The demo release served by a controller, once for this module: (repo, controller, its status entry).
     These tests only read; a test that commits or changes Serve belongs with `live_demo` elsewhere."""
     root = tmp_path_factory.mktemp("router-limits")
-    repo = ReleaseRepo(root / "repo")
-    shutil.copytree(DEMO_MODEL, repo.path / "models" / "tiny-sd")
-    shutil.copytree(ROOT / "releases" / "golden", repo.path / "releases" / "golden")
-    repo.release()
-    repo.commit("demo release")
+    repo = demo_repo(root / "repo")
     clear_serve()
     controller = Controller(repo.path, root / "state").start()
     try:
