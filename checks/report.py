@@ -37,6 +37,7 @@ class GateReport:
     checks: tuple[CheckResult, ...]
     seconds: float
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> base64 PNG (golden image, comparison)
+    job: str | None = None  # the Ray job that ran the checks (its submission id); None when run locally
 
     @property
     def ok(self) -> bool:
@@ -72,7 +73,7 @@ class GateReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GateReport:
         checks = tuple(CheckResult(**c) for c in data["checks"])
-        return cls(data["release"], data["version"], checks, data["seconds"], data.get("artifacts") or {})
+        return cls(data["release"], data["version"], checks, data["seconds"], data.get("artifacts") or {}, data.get("job"))
 
 
 def failed(name: str, message: str, **figures: Any) -> CheckResult:

@@ -101,6 +101,17 @@ def make_release(*edits: tuple[str, str], name: str = "demo") -> Release:
     return parse_release(text.encode(), f"releases/{name}.yaml")
 
 
+def respec(spec: Any, **changes: dict[str, Any] | None) -> Any:
+    """A recorded spec (`controller.parse.release.Spec`) with some sections changed, validated again:
+    `respec(spec, replicas={"count": 3})` merges into the section, `faults=None` clears one."""
+    from controller.parse.release import Spec
+
+    data = spec.model_dump(mode="json")
+    for section, value in changes.items():
+        data[section] = {**(data.get(section) or {}), **value} if isinstance(value, dict) else value
+    return Spec.model_validate(data)
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     """A real local Ray head for the session: token auth, 127.0.0.1, 2 advertised GPUs, its own ports and temp dir."""

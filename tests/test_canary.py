@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.parse.release import Analysis
+from controller.parse.release import Analysis, Spec
 from controller.plan.versions import version_id
 from controller.rollout.canary import judge
 from controller.rollout.steps import Desired, step
@@ -28,8 +28,8 @@ PINNED_ONLY = {V_NEW: {"requests": 0, "errors": 0, "p95_latency_s": None, "pinne
 FEW = {V_NEW: {"requests": 4, "errors": 0, "p95_latency_s": 0.5, "pinned": {"requests": 30, "errors": 0, "p95_latency_s": 0.4}}}
 
 
-def spec(release) -> dict:
-    return release.model_dump(mode="json")["spec"]
+def spec(release) -> Spec:
+    return release.spec
 
 
 def start() -> tuple[ReleaseRecord, list[VersionRecord]]:
@@ -202,7 +202,7 @@ def test_auto_surges_when_blue_green_does_not_fit():
     total = 2.0
 
     def free(vs):
-        held = sum((v.replicas if v.replicas is not None else v.spec["replicas"]["count"]) for v in vs if v.status in ("starting", "ready"))
+        held = sum((v.replicas if v.replicas is not None else v.spec.replicas.count) for v in vs if v.status in ("starting", "ready"))
         return {"GPU": total - held, "CPU": 8.0}
 
     seen = []

@@ -6,15 +6,16 @@ import pytest
 
 from controller.rollout.capacity import PerReplica, effective_replicas, fitting, free_resources, held, per_replica, shortfall
 from controller.state.records import VersionRecord
+from tests.conftest import make_release, respec
 
 
 def version(name="v1", release="demo", count=2, cpus=0.5, gpus=1.0, replicas=None, status="ready") -> VersionRecord:
-    spec = {"replicas": {"count": count, "cpus": cpus, "gpus": gpus}}
+    spec = respec(make_release().spec, replicas={"count": count, "cpus": cpus, "gpus": gpus})
     return VersionRecord(release, name, "stable", 100, status, "c1", spec, 0.0, replicas=replicas)
 
 
 def test_per_replica_reads_the_recorded_spec():
-    assert per_replica({"replicas": {"count": 3, "cpus": 2, "gpus": 0}}) == PerReplica(cpus=2.0, gpus=0.0)
+    assert per_replica(respec(make_release().spec, replicas={"count": 3, "cpus": 2.0, "gpus": 0.0})) == PerReplica(cpus=2.0, gpus=0.0)
 
 
 @pytest.mark.parametrize("case, record, expected", [

@@ -27,11 +27,12 @@ from controller.cli.tables import history_table, status_table
 from controller.cli.terminal import color_wanted, progress, render_text
 from controller.state.records import Event, ObservedApp, ReleaseRecord, VersionRecord
 from controller.state.store import SCHEMA_VERSION, ControllerRecord, State, Store
-from tests.conftest import DEMO_MODEL, ROOT, ReleaseRepo
+from tests.conftest import DEMO_MODEL, ROOT, ReleaseRepo, make_release, respec
 
 DIFFOPS = str(Path(sys.executable).with_name("diffops"))
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-SPEC = {"replicas": {"count": 2}, "model": {"uri": "file://m"}, "rollout": {"steps": [{"weight": 25}, {"pause": "30s"}, {"weight": 100}]}}
+SPEC = respec(make_release().spec, replicas={"count": 2},
+              rollout={"strategy": "canary", "steps": [{"weight": 25}, {"pause": "30s"}, {"weight": 100}]})
 EVENTS = [
     Event("demo", "rollout-started", "rolling out v2", "v2", "c2", 100.0),
     Event("demo", "prepared", "verified", "v2", "c2", 101.0),

@@ -7,10 +7,13 @@ as a user meets it: schema, `diffops diff`, version ids, `diffops status`.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from checks import dependency
 from controller.cli.status_view import status_json, status_text
+from controller.parse.release import Spec
 from controller.plan.changes import diff_releases
 from controller.plan.report import as_text
 from controller.plan.versions import version_id
@@ -121,8 +124,9 @@ def test_leaving_the_default_keeps_existing_version_ids():
     assert version_id(make_release()) != expected
 
 
-def state_with(spec_runtime: dict | None) -> State:
-    spec = {"replicas": {"count": 1}, **({"runtime": spec_runtime} if spec_runtime is not None else {})}
+def state_with(spec_runtime: dict) -> State:
+    recorded = make_release().spec.model_dump(mode="json")
+    spec = Spec.model_validate_json(json.dumps({**recorded, "runtime": spec_runtime}))  # as the state store reads it
     release = ReleaseRecord("demo", "Healthy", "v1 serving 100%", "c1", "v1", spec, 10.0)
     versions = [VersionRecord("demo", "v1", "stable", 100, "ready", "c1" * 6, spec, 5.0, ready_at=9.0)]
     return State(ControllerRecord("c1", 10.0, "c1", 10.0), {"demo": release}, versions, {})
@@ -133,7 +137,6 @@ STATUS = [
     ("unverified", {"image": IMAGE, "image_policy": "unverified"}, "unverified", True),
     ("verify", {"image": IMAGE, "image_policy": "verify"}, "verify", False),
     ("recorded before the field existed", {"image": IMAGE}, "verify", False),
-    ("no runtime recorded", None, "verify", False),
 ]
 
 

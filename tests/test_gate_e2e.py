@@ -133,10 +133,10 @@ def test_512px_golden_reference_written_by_the_cli_rolls_out_through_the_ray_job
     finally:
         controller.stop()
     version = stable_version(release)
-    [job] = [j for j in gate_jobs() if j["metadata"].get("version") == version][-1:]
-    assert job["status"] == "SUCCEEDED"
-    assert set(job["runtime_env"]) == {"working_dir"} and job["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
     gate = release["versions"][0]["gate"]
+    [job] = [j for j in gate_jobs() if j["submission_id"] == gate["job"]]
+    assert job["status"] == "SUCCEEDED" and job["metadata"]["version"] == version
+    assert set(job["runtime_env"]) == {"working_dir"} and job["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
     assert gate["ok"] and gate["checks"]["golden"]["outcome"] == "passed"
     assert gate["checks"]["golden"]["figures"]["phash_distance"] == 0
 
@@ -162,7 +162,7 @@ def test_gate_asking_for_more_gpus_than_the_head_has_fails_with_rays_reason_with
     assert "gate job did not start within 6s (2s x3 for a GPU gate); it asked for 0.5 CPU, 4 GPU" in message
     assert "Ray says (PENDING): Job has not started yet. It may be waiting for resources" in message
     assert 6 <= elapsed < 30
-    [job] = [j for j in gate_jobs() if j["metadata"].get("version") == "v-unschedulable"]
+    [job] = [j for j in gate_jobs() if j["submission_id"] == report.job]
     assert job["status"] != "SUCCEEDED" and job["metadata"]["num_gpus"] == "4"
 
 

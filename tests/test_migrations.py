@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from controller.cli.main import main
 from controller.state.migrations import Migration, migrate
 from controller.state.store import SCHEMA_VERSION, StateFileError, Store
+from tests.conftest import make_release
 
 FIRST_LAYOUT = """
 CREATE TABLE controller (id INTEGER PRIMARY KEY CHECK (id = 1), last_attempted_commit TEXT, attempted_at REAL,
@@ -50,7 +51,9 @@ LAYOUTS = {
     "v1, canary layout": (FIRST_LAYOUT + CANARY_ADDITIONS, 1),
     "v1, surge layout": (FIRST_LAYOUT + CANARY_ADDITIONS + SURGE_ADDITIONS, 1),
 }
-SPEC = {"replicas": {"count": 1, "gpus": 0, "cpus": 0.5}}
+# The demo spec as the first diffops recorded it: no batch wait, no image policy, no cost section yet.
+SPEC = make_release().spec.model_dump(mode="json")
+del SPEC["replicas"]["batch_wait_timeout_s"], SPEC["runtime"]["image_policy"], SPEC["cost"]
 
 
 def old_state_file(path: Path, script: str, version: int) -> None:
@@ -96,13 +99,29 @@ def test_every_older_layout_upgrades_in_place_keeping_its_rows(name, tmp_path, c
     state = store.load()
     assert state.controller.last_applied_commit == "c1" and state.controller.last_attempted_commit == "c2"
     [release] = state.releases.values()
-    assert (release.name, release.phase, release.load_seconds, release.failures, release.spec) == ("demo", "Healthy", 4.2, 0, SPEC)
+    assert (release.name, release.phase, release.load_seconds, release.failures) == ("demo", "Healthy", 4.2, 0)
+    assert release.spec is not None and release.spec.model.digest == SPEC["model"]["digest"]
+    assert (release.spec.replicas.batch_wait_timeout_s, release.spec.runtime.image_policy, release.spec.cost.gpu_hour_usd) == (
+        0.01, "verify", None)  # the README's defaults for fields an older diffops did not record
     [v1] = state.versions
     assert (v1.version, v1.role, v1.weight, v1.ready_at, v1.replicas) == ("v1", "stable", 100, 9.0, None)
     assert [(e.kind, e.message) for e in store.events("demo")] == [("promoted", "v1 ready")]
     assert store.integrity() == "ok"
     store.save(state)  # and it writes like a fresh one
     assert Store(path, readonly=True).load().releases == state.releases
+
+
+def test_a_recorded_spec_that_no_longer_validates_is_refused_naming_the_field(tmp_path):
+    path = tmp_path / "state.db"
+    old_state_file(path, FIRST_LAYOUT, 1)
+    db = sqlite3.connect(path)
+    db.execute("UPDATE versions SET spec = ?", (json.dumps({**SPEC, "replicas": {**SPEC["replicas"], "count": 0}}),))
+    db.commit()
+    db.close()
+    with pytest.raises(StateFileError) as refused:
+        Store(path).load()
+    assert "a recorded release spec no longer validates (spec.replicas.count:" in str(refused.value)
+    assert "run the diffops that wrote this file, or move the file aside" in str(refused.value)
 
 
 def test_an_upgraded_file_is_not_upgraded_again(tmp_path, caplog):

@@ -275,7 +275,7 @@ def test_cache_is_kept_under_its_cap_without_evicting_a_pinned_model(model_repo:
     metrics = ControllerMetrics()
     rec = reconciler(model_repo, tmp_path / "state", FakeServe(), cache_max_bytes=one_model + one_model // 2, metrics=metrics)
     state = tick_until(rec, healthy())
-    pinned = state.releases["demo"].spec["model"]["digest"] if state.releases["demo"].spec else None
+    pinned = state.releases["demo"].spec.model.digest if state.releases["demo"].spec else None
     assert pinned is not None and pinned != old_digest
     assert cache.lookup(pinned) is not None, "the serving version's model was evicted"
     assert cache.lookup(old_digest) is None, "the unpinned model was kept past the cap"

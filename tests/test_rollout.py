@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from controller.parse.release import Spec
 from controller.plan.versions import version_id
 from controller.rollout.steps import Desired, Prepared, deadline_s, invalid, removed, step
 from controller.state.records import ObservedApp, ReleaseRecord, VersionRecord
@@ -17,8 +18,8 @@ NEW = make_release(("    steps: 4\n", "    steps: 8\n"))
 V_OLD, V_NEW = version_id(OLD), version_id(NEW)
 
 
-def spec(release=OLD) -> dict:
-    return release.model_dump(mode="json")["spec"]
+def spec(release=OLD) -> Spec:
+    return release.spec
 
 
 def desired(release=NEW, fingerprint="blob-2", gate_key="g1") -> Desired:
@@ -148,8 +149,8 @@ def test_light_change_follows_git_but_keeps_the_loaded_model():
     moved = make_release(("    count: 1\n", "    count: 3\n"), ("file://models/tiny-sd", "s3://bucket/tiny-sd"))
     result = step("demo", NOW, Desired(moved, version_id(moved), "c2", "b", "g1"), record(), [stable()], {"demo": router({V_OLD: 100})}, {})
     [version] = result.versions
-    assert version.version == V_OLD and version.spec["replicas"]["count"] == 3
-    assert version.spec["model"]["uri"] == "file://models/tiny-sd"
+    assert version.version == V_OLD and version.spec.replicas.count == 3
+    assert version.spec.model.uri == "file://models/tiny-sd"
     assert [e.kind for e in result.events] == ["updated"]
 
 

@@ -243,7 +243,7 @@ def test_a_light_change_applies_to_the_serving_version_only() -> None:
     bigger = make_release(("    count: 1\n", "    count: 3\n"))
     versions = [stable(), replace(standby(), spec=spec(NEW))]
     result = step("demo", NOW, Desired(bigger, V_OLD, "c3", "blob-3", "g1"), record(), versions, {"demo": router({V_OLD: 100, V_NEW: 0})}, {})
-    assert {v.version: v.spec["replicas"]["count"] for v in result.versions} == {V_OLD: 3, V_NEW: 1}
+    assert {v.version: v.spec.replicas.count for v in result.versions} == {V_OLD: 3, V_NEW: 1}
     assert next(v for v in result.versions if v.version == V_NEW).spec == spec(NEW)  # the standby keeps what it runs
     assert said(result) == [("demo", "updated", V_OLD, None)]
     assert result.events[0].message == f"light change applied in place to {V_OLD}; no replica restarts"

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 from controller.apply.serve_config import RenderSettings, render
+from controller.parse.release import Spec
 from controller.plan.versions import version_id
 from controller.state.records import ReleaseRecord, VersionRecord
-from tests.conftest import make_release
+from tests.conftest import make_release, respec
 
 SETTINGS = RenderSettings(repo="/repo", cache_dir="/state/models", http_port=8000)
 
 
 def records(release, role="stable", weight=100, status="ready"):
-    spec = release.model_dump(mode="json")["spec"]
+    spec = release.spec
     version = VersionRecord(release.name, version_id(release), role, weight, status, "c1", spec, 1.0)
     return ReleaseRecord(release.name, "Healthy", "", "c1", version.version, spec, 1.0), version
 
@@ -40,7 +42,7 @@ def test_light_changes_touch_only_lightweight_options():
     release, stable = records(make_release())
     scaled = make_release(("    count: 1\n", "    count: 3\n"), ("    max_batch_size: 4\n", "    max_batch_size: 2\n"),
                           ("    max_queued_requests: 16\n", "    max_queued_requests: 64\n"), ("    max_images: 4\n", "    max_images: 2\n"))
-    spec = scaled.model_dump(mode="json")["spec"]
+    spec = scaled.spec
     before = apps(render([release], [stable], SETTINGS))
     after = apps(render([replace(release, spec=spec)], [replace(stable, spec=spec)], SETTINGS))
     model_before, model_after = before[f"demo--{stable.version}"], after[f"demo--{stable.version}"]
@@ -103,7 +105,7 @@ def test_the_whole_document_ray_serve_receives_for_the_demo_release():
     """Written out by hand from releases/demo.yaml and the README (graceful shutdown 60 s, the constructor retried 3
     times, the proxy on the head only, on loopback): any renamed key or changed option is a different Serve config."""
     release, stable = records(make_release())
-    generation = release.spec["generation"]
+    generation = release.spec.generation.model_dump(mode="json")
     app = f"demo--{stable.version}"
     assert render([release], [stable], replace(SETTINGS, owner="ctl-1", http_port=8123)) == {
         "proxy_location": "HeadOnly",
@@ -162,14 +164,16 @@ def test_a_release_with_nothing_live_has_no_router():
     release, stable = records(make_release())
     other, _ = records(make_release(name="other"))
     assert [a["name"] for a in render([release, other], [stable], SETTINGS)["applications"]] == ["demo", stable.app]
-    limited = replace(stable, spec={**stable.spec, "limits": {**stable.spec["limits"], "max_images": 2}})
+    limited = replace(stable, spec=respec(stable.spec, limits={"max_images": 2}))
     router = apps(render([replace(release, spec=None)], [limited], SETTINGS))["demo"]  # no valid spec recorded: the version's
     assert router["deployments"][0]["user_config"]["limits"]["max_images"] == 2
 
 
 def test_an_older_record_without_batch_wait_or_cost_gets_the_defaults():
     release, stable = records(make_release())
-    spec = {**stable.spec, "replicas": {k: v for k, v in stable.spec["replicas"].items() if k != "batch_wait_timeout_s"}, "cost": None}
+    older = stable.spec.model_dump(mode="json")  # as a diffops before those fields recorded it
+    del older["replicas"]["batch_wait_timeout_s"], older["cost"]
+    spec = Spec.model_validate_json(json.dumps(older))  # how the state store reads a recorded spec
     model = apps(render([release], [replace(stable, spec=spec)], SETTINGS))[stable.app]
     assert model["deployments"][0]["user_config"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "gpu_hour_usd": None,
                                                       "owner": "diffops"}

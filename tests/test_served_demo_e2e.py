@@ -248,10 +248,11 @@ def test_bad_requests_get_422_naming_the_field(served_demo):
 def test_first_rollout_passed_the_gate_as_a_ray_job(served_demo):
     _, controller, release = served_demo
     version = stable_version(release)
-    [job] = [j for j in gate_jobs() if j["metadata"].get("version") == version][-1:]
-    assert job["status"] == "SUCCEEDED"
-    assert (job["metadata"]["num_cpus"], job["metadata"]["num_gpus"]) == ("0.5", "0")  # the release's replica resources
     gate = release["versions"][0]["gate"]
+    assert gate["job"] and gate["job"].startswith(f"diffops-gate-demo-{version}-")  # the job that ran this version's checks
+    [job] = [j for j in gate_jobs() if j["submission_id"] == gate["job"]]
+    assert job["status"] == "SUCCEEDED" and job["metadata"]["version"] == version
+    assert (job["metadata"]["num_cpus"], job["metadata"]["num_gpus"]) == ("0.5", "0")  # the release's replica resources
     assert gate["ok"] and {name: c["outcome"] for name, c in gate["checks"].items()} == {
         "artifact": "passed", "dependency": "passed", "cuda": "skipped", "load": "passed", "golden": "passed", "performance": "passed"}
     assert gate["checks"]["golden"]["figures"]["phash_distance"] == 0

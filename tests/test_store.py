@@ -10,8 +10,9 @@ import pytest
 from controller.cli.status_view import history_rows, status_json, status_text
 from controller.state.records import Event, ObservedApp, ReleaseRecord, VersionRecord
 from controller.state.store import SCHEMA_VERSION, ControllerRecord, State, Store
+from tests.conftest import make_release, respec
 
-SPEC = {"replicas": {"count": 2}, "model": {"uri": "file://m"}}
+SPEC = respec(make_release().spec, replicas={"count": 2})
 
 
 def sample_state() -> State:
@@ -83,7 +84,8 @@ def test_a_state_file_from_an_older_diffops_is_upgraded_in_place(tmp_path):
     with sqlite3.connect(path) as old:  # an early layout: fewer columns, one since renamed
         old.execute("CREATE TABLE releases (name TEXT PRIMARY KEY, phase TEXT NOT NULL, message TEXT NOT NULL, desired_commit TEXT, "
                     "desired_version TEXT, spec TEXT, updated_at REAL NOT NULL, failed_version TEXT, failed_blob TEXT, load_seconds REAL)")
-        old.execute("INSERT INTO releases VALUES ('demo', 'Healthy', 'v1 serving 100%', 'c1', 'v1', '{}', 1.0, NULL, 'b1', 4.2)")
+        old.execute("INSERT INTO releases VALUES ('demo', 'Healthy', 'v1 serving 100%', 'c1', 'v1', ?, 1.0, NULL, 'b1', 4.2)",
+                    (SPEC.model_dump_json(),))
     store = Store(path)
     [record] = store.load().releases.values()
     assert (record.name, record.phase, record.load_seconds, record.failures, record.held_fingerprint) == ("demo", "Healthy", 4.2, 0, None)

@@ -21,7 +21,7 @@ from tests.conftest import make_release
 NOW, HEAD = 1_000_000.0, "c" * 40
 DEMO = make_release()
 V1 = version_id(DEMO)
-SPEC = DEMO.model_dump(mode="json")["spec"]
+SPEC = DEMO.spec
 FAULTY = make_release(("  cost:\n", "  faults:\n    error_rate: 0.5\n  cost:\n"))
 
 
@@ -38,7 +38,7 @@ def recorded(name: str = "demo", phase="Healthy", message=f"{V1} serving 100%") 
 
 
 def running(version: str = V1) -> dict[str, ObservedApp]:
-    app = ObservedApp(f"demo--{version}", "RUNNING", "", 1, 1, args={"model": SPEC["model"], "commit": "c0"})
+    app = ObservedApp(f"demo--{version}", "RUNNING", "", 1, 1, args={"model": SPEC.model.model_dump(mode="json"), "commit": "c0"})
     return {app.name: app, "demo": ObservedApp("demo", "RUNNING", "", 1, 1, weights={version: 100})}
 
 

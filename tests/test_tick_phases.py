@@ -19,6 +19,7 @@ from bench.fakes import PassingGate
 from controller.apply.applier import Applier
 from controller.apply.serve_config import RenderSettings
 from controller.metrics import ControllerMetrics
+from controller.parse.release import Spec
 from controller.plan.versions import version_id
 from controller.source.git_source import ReleaseSource
 from controller.state.records import Command, Event, ReleaseRecord, VersionRecord
@@ -28,7 +29,7 @@ from controller.tick.decide import Policy, TickInput, decide
 from controller.tick.observe import Observation, Observer, free_resources, recorded_apps
 from controller.tick.prepare import Preparations
 from serving.artifacts import ModelCache
-from tests.conftest import ReleaseRepo
+from tests.conftest import ReleaseRepo, respec
 from tests.live import wait_for
 from tests.test_reconciler import FakeServe, foreign
 
@@ -90,15 +91,13 @@ def tick(model_repo: ReleaseRepo, tmp_path: Path):
         t.store.close()
 
 
-def demo_spec(repo: ReleaseRepo) -> dict[str, Any]:
+def demo_spec(repo: ReleaseRepo) -> Spec:
     source = ReleaseSource.open(repo.path)
-    release = source.snapshot(source.resolve().hexsha).releases["demo"]
-    return dict(release.model_dump(mode="json")["spec"])
+    return source.snapshot(source.resolve().hexsha).releases["demo"].spec
 
 
 def live(repo: ReleaseRepo, role: str = "stable", status: str = "ready", count: int = 1, name: str = "demo") -> tuple[VersionRecord, str]:
-    spec = demo_spec(repo)
-    spec["replicas"] = {**spec["replicas"], "count": count}
+    spec = respec(demo_spec(repo), replicas={"count": count})
     source = ReleaseSource.open(repo.path)
     version = version_id(source.snapshot(source.resolve().hexsha).releases["demo"])
     weight = 100 if role == "stable" else 0
@@ -316,7 +315,7 @@ def test_a_preparation_verifies_the_model_gates_it_and_is_seen_by_one_tick(tick,
     finished = wait_for(t.preparations.collect, 60, "the preparation to finish", every=0.05)
     [(key, result)] = finished
     assert key == ("demo", version.version, desired.gate_key) and result.ok and result.message.startswith("checks passed")
-    assert t.cache.lookup(version.spec["model"]["digest"]) is not None  # fetched and verified into the cache
+    assert t.cache.lookup(version.spec.model.digest) is not None  # fetched and verified into the cache
     assert t.preparations.preparing == {} and t.preparations.prepared == {key: result}
     [demo] = t.observe().tick.releases
     assert demo.prepared == {version.version: result}

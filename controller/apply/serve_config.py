@@ -51,7 +51,7 @@ def default_controller_id(state_dir: str) -> str:
 def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any]:
     """The version's application, from its record (whose light fields follow the release while it is desired)."""
     spec = version.spec
-    replicas = resources = spec["replicas"]
+    replicas = spec.replicas
     return {
         "name": version.app,
         "route_prefix": None,
@@ -59,25 +59,25 @@ def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any
         "args": version.deployed_args or {
             "release": version.release,
             "version": version.version,
-            "model": {key: spec["model"][key] for key in ("uri", "digest", "dtype")},
-            "generation": spec["generation"],
+            "model": spec.model.model_dump(mode="json"),
+            "generation": spec.generation.model_dump(mode="json"),
             "repo": settings.repo,
             "commit": version.commit,
             "cache_dir": settings.cache_dir,
-            "gpus": resources["gpus"],
-            "faults": spec.get("faults"),
+            "gpus": replicas.gpus,
+            "faults": spec.faults.model_dump(mode="json") if spec.faults is not None else None,
         },
         "deployments": [
             {
                 "name": "Model",
                 "num_replicas": effective_replicas(version),
-                "max_ongoing_requests": replicas["max_ongoing_requests"],
-                "max_queued_requests": replicas["max_queued_requests"],
-                "ray_actor_options": {"num_cpus": resources["cpus"], "num_gpus": resources["gpus"]},
+                "max_ongoing_requests": replicas.max_ongoing_requests,
+                "max_queued_requests": replicas.max_queued_requests,
+                "ray_actor_options": {"num_cpus": replicas.cpus, "num_gpus": replicas.gpus},
                 "user_config": {
-                    "max_batch_size": replicas["max_batch_size"],
-                    "batch_wait_timeout_s": replicas.get("batch_wait_timeout_s", 0.01),  # absent from older records
-                    "gpu_hour_usd": (spec.get("cost") or {}).get("gpu_hour_usd"),
+                    "max_batch_size": replicas.max_batch_size,
+                    "batch_wait_timeout_s": replicas.batch_wait_timeout_s,
+                    "gpu_hour_usd": spec.cost.gpu_hour_usd,
                 },
                 "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
                 "graceful_shutdown_wait_loop_s": 1,
@@ -107,8 +107,8 @@ def router_app(release: ReleaseRecord, versions: list[VersionRecord]) -> dict[st
                 "graceful_shutdown_wait_loop_s": 1,
                 "user_config": {
                     "weights": router_weights(versions),
-                    "limits": spec["limits"],
-                    "defaults": {k: spec["generation"][k] for k in ("width", "height")},
+                    "limits": spec.limits.model_dump(mode="json"),
+                    "defaults": {"width": spec.generation.width, "height": spec.generation.height},
                     "retry_after_s": 1,
                 },
             }

@@ -12,6 +12,7 @@ import dataclasses
 import time
 from typing import Any, TypedDict
 
+from controller.parse.release import Spec
 from controller.state.records import Event, ReleaseRecord, app_name
 from controller.state.store import State
 
@@ -48,8 +49,8 @@ class HistoryRow(_HistoryRequired, total=False):
 def checks_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
     if report is None:
         return None
-    return {"ok": report["ok"], "checks": {c["name"]: {"outcome": c["outcome"], "message": c["message"], "figures": c["figures"]}
-                                           for c in report["checks"]}}
+    return {"ok": report["ok"], "job": report.get("job"),
+            "checks": {c["name"]: {"outcome": c["outcome"], "message": c["message"], "figures": c["figures"]} for c in report["checks"]}}
 
 
 def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -68,7 +69,7 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
                 "weight": version.weight,
                 "live_weight": live.get(version.version),
                 "ready_replicas": app.running if app else 0,
-                "replicas": version.spec["replicas"]["count"],
+                "replicas": version.spec.replicas.count,
                 "status": version.status,
                 "commit": version.commit,
                 "image_policy": image_policy(version.spec),
@@ -93,17 +94,16 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
     }
 
 
-def image_policy(spec: dict[str, Any]) -> str:
-    """`verify` unless the version's release said `runtime.image_policy: unverified` (versions recorded before it existed: verify)."""
-    policy: str = (spec.get("runtime") or {}).get("image_policy", "verify")
-    return policy
+def image_policy(spec: Spec) -> str:
+    """`verify` unless the version's release said `runtime.image_policy: unverified`."""
+    return spec.runtime.image_policy
 
 
 def step_text(release: ReleaseRecord) -> str | None:
     """'2/3' while a canary walks its steps."""
     if release.step is None or not release.spec:
         return None
-    return f"{release.step + 1}/{len(release.spec['rollout']['steps'])}"
+    return f"{release.step + 1}/{len(release.spec.rollout.steps)}"
 
 
 def age(seconds: float) -> str:

@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,6 +46,7 @@ from controller.apply.dashboard import DashboardClient, DashboardError
 from controller.gate.start import DEFAULT_START_BASE_S, Fail, asked, start_deadline_s, start_verdict
 from controller.parse.release import Release
 from controller.source.git_source import ReleaseSource
+from serving.schema import ModelSpec
 
 __all__ = ["FINAL", "JOBS_PATH", "PACKAGES_PATH", "PACKAGE_MAX_BYTES", "Gate", "LocalGate", "RayJobGate", "crashed", "gate_input",
            "gate_key", "job_request", "package_uri", "reference_blob", "settings_from_env"]
@@ -76,7 +78,7 @@ def gate_key(release: Release, reference: git.Blob | None) -> str:
 
 
 def gate_input(release: Release, version: str, source: ReleaseSource, cache_dir: str, *, model_commit: str,
-               checks_commit: str, model: dict[str, Any] | None = None) -> dict[str, Any]:
+               checks_commit: str, model: ModelSpec | None = None) -> dict[str, Any]:
     """What the gate job needs: the model as the version pins it, the checks as the desired commit has them."""
     spec = release.model_dump(mode="json")["spec"]
     blob = reference_blob(source, checks_commit, release)
@@ -84,7 +86,7 @@ def gate_input(release: Release, version: str, source: ReleaseSource, cache_dir:
     reference = blob.data_stream.read() if blob is not None and blob.size <= REFERENCE_MAX_BYTES else None  # over it: never read
     return {
         "release": release.name, "version": version, "spec": spec,
-        "model": model or {k: spec["model"][k] for k in ("uri", "digest", "dtype")},
+        "model": (model or release.spec.model).model_dump(mode="json"),
         "repo": str(source.path), "commit": model_commit, "cache_dir": cache_dir,
         "reference": reference, "reference_bytes": size, "timeout_s": release.spec.checks.timeout.total_seconds(),
     }
@@ -131,9 +133,9 @@ def settings_from_env(environ: Mapping[str, str] = os.environ) -> tuple[float, d
     return base, {k: float(v) for k, v in resources.items()}
 
 
-def crashed(gate: dict[str, Any], message: str, seconds: float) -> GateReport:
+def crashed(gate: dict[str, Any], message: str, seconds: float, job: str | None = None) -> GateReport:
     """A report whose one failed check says why the gate could not run or report."""
-    return GateReport(gate["release"], gate["version"], (CheckResult("gate", "error", message),), round(seconds, 3))
+    return GateReport(gate["release"], gate["version"], (CheckResult("gate", "error", message),), round(seconds, 3), job=job)
 
 
 class RayJobGate:
@@ -178,15 +180,16 @@ class RayJobGate:
             if reason is not None:
                 log.warning("%s: gate job %s for %s never started (%.0fs); next: the gate fails with Ray's reason",
                             gate["release"], job_id, gate["version"], time.monotonic() - started)
-                return crashed(gate, reason, time.monotonic() - started)
+                return crashed(gate, reason, time.monotonic() - started, job_id)
             logs = str(self.dashboard.send("GET", f"{JOBS_PATH}{job_id}/logs").json().get("logs", ""))
         except DashboardError as err:
             return crashed(gate, f"Ray job API: {err}", time.monotonic() - started)
         for line in reversed(logs.splitlines()):
             if line.startswith(REPORT_PREFIX):
-                return GateReport.from_dict(json.loads(line[len(REPORT_PREFIX):]))
+                return replace(GateReport.from_dict(json.loads(line[len(REPORT_PREFIX):])), job=job_id)
         tail = " | ".join(logs.strip().splitlines()[-3:])[-600:]
-        return crashed(gate, f"gate job {job_id} ended {status} without a report: {tail or 'no output'}", time.monotonic() - started)
+        ended = f"gate job {job_id} ended {status} without a report: {tail or 'no output'}"
+        return crashed(gate, ended, time.monotonic() - started, job_id)
 
     def _upload(self, uri: str, package: bytes) -> bool:
         """Put the package in the cluster's package store unless it is there; True if it was uploaded.

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 from itertools import pairwise
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from checks.schema import ChecksSpec
 from serving import schema as serving
@@ -41,6 +41,12 @@ class Step(SpecModel):
     @property
     def is_pause(self) -> bool:
         return "pause" in self.model_fields_set
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Only the step's own key ({weight: N} or {pause: ...}), so a dumped spec validates again (records, gate input)."""
+        data: dict[str, Any] = handler(self)
+        return {key: value for key, value in data.items() if key in self.model_fields_set}
 
 
 class Analysis(SpecModel):

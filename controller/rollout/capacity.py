@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
+from controller.parse.release import Spec
 from controller.state.records import VersionRecord
 
 __all__ = ["PerReplica", "Resources", "Usage", "effective_replicas", "fitting", "free_resources", "held", "per_replica", "shortfall"]
@@ -23,7 +23,6 @@ __all__ = ["PerReplica", "Resources", "Usage", "effective_replicas", "fitting", 
 Resources = dict[str, float]  # Ray resource name -> amount
 Usage = Mapping[str, tuple[float, float]]  # Ray resource name -> (used, total), as Ray's autoscaler reports it
 _EPSILON = 1e-9  # 3 x 0.1 CPUs fit in 0.3 free
-
 
 @dataclass(frozen=True)
 class PerReplica:
@@ -36,17 +35,13 @@ class PerReplica:
         """(Ray resource name, amount) pairs, GPUs first: the scarce resource is named first."""
         return ("GPU", self.gpus), ("CPU", self.cpus)
 
-
-def per_replica(spec: Mapping[str, Any]) -> PerReplica:
+def per_replica(spec: Spec) -> PerReplica:
     """One replica's resources, from a version's recorded spec (`spec.replicas`)."""
-    replicas = spec["replicas"]
-    return PerReplica(cpus=float(replicas["cpus"]), gpus=float(replicas["gpus"]))
-
+    return PerReplica(cpus=spec.replicas.cpus, gpus=spec.replicas.gpus)
 
 def effective_replicas(version: VersionRecord) -> int:
     """The replicas a version runs: its own count mid-surge (`VersionRecord.replicas`), else `spec.replicas.count`."""
-    return version.replicas if version.replicas is not None else int(version.spec["replicas"]["count"])
-
+    return version.replicas if version.replicas is not None else version.spec.replicas.count
 
 def fitting(need: PerReplica, free: Mapping[str, float] | None, limit: int) -> int:
     """How many replicas needing `need` fit in `free`, at most `limit`; `free` unknown (None): `limit`."""
@@ -58,7 +53,6 @@ def fitting(need: PerReplica, free: Mapping[str, float] | None, limit: int) -> i
             counts.append(int((free.get(resource, 0.0) + _EPSILON) // amount))
     return max(0, min(counts))
 
-
 def shortfall(need: PerReplica, replicas: int, free: Mapping[str, float] | None) -> str | None:
     """Why `replicas` replicas do not fit in `free`, naming every resource short; None when they fit or `free` is unknown."""
     if free is None:
@@ -69,7 +63,6 @@ def shortfall(need: PerReplica, replicas: int, free: Mapping[str, float] | None)
         if wanted > have + _EPSILON:
             short.append(f"needs {wanted:g} {resource}{'s' * (wanted != 1)}, {have:g} free")
     return "; ".join(short) or None
-
 
 def held(live: Iterable[VersionRecord], preparing: Iterable[VersionRecord], router_cpus: float) -> Resources:
     """What our own apps and gate jobs hold now: every live version app's replicas (retiring ones too, until deleted),
@@ -87,7 +80,6 @@ def held(live: Iterable[VersionRecord], preparing: Iterable[VersionRecord], rout
         total["GPU"] += need.gpus
     total["CPU"] += router_cpus * len(releases)
     return total
-
 
 def free_resources(usage: Usage, ours: Mapping[str, float]) -> Resources:
     """Free resources: each total minus the larger of Ray's reported use (seconds old) and what we know we hold

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 from controller.apply.serve_config import router_weights
-from controller.parse.release import Release
+from controller.parse.release import Release, Spec
 from controller.rollout import canary as canary_walk
 from controller.rollout.capacity import Resources, per_replica, shortfall
 from controller.rollout.outcomes import Abort, Continue, Desired, Prepared, Promote, StepResult
 from controller.rollout.surge import Surge
 from controller.state.records import Command, Event, ObservedApp, ReleaseRecord, Role, VersionRecord, app_name, with_phase
+from serving.fields import format_duration
 
 __all__ = ["DEADLINE_LOAD_FACTOR", "DEADLINE_MARGIN_S", "Desired", "Prepared", "StepResult", "deadline_s", "invalid", "removed",
            "role_of", "step"]
@@ -69,7 +69,7 @@ def step(name: str, now: float, desired: Desired, record: ReleaseRecord | None, 
          commands: Sequence[Command] = (), free: Resources | None = None) -> StepResult:
     """Advance one valid release toward its desired version."""
     rollout = desired.release.spec.rollout
-    spec = desired.release.model_dump(mode="json")["spec"]
+    spec = desired.release.spec
     record = replace(
         record or ReleaseRecord(name, "Progressing", "", None, None, None, now),
         desired_commit=desired.commit, desired_version=desired.version, spec=spec,
@@ -182,7 +182,7 @@ def _preparing(out: StepResult, canary: VersionRecord, result: Prepared | None, 
     verified = replace(canary, status="verified", gate_key=desired.gate_key)
     out.versions = [verified if v is canary else v for v in out.versions]
     out.events.append(Event(canary.release, "prepared", f"model verified, {result.message} ({result.seconds:.1f}s); "
-                            f"next: start {canary.spec['replicas']['count']} replica(s) of {canary.version} at weight 0", canary.version))
+                            f"next: start {canary.spec.replicas.count} replica(s) of {canary.version} at weight 0", canary.version))
     return _start_when_it_fits(out, verified, stable, desired, free, now)
 
 
@@ -190,7 +190,7 @@ def _start_when_it_fits(out: StepResult, canary: VersionRecord, stable: VersionR
                         free: Resources | None, now: float) -> StepResult:
     """Create the version's app only when every replica can be scheduled: never a silently pending replica."""
     assert out.release is not None
-    count = canary.spec["replicas"]["count"]
+    count = canary.spec.replicas.count
     lacking = shortfall(per_replica(canary.spec), count, free)
     if lacking and desired.release.spec.rollout.strategy == "auto" and stable is not None:
         Surge(out, canary, stable, now).start(free)
@@ -223,7 +223,7 @@ def _starting(out: StepResult, canary: VersionRecord, stable: VersionRecord | No
     elapsed, limit = now - canary.created_at, deadline_s(desired.release, out.release.load_seconds)
     if elapsed > limit:
         return _fail(out, canary, f"not ready after {elapsed:.0f}s (progress deadline {limit:.0f}s)", desired, now)
-    running = f"{app.running}/{app.target or canary.spec['replicas']['count']}" if app else "0"
+    running = f"{app.running}/{app.target or canary.spec.replicas.count}" if app else "0"
     message = f"{canary.version}: {running} replicas running after {elapsed:.0f}s (deadline {limit:.0f}s)"
     out.release = with_phase(out.release, "Progressing", message, now)
     return out
@@ -244,7 +244,7 @@ def _switch(out: StepResult, target: VersionRecord, stable: VersionRecord | None
         else:
             updated.append(version)
     out.versions = updated
-    delay = out.release.spec["rollout"]["scale_down_delay"] if out.release.spec else "?"
+    delay = format_duration(out.release.spec.rollout.scale_down_delay) if out.release.spec else "?"
     after = f"; {stable.version} kept warm as standby for {delay}" if stable else ""
     if rollback:
         message = f"{target.version} was the warm standby: traffic switched back to it at once, no reload{after}"
@@ -320,9 +320,9 @@ def _healthy(out: StepResult, version: str, observed: dict[str, ObservedApp], no
     return out
 
 
-def _follow_light_changes(out: StepResult, stable: VersionRecord, spec: dict[str, Any]) -> None:
+def _follow_light_changes(out: StepResult, stable: VersionRecord, spec: Spec) -> None:
     """In-place fields (count, queues, batch, cost) follow git; the model location stays what replicas loaded."""
-    followed = {**spec, "model": stable.spec["model"]}
+    followed = spec.model_copy(update={"model": stable.spec.model})
     if followed != stable.spec:
         out.versions = [replace(v, spec=followed) if v is stable else v for v in out.versions]
         out.events.append(Event(stable.release, "updated", f"light change applied in place to {stable.version}; no replica restarts",

@@ -35,7 +35,7 @@ class Surge:
     def __init__(self, out: StepResult, canary: VersionRecord, stable: VersionRecord | None, now: float):
         self.out, self.canary, self.stable, self.now = out, canary, stable, now
         self.need = per_replica(canary.spec)
-        self.target = int(canary.spec["replicas"]["count"])
+        self.target = canary.spec.replicas.count
 
     def make_room(self, why: str) -> bool:
         """Shrink the old version by one replica, if it keeps at least one."""

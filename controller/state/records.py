@@ -3,13 +3,16 @@
 Plain frozen dataclasses shared by the pure steps (`controller.rollout.steps`,
 `controller.apply.serve_config`) and the I/O shells (`controller.state.store`,
 `controller.apply.serve_client`). Times are wall-clock epoch seconds so a restarted
-controller resumes deadlines and delays where they were.
+controller resumes deadlines and delays where they were. A recorded spec is the
+release's validated, frozen `Spec`, read by attribute, never a dict.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
+
+from controller.parse.release import Spec
 
 __all__ = ["Command", "Event", "ObservedApp", "Phase", "ReleaseRecord", "Role", "Status", "VersionRecord", "app_name", "with_phase"]
 
@@ -32,7 +35,7 @@ class VersionRecord:
     weight: int
     status: Status
     commit: str  # the commit this version was first rolled out from
-    spec: dict[str, Any]  # the release spec at that commit (model, generation, resources)
+    spec: Spec  # the validated release spec at that commit (model, generation, resources); frozen
     created_at: float
     ready_at: float | None = None
     standby_since: float | None = None
@@ -53,7 +56,7 @@ class ReleaseRecord:
     message: str
     desired_commit: str | None
     desired_version: str | None
-    spec: dict[str, Any] | None  # the last valid release spec (what serving follows while the file is invalid)
+    spec: Spec | None  # the last valid release spec (what serving follows while the file is invalid)
     updated_at: float
     failed_version: str | None = None  # not retried until the release file or its checks change, or `diffops retry`
     held_fingerprint: str | None = None  # the desired fingerprint it failed under

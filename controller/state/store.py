@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydantic import ValidationError
+
+from controller.parse.release import Spec
 from controller.state.migrations import SCHEMA_VERSION, StateFileError, file_version, migrate, refuse_newer
 from controller.state.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord
 
@@ -33,7 +36,7 @@ __all__ = ["SCHEMA_VERSION", "ControllerRecord", "GateRecord", "RefusedCommit", 
 log = logging.getLogger("diffops.controller")
 
 APP_COLUMNS = ("name", "status", "message", "running", "target", "weights")
-JSON_FIELDS = {"spec", "deployed_args", "analysis"}
+JSON_FIELDS = {"deployed_args", "analysis"}
 
 GateRecord = tuple[str, str, str, dict[str, Any]]  # release, version, gate key, the gate's report
 _R = TypeVar("_R", bound="DataclassInstance")
@@ -66,17 +69,39 @@ class State:
     apps: dict[str, ObservedApp] = field(default_factory=dict)  # what Ray Serve last reported, for `status`
 
 
+def _encode(name: str, value: Any) -> Any:
+    """A field as its column value: a spec as its JSON dump, a JSON field as JSON, anything else as it is."""
+    if value is None:
+        return None
+    if name == "spec":
+        return value.model_dump_json()
+    return json.dumps(value, sort_keys=True) if name in JSON_FIELDS else value
+
+
+def _decode(name: str, raw: Any, path: Path) -> Any:
+    """A column value as its field; a stored spec is validated again, so every record holds a valid `Spec`."""
+    if raw is None:
+        return None
+    if name == "spec":
+        try:
+            return Spec.model_validate_json(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise StateFileError(f"{path}: a recorded release spec no longer validates (spec.{where}: {first['msg']}); "
+                                 "run the diffops that wrote this file, or move the file aside to start afresh") from None
+    return json.loads(raw) if name in JSON_FIELDS else raw
+
+
 def _row(record: DataclassInstance) -> dict[str, Any]:
-    """A record's fields as column values; JSON fields are encoded as they are (no deep copy on every tick)."""
-    row = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
-    return {k: json.dumps(v, sort_keys=True) if k in JSON_FIELDS and v is not None else v for k, v in row.items()}
+    """A record's fields as column values."""
+    return {f.name: _encode(f.name, getattr(record, f.name)) for f in dataclasses.fields(record)}
 
 
-def _record(cls: type[_R], row: sqlite3.Row) -> _R:
+def _record(cls: type[_R], row: sqlite3.Row, path: Path) -> _R:
     """A record from a row; columns the record does not know (a state file from another diffops) are left out."""
     known = {f.name for f in dataclasses.fields(cls)}
-    values = {k: json.loads(row[k]) if k in JSON_FIELDS and row[k] is not None else row[k] for k in row.keys() if k in known}
-    return cls(**values)
+    return cls(**{k: _decode(k, row[k], path) for k in row.keys() if k in known})
 
 
 def _insert(db: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
@@ -117,10 +142,10 @@ class Store:
 
     def load(self) -> State:
         row = self.db.execute("SELECT * FROM controller WHERE id = 1").fetchone()
-        controller = _record(ControllerRecord, row) if row else ControllerRecord()
+        controller = _record(ControllerRecord, row, self.path) if row else ControllerRecord()
         controller = dataclasses.replace(controller, refused=self._refused())
-        releases = {r["name"]: _record(ReleaseRecord, r) for r in self.db.execute("SELECT * FROM releases ORDER BY name")}
-        versions = [_record(VersionRecord, r) for r in self.db.execute("SELECT * FROM versions ORDER BY release, created_at")]
+        releases = {r["name"]: _record(ReleaseRecord, r, self.path) for r in self.db.execute("SELECT * FROM releases ORDER BY name")}
+        versions = [_record(VersionRecord, r, self.path) for r in self.db.execute("SELECT * FROM versions ORDER BY release, created_at")]
         apps = {r["name"]: ObservedApp(**{**dict(r), "weights": json.loads(r["weights"]) if r["weights"] else None})
                 for r in self.db.execute("SELECT * FROM apps")}
         return State(controller, releases, versions, apps)
@@ -172,7 +197,7 @@ class Store:
     def events(self, release: str | None = None, limit: int = 1000) -> list[Event]:
         where, args = ("WHERE release = ?", (release,)) if release else ("", ())
         rows = self.db.execute(f"SELECT * FROM (SELECT * FROM events {where} ORDER BY id DESC LIMIT ?) ORDER BY id", (*args, limit))
-        return [_record(Event, r) for r in rows]
+        return [_record(Event, r, self.path) for r in rows]
 
     def add_command(self, command: Command) -> int:
         cursor = self.db.execute('INSERT INTO commands (release, action, who, at, "full") VALUES (?, ?, ?, ?, ?)',

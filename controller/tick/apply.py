@@ -40,7 +40,7 @@ class CacheKeeper:
             return
         self.due = False
         if self.max_bytes:
-            keep = {v.spec["model"]["digest"] for v in versions}
+            keep = {v.spec.model.digest for v in versions}
             self.cache.evict(self.max_bytes, keep)
         if self.metrics is not None:
             self.metrics.cache_bytes.set(self.cache.size())

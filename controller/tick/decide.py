@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from pydantic import ValidationError
+
 from controller import errors
 from controller.rollout import steps as rollout
 from controller.rollout.canary import Figures
@@ -25,6 +27,7 @@ from controller.rollout.outcomes import Desired, Prepared, StepResult
 from controller.source.git_source import ReleaseFile
 from controller.state.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord, app_name, with_phase
 from controller.state.store import ControllerRecord, State
+from serving.schema import ModelSpec
 
 __all__ = ["Adopted", "Failed", "Halt", "Note", "Plan", "Policy", "StepInput", "Stepped", "TickInput", "adopt", "decide", "step"]
 
@@ -187,8 +190,14 @@ def adopt(desired: Desired, observed: dict[str, ObservedApp], now: float) -> tup
     app = observed.get(app_name(desired.release.name, desired.version))
     if app is None or not app.ready or not app.args:
         return [], None
-    spec = {**desired.release.model_dump(mode="json")["spec"], "model": app.args["model"]}
-    version = VersionRecord(desired.release.name, desired.version, "stable", 100, "ready", app.args["commit"], spec, now,
+    try:  # the app's args are what Ray answers: adopted only when they name a valid model and a commit
+        model, commit = ModelSpec.model_validate(app.args.get("model")), app.args["commit"]
+    except (ValidationError, KeyError):
+        return [], None
+    if not isinstance(commit, str):
+        return [], None
+    spec = desired.release.spec.model_copy(update={"model": model})
+    version = VersionRecord(desired.release.name, desired.version, "stable", 100, "ready", commit, spec, now,
                             ready_at=now, deployed_args=app.args)
     return [version], Adopted(desired.release.name, app.name, app.running)
 

@@ -63,16 +63,16 @@ class Preparations:
         key = (version.release, version.version, desired.gate_key)
         if key in self.preparing or key in self.prepared:
             return
-        model = version.spec["model"]
+        model = version.spec.model
         passed = self.store.passed_gate(*key)
         gate = gate_input(desired.release, version.version, self.source, self.cache_dir,
                           model_commit=version.commit, checks_commit=desired.commit, model=model)
-        resources = version.spec["replicas"]
+        resources = version.spec.replicas
 
         def work() -> Prepared:
             started = time.monotonic()
             try:
-                fetch(model["uri"], model["digest"], self.cache, repo=self.source.path, commit=version.commit,
+                fetch(model.uri, model.digest, self.cache, repo=self.source.path, commit=version.commit,
                       reverify=True, heal=True)  # a damaged cached copy is fetched again, never gated
             except ArtifactError as err:
                 return Prepared(False, f"model refused: {err}", time.monotonic() - started)
@@ -81,7 +81,7 @@ class Preparations:
             if passed is not None:
                 return Prepared(True, "checks passed before for this version and these checks (reused, not run again)",
                                 time.monotonic() - started)
-            report = self.gate.run(gate, resources["cpus"], resources["gpus"])
+            report = self.gate.run(gate, resources.cpus, resources.gpus)
             return judge(report, time.monotonic() - started, self.gate_dir)
 
         def done(future: Future[Prepared]) -> None:
@@ -91,7 +91,7 @@ class Preparations:
 
         note = "reusing its passed checks" if passed else "running the gate as a Ray job"
         log.info("%s: verifying model %s for %s, then %s; next: start replicas if it passes",
-                 version.release, model["digest"][:19], version.version, note)
+                 version.release, model.digest[:19], version.version, note)
         future = self._pool.submit(work)
         self.preparing[key] = future
         future.add_done_callback(done)
