@@ -25,6 +25,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from checks.report import CheckResult
+from serving import code_pin
 
 __all__ = ["ImageVerdict", "judge_image", "run", "run_cuda"]
 
@@ -90,8 +91,13 @@ def run(requires: dict[str, str], image: str, image_policy: str = "verify", envi
     verdict = judge_image(image, image_policy, reported)
     if not verdict.ok:
         problems.append(verdict.message)
+    code_pinned = environ.get(code_pin.PIN_ENV) or None
+    if code_pinned and code_pinned != code_pin.fingerprint():
+        problems.append(f"serving code: this node runs {code_pin.fingerprint()}, the controller pinned {code_pinned}; "
+                        "install the controller's diffops on every node")
     figures = {"packages": versions, "image_reported": reported and reported[:200], "image_pinned": image.split("@", 1)[1],
-               "image_policy": image_policy, "image_verified": verdict.verified}
+               "image_policy": image_policy, "image_verified": verdict.verified, "serving_code": code_pin.fingerprint(),
+               "serving_code_pinned": code_pinned}
     thresholds = {name: spec for name, spec in requires.items() if name not in GPU_KEYS}
     if problems:
         return CheckResult("dependency", "failed", "; ".join(problems), figures, thresholds)

@@ -25,6 +25,7 @@ from checks.report import CheckResult, GateReport
 from serving.artifacts import ModelCache, fetch
 from serving.generator import PipelineRunner
 from serving.manifest import ArtifactError
+from serving.model_cache import node_cache_dir
 from serving.pipeline import load_pipeline, pick_device
 
 __all__ = ["load_runner", "run_gate"]
@@ -88,7 +89,7 @@ def run_gate(gate_input: dict[str, Any], progress: Callable[[str], None] = lambd
 
     model = gate_input["model"]
     try:
-        fetched = fetch(model["uri"], model["digest"], ModelCache(Path(gate_input["cache_dir"])),
+        fetched = fetch(model["uri"], model["digest"], ModelCache(node_cache_dir(gate_input.get("cache_dir"))),
                         repo=Path(gate_input["repo"]) if gate_input.get("repo") else None, commit=gate_input.get("commit"))
     except ArtifactError as err:
         results.append(CheckResult("artifact", "failed", str(err)))

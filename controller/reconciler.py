@@ -82,7 +82,7 @@ class Reconciler:
         cache = ModelCache(Path(settings.cache_dir))
         self.cache = apply.CacheKeeper(cache, cache_max_bytes, metrics)  # --cache-max-bytes: evict unused models past it
         self.preparations = Preparations(source, store, self.gate, cache, settings.cache_dir,
-                                         gate_dir or Path(settings.cache_dir).parent / "gate", on_prepared)
+                                         gate_dir or Path(settings.cache_dir).parent / "gate", on_prepared, settings.placement)
 
     def reconcile(self) -> TickResult:
         started = time.monotonic()

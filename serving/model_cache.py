@@ -34,7 +34,7 @@ from filelock import FileLock, Timeout
 from serving.cache_eviction import HEX64, CacheEntry, EvictionPlan, ScratchAction, classify_scratch, plan_eviction
 from serving.manifest import MANIFEST_NAME, ArtifactError, Manifest, list_model_files, sha256_file
 
-__all__ = ["EntryCheck", "ModelCache"]
+__all__ = ["EntryCheck", "ModelCache", "node_cache_dir"]
 
 log = logging.getLogger("diffops.serving")
 HASH_WORKERS = 4
@@ -67,6 +67,23 @@ def _remove(path: Path) -> None:
 
 def _hexof(digest: str) -> str:
     return digest.removeprefix("sha256:")
+
+
+def node_cache_dir(given: str | None = None) -> Path:
+    """This node's model cache: `given` (a cluster on the controller's machine shares its cache), else
+    `DIFFOPS_CACHE_DIR`, else `diffops-models` under the Ray node's temp dir (where Ray keeps its own node-local files)."""
+    if given:
+        return Path(given)
+    if os.environ.get("DIFFOPS_CACHE_DIR"):
+        return Path(os.environ["DIFFOPS_CACHE_DIR"])
+    try:
+        from ray._private import worker  # the node this process runs on, inside a replica or a job
+
+        node = worker._global_node
+        temp = node.get_temp_dir_path() if node is not None else None
+    except (ImportError, AttributeError):
+        temp = None
+    return Path(temp or os.path.join(os.environ.get("TMPDIR", "/tmp"), "ray")) / "diffops-models"
 
 
 class ModelCache:

@@ -19,9 +19,11 @@ from typing import Any
 
 from ray import serve
 
+from serving import code_pin
 from serving.artifacts import ModelCache, fetch
 from serving.generator import PipelineRunner, resolve
 from serving.metrics import Nvml, serving_metrics
+from serving.model_cache import node_cache_dir
 from serving.pipeline import load_pipeline, pick_device
 
 __all__ = ["InjectedFault", "ModelServer", "build_model_app"]
@@ -35,8 +37,9 @@ class InjectedFault(RuntimeError):
 
 class ModelServer:
     def __init__(self, release: str, version: str, model: dict[str, Any], generation: dict[str, Any], repo: str | None,
-                 commit: str | None, cache_dir: str, gpus: float = 0, faults: dict[str, Any] | None = None):
+                 commit: str | None, cache_dir: str | None, gpus: float = 0, faults: dict[str, Any] | None = None):
         started = time.monotonic()
+        code_pin.check(f"{release}--{version}")  # the serving code the controller pinned, or refuse to start
         self.release, self.version, self.generation = release, version, generation
         self.tags = {"release": release, "version": version}
         self.gpus, self.gpu_hour_usd = gpus, None
@@ -46,8 +49,8 @@ class ModelServer:
         if self.faults.get("startup_error"):
             raise InjectedFault(f"{release}--{version}: injected startup failure (spec.faults.startup_error)")
         self.metrics = serving_metrics()
-        fetched = fetch(model["uri"], model["digest"], ModelCache(Path(cache_dir)), repo=Path(repo) if repo else None, commit=commit,
-                        reverify=True)
+        cache = ModelCache(node_cache_dir(cache_dir))  # the controller's own on a local head, else this node's
+        fetched = fetch(model["uri"], model["digest"], cache, repo=Path(repo) if repo else None, commit=commit, reverify=True)
         self.device = pick_device()
         if self.device == "cpu":
             log.info("%s--%s: no CUDA device visible (gpus=%s); running on CPU in float32", release, version, gpus)

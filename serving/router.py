@@ -37,6 +37,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from serving import code_pin
 from serving.metrics import serving_metrics
 from serving.problems import PROBLEM_MEDIA_TYPE, ProblemDocument, ProblemKind, echo, problem
 from serving.requests import RequestError, parse_request, read_body
@@ -66,6 +67,7 @@ def pick_version(weights: dict[str, int], pinned: str | None, rng: random.Random
 
 class Router:
     def __init__(self, release: str):
+        code_pin.check(f"{release} router")  # the serving code the controller pinned, or refuse to start
         self.release = release
         self.weights: dict[str, int] = {}
         self.limits: dict[str, int] = {}

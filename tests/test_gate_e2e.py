@@ -136,7 +136,8 @@ def test_512px_golden_reference_written_by_the_cli_rolls_out_through_the_ray_job
     gate = release["versions"][0]["gate"]
     [job] = [j for j in gate_jobs() if j["submission_id"] == gate["job"]]
     assert job["status"] == "SUCCEEDED" and job["metadata"]["version"] == version
-    assert set(job["runtime_env"]) == {"working_dir"} and job["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
+    assert job["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
+    assert set(job["runtime_env"]) == {"working_dir", "env_vars"} and set(job["runtime_env"]["env_vars"]) == {"DIFFOPS_SERVING_CODE"}
     assert gate["ok"] and gate["checks"]["golden"]["outcome"] == "passed"
     assert gate["checks"]["golden"]["figures"]["phash_distance"] == 0
 

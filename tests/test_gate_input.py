@@ -83,9 +83,10 @@ def test_package_name_is_content_addressed_and_rays_pattern():
 def test_the_job_request_is_a_pointer_whatever_the_reference_size(side):
     gate = sample_gate(noise_png(side) if side else None)
     uri = package_uri(pack(gate))
-    body = job_request(gate, "diffops-gate-demo-v1234-abcd", uri, "/opt/venv/bin/python", 0.5, 1, {"gpu-pool": 1.0})
+    pin = "diffops 0.1.0 serving 0123456789ab"
+    body = job_request(gate, "diffops-gate-demo-v1234-abcd", uri, "/opt/venv/bin/python", 0.5, 1, {"gpu-pool": 1.0}, pin)
     assert len(json.dumps(body)) < 1024
-    assert body["runtime_env"] == {"working_dir": uri}  # no env_vars: nothing rides in the environment
+    assert body["runtime_env"] == {"working_dir": uri, "env_vars": {"DIFFOPS_SERVING_CODE": pin}}  # the code pin only, no data
     assert body["entrypoint"] == "/opt/venv/bin/python -m checks.job"
     assert (body["entrypoint_num_cpus"], body["entrypoint_num_gpus"], body["entrypoint_resources"]) == (0.5, 1, {"gpu-pool": 1.0})
 

@@ -11,6 +11,7 @@ and is created, mode 0600, when missing.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import secrets
@@ -19,10 +20,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from controller.apply.dashboard import DashboardClient, ray_token, token_path
 
-__all__ = ["RayHead", "dashboard_url_for", "ensure_token", "kill_head", "ray_executable", "start_head", "stop_head"]
+__all__ = ["RayHead", "dashboard_url_for", "ensure_token", "is_local", "kill_head", "ray_executable", "start_head", "stop_head"]
 
 log = logging.getLogger("diffops.controller")
 
@@ -68,6 +70,18 @@ def dashboard_url_for(address: str) -> str:
         return address
     host = address.split(":")[0] or "127.0.0.1"
     return f"http://{host}:8265"
+
+
+def is_local(dashboard_url: str) -> bool:
+    """Whether the cluster at this dashboard runs on this machine (a loopback host): then replicas may share the
+    controller's model cache and read `file://` models from its repo. Any other host is a cluster of other machines."""
+    host = urlsplit(dashboard_url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def start_head(head: RayHead, num_cpus: float | None = None, num_gpus: int | None = None, timeout_s: float = 60) -> str:

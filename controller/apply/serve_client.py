@@ -47,11 +47,12 @@ def parse_applications(details: dict[str, Any]) -> dict[str, ObservedApp]:
     """Serve's application details -> ObservedApp per application name."""
     observed = {}
     for name, app in (details.get("applications") or {}).items():
-        running, target, replica_ids, messages = 0, 0, [], [app.get("message") or ""]
+        running, target, replica_ids, nodes, messages = 0, 0, [], [], [app.get("message") or ""]
         for deployment in (app.get("deployments") or {}).values():
             replicas = deployment.get("replicas") or []
             running += sum(1 for r in replicas if r.get("state") == "RUNNING")
             replica_ids += [r.get("replica_id", "") for r in replicas if r.get("state") == "RUNNING"]
+            nodes += [str(r.get("node_ip") or "?") for r in replicas if r.get("state") == "RUNNING"]
             target += int(deployment.get("target_num_replicas") or (deployment.get("deployment_config") or {}).get("num_replicas") or 0)
             messages.append(deployment.get("message") or "")
         config = app.get("deployed_app_config") or {}
@@ -63,6 +64,7 @@ def parse_applications(details: dict[str, Any]) -> dict[str, ObservedApp]:
             running=running,
             target=target,
             replica_ids=tuple(sorted(replica_ids)),
+            nodes=tuple(sorted(nodes)),
             user_config=deployments[0].get("user_config"),
             args=config.get("args"),
             config=app.get("deployed_app_config"),

@@ -13,31 +13,38 @@ mark in its deployments' `user_config` (`controller.apply.drift`), also lightwei
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from controller.apply.drift import mark
+from controller.apply.model_store import Placement
 from controller.rollout.capacity import effective_replicas
 from controller.state.records import ReleaseRecord, VersionRecord
+from serving.code_pin import PIN_ENV
 
 __all__ = ["CONSTRUCTOR_RETRIES", "GRACEFUL_SHUTDOWN_S", "MODEL_IMPORT", "ROUTER_CPUS", "ROUTER_IMPORT", "ROUTER_MAX_ONGOING",
-           "RenderSettings", "default_controller_id", "model_app", "render", "rendered_versions", "router_app", "router_weights"]
+           "ProxyLocation", "RenderSettings", "default_controller_id", "model_app",
+           "render", "rendered_versions", "router_app", "router_weights"]
 
 MODEL_IMPORT = "serving.model_server:build_model_app"
 ROUTER_IMPORT = "serving.router:build_router_app"
 ROUTER_CPUS = 0.05
 ROUTER_MAX_ONGOING = 1024
+ProxyLocation = Literal["HeadOnly", "EveryNode"]
 GRACEFUL_SHUTDOWN_S = 60
 CONSTRUCTOR_RETRIES = 3
 
 
 @dataclass(frozen=True)
 class RenderSettings:
-    repo: str  # local path of the release repository (work tree or mirror) replicas read file:// models from
-    cache_dir: str  # the model cache shared with replicas on this machine
-    http_host: str = "127.0.0.1"
+    repo: str  # local path of the release repository (work tree or mirror); replicas read it only on a local cluster
+    cache_dir: str  # the controller's model cache; shared with replicas only on a local cluster
+    http_host: str = "127.0.0.1"  # `--http-host`: where Serve's proxies listen
     http_port: int = 8000
     owner: str = "diffops"  # this controller's id (`--controller-id`), marked on every app it renders
+    placement: Placement = field(default_factory=Placement)  # `--model-store`, and whether the cluster is this machine
+    proxy_location: ProxyLocation = "HeadOnly"  # `--proxy-location`: EveryNode on a cluster
+    serving_code: str | None = None  # `serving.code_pin.fingerprint()` of this controller: every app's nodes must run it
 
 
 def default_controller_id(state_dir: str) -> str:
@@ -50,7 +57,7 @@ def default_controller_id(state_dir: str) -> str:
 
 def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any]:
     """The version's application, from its record (whose light fields follow the release while it is desired)."""
-    spec = version.spec
+    spec, placement = version.spec, settings.placement
     replicas = spec.replicas
     return {
         "name": version.app,
@@ -59,11 +66,11 @@ def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any
         "args": version.deployed_args or {
             "release": version.release,
             "version": version.version,
-            "model": spec.model.model_dump(mode="json"),
+            "model": placement.for_replicas(spec.model).model_dump(mode="json"),
             "generation": spec.generation.model_dump(mode="json"),
-            "repo": settings.repo,
+            "repo": settings.repo if placement.reads_repo(spec.model) else None,
             "commit": version.commit,
-            "cache_dir": settings.cache_dir,
+            "cache_dir": settings.cache_dir if placement.local else None,  # None: the node's own (DIFFOPS_CACHE_DIR)
             "gpus": replicas.gpus,
             "faults": spec.faults.model_dump(mode="json") if spec.faults is not None else None,
         },
@@ -126,6 +133,13 @@ def rendered_versions(versions: Iterable[VersionRecord]) -> list[VersionRecord]:
     return [v for v in versions if v.status in ("starting", "ready", "retiring")]
 
 
+def _pinned(app: dict[str, Any], settings: RenderSettings) -> dict[str, Any]:
+    """The app with the serving code pinned in its runtime_env: a node running other code refuses to start it."""
+    if settings.serving_code is None:
+        return app
+    return {**app, "runtime_env": {"env_vars": {PIN_ENV: settings.serving_code}}}
+
+
 def render(releases: Iterable[ReleaseRecord], versions: Iterable[VersionRecord], settings: RenderSettings) -> dict[str, Any]:
     """The complete Serve config: every release's router and live versions, each marked with this controller's owner id."""
     by_release: dict[str, list[VersionRecord]] = {}
@@ -136,10 +150,10 @@ def render(releases: Iterable[ReleaseRecord], versions: Iterable[VersionRecord],
         live = by_release.get(release.name)
         if not live:
             continue
-        applications.append(mark(router_app(release, live), settings.owner))
-        applications += [mark(model_app(version, settings), settings.owner) for version in live]
+        applications.append(_pinned(mark(router_app(release, live), settings.owner), settings))
+        applications += [_pinned(mark(model_app(version, settings), settings.owner), settings) for version in live]
     return {
-        "proxy_location": "HeadOnly",
+        "proxy_location": settings.proxy_location,
         "http_options": {"host": settings.http_host, "port": settings.http_port},
         "applications": applications,
     }

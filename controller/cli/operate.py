@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import click
 import httpx
@@ -22,6 +24,9 @@ from controller.cli.terminal import is_terminal, print_rich
 from controller.source.credentials import private_dir
 from controller.state.records import Command
 from controller.state.store import Store
+
+if TYPE_CHECKING:
+    from controller.apply.serve_config import ProxyLocation
 
 __all__ = ["COMMANDS", "DEFAULT_URL", "abort", "controller", "generate", "history", "open_store", "promote", "ray", "retry", "status"]
 
@@ -48,7 +53,17 @@ def controller() -> None:
 @click.option("--ray-address", default=None, metavar="URL|HOST:PORT",
               help="Ray dashboard URL (or GCS host:port) of a running cluster; without it a local head is started on 127.0.0.1.")
 @click.option("--interval", default=10.0, show_default=True, help="Seconds between polls (remote URLs; local repos are also watched).")
-@click.option("--http-port", default=8000, show_default=True, help="Port of Ray Serve's HTTP proxy (on 127.0.0.1).")
+@click.option("--http-port", default=8000, show_default=True, help="Port of Ray Serve's HTTP proxies.")
+@click.option("--http-host", default="127.0.0.1", show_default=True,
+              help="Address Serve's HTTP proxies listen on (0.0.0.0 on a cluster, to be reached from other hosts).")
+@click.option("--proxy-location", type=click.Choice(["HeadOnly", "EveryNode"]), default="HeadOnly", show_default=True,
+              help="Where Serve runs HTTP proxies: EveryNode on a cluster behind a load balancer.")
+@click.option("--serve-url", default=None, metavar="URL",
+              help="Serve's HTTP endpoint as the controller reaches it, to confirm router weights and read canary figures "
+                   "(default: the --ray-address host, or 127.0.0.1, at --http-port).")
+@click.option("--model-store", default=None, metavar="URI",
+              help="Object store (s3://bucket/prefix, gs://, az://) that file:// models of the release repo are published to, "
+                   "by digest, before their version starts; needed when the cluster's nodes are not this machine.")
 @click.option("--num-gpus", type=int, default=None, help="GPUs the local head advertises (default: detected).")
 @click.option("--metrics-port", type=int, default=None, help="Serve controller metrics for Prometheus on 127.0.0.1:PORT.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
@@ -74,12 +89,14 @@ def controller() -> None:
               help="Evict least-recently-used models no recorded version pins until the model cache is under BYTES "
                    "(default: no limit).")
 def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: str | None, interval: float, http_port: int,
+                   http_host: str, proxy_location: ProxyLocation, serve_url: str | None, model_store: str | None,
                    num_gpus: int | None, metrics_port: int | None, log_format: str, allow_prune_all: bool, gate_python: str | None,
                    allow_fault_injection: bool, revert_on_abort: str, require_signed_commits: bool,
                    allowed_signers: Path | None, gnupghome: Path | None, once: bool, controller_id: str | None,
                    cache_max_bytes: int | None) -> None:
     """Make Ray Serve match the releases at the branch head, continuously."""
     from controller.apply import ray_cluster
+    from controller.apply.model_store import Placement
     from controller.apply.serve_client import ServeClient
     from controller.apply.serve_config import RenderSettings, default_controller_id
     from controller.daemon import StateDirLocked, install_signal_handlers, lock_state_dir, run_loop
@@ -87,6 +104,7 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     from controller.metrics import ControllerMetrics
     from controller.reconciler import Reconciler
     from controller.source.signatures import SignatureGate, Trust, TrustError, check_trust
+    from serving.code_pin import fingerprint
 
     logs.configure(log_format)
     if (allowed_signers or gnupghome) and not require_signed_commits:
@@ -115,17 +133,24 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
             dashboard = ray_cluster.start_head(ray_cluster.RayHead(), num_gpus=num_gpus)
     except RuntimeError as err:
         fail(str(err))
-    serve = ServeClient(dashboard, ray_cluster.ensure_token(), serve_url=f"http://127.0.0.1:{http_port}")
+    local = ray_cluster.is_local(dashboard)
+    try:
+        placement = Placement(model_store, local)
+    except ValueError as err:
+        fail(str(err))
+    serve_url = serve_url or f"http://{urlsplit(dashboard).hostname if not local else '127.0.0.1'}:{http_port}"
+    serve = ServeClient(dashboard, ray_cluster.ensure_token(), serve_url=serve_url)
     if not serve.alive():
         fail(f"Ray dashboard at {dashboard} is unreachable or refuses the token; check --ray-address and RAY_AUTH_MODE=token")
     metrics = ControllerMetrics()
     if metrics_port:
         metrics.serve(metrics_port)
     stop, wake = threading.Event(), threading.Event()
-    settings = RenderSettings(repo=str(source.path), cache_dir=str(state_dir / "models"), http_port=http_port,
-                              owner=controller_id or default_controller_id(str(state_dir)))
+    settings = RenderSettings(repo=str(source.path), cache_dir=str(state_dir / "models"), http_host=http_host, http_port=http_port,
+                              owner=controller_id or default_controller_id(str(state_dir)), placement=placement,
+                              proxy_location=proxy_location, serving_code=fingerprint())
     try:
-        gate = RayJobGate(dashboard, ray_cluster.ensure_token(), python=gate_python)
+        gate = RayJobGate(dashboard, ray_cluster.ensure_token(), python=gate_python, serving_code=fingerprint())
     except ValueError as err:  # DIFFOPS_GATE_START_DEADLINE_S / DIFFOPS_GATE_RESOURCES malformed
         fail(str(err))
     reconciler = Reconciler(source, store, serve, settings, branch=branch,
@@ -134,8 +159,10 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
                             allow_faults=allow_fault_injection, revert_on_abort=revert_on_abort,
                             signatures=SignatureGate(Path(source.repo.git_dir), trust) if trust is not None else None,
                             cache_max_bytes=cache_max_bytes)
-    click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}, id {settings.owner}); "
-               f"serving at http://127.0.0.1:{http_port}/<release>/generate", err=True)
+    where = "this machine" if local else f"the cluster at {dashboard}"
+    published = f"; file:// models published to {model_store}" if model_store else ""
+    click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}, id {settings.owner}); Ray on {where}{published}; "
+               f"serving at {serve_url}/<release>/generate", err=True)
     if trust is not None:
         click.echo(f"diffops: reconciling only a branch head signed by one of {trusted}; an unsigned or unknown-key head is refused",
                    err=True)

@@ -16,8 +16,8 @@ from controller.parse.release import Spec
 from controller.state.records import Event, ReleaseRecord, app_name
 from controller.state.store import State
 
-__all__ = ["HistoryRow", "TimelineItem", "age", "analysis_summary", "checks_summary", "history_rows", "history_text", "image_policy",
-           "status_json", "status_text", "step_text"]
+__all__ = ["HistoryRow", "TimelineItem", "age", "analysis_summary", "checks_summary", "history_rows", "history_text",
+           "image_policy", "nodes_count", "nodes_text", "status_json", "status_text", "step_text"]
 
 ROLE_ORDER = {"stable": 0, "canary": 1, "standby": 2}
 OUTCOMES = {"promoted": "promoted", "failed": "failed", "abandoned": "abandoned", "rolled-back": "rolled back",
@@ -70,6 +70,7 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
                 "live_weight": live.get(version.version),
                 "ready_replicas": app.running if app else 0,
                 "replicas": version.spec.replicas.count,
+                "nodes": nodes_count(app.nodes) if app else {},
                 "status": version.status,
                 "commit": version.commit,
                 "image_policy": image_policy(version.spec),
@@ -92,6 +93,19 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
         "refused_commit": dataclasses.asdict(refused) if (refused := state.controller.refused) else None,
         "releases": releases,
     }
+
+
+def nodes_count(nodes: tuple[str, ...]) -> dict[str, int]:
+    """Running replicas per node address, e.g. {"198.18.0.3": 2}."""
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[node] = counts.get(node, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def nodes_text(counts: dict[str, int]) -> str:
+    """'198.18.0.3 x2, 198.18.0.4' for a status line."""
+    return ", ".join(node if count == 1 else f"{node} x{count}" for node, count in counts.items())
 
 
 def image_policy(spec: Spec) -> str:
@@ -145,8 +159,9 @@ def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
                 f"{name}:{'ok' if c['outcome'] == 'passed' else c['outcome']}" for name, c in gate["checks"].items())
             actual = "" if v["live_weight"] in (None, v["weight"]) else f" (router: {v['live_weight']}%)"
             image = "  image unverified" if v["image_policy"] == "unverified" else ""
+            nodes = f" on {nodes_text(v['nodes'])}" if v["nodes"] else ""
             lines.append(f"  {v['id']:<12} {v['role']:<8} weight {v['weight']:>3}%{actual}  "
-                         f"replicas {v['ready_replicas']}/{v['replicas']}  from {v['commit'][:12]}{image}{checks}")
+                         f"replicas {v['ready_replicas']}/{v['replicas']}{nodes}  from {v['commit'][:12]}{image}{checks}")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from controller.cli.status_view import HistoryRow, age, analysis_summary
+from controller.cli.status_view import HistoryRow, age, analysis_summary, nodes_text
 
 __all__ = ["PHASE_STYLES", "history_table", "status_table"]
 
@@ -33,6 +33,8 @@ def _release_detail(release: dict[str, Any]) -> str:
 
 def _version_detail(version: dict[str, Any]) -> str:
     detail = f"from {version['commit'][:12]}"
+    if version["nodes"]:
+        detail = f"on {nodes_text(version['nodes'])}, {detail}"
     if version["image_policy"] == "unverified":
         detail += ", image unverified"
     gate = version["gate"]

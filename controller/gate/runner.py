@@ -46,6 +46,7 @@ from controller.apply.dashboard import DashboardClient, DashboardError
 from controller.gate.start import DEFAULT_START_BASE_S, Fail, asked, start_deadline_s, start_verdict
 from controller.parse.release import Release
 from controller.source.git_source import ReleaseSource
+from serving.code_pin import PIN_ENV
 from serving.schema import ModelSpec
 
 __all__ = ["FINAL", "JOBS_PATH", "PACKAGES_PATH", "PACKAGE_MAX_BYTES", "Gate", "LocalGate", "RayJobGate", "crashed", "gate_input",
@@ -77,9 +78,10 @@ def gate_key(release: Release, reference: git.Blob | None) -> str:
     return hashlib.sha256(f"{checks}\n{reference_sha}".encode()).hexdigest()[:12]
 
 
-def gate_input(release: Release, version: str, source: ReleaseSource, cache_dir: str, *, model_commit: str,
-               checks_commit: str, model: ModelSpec | None = None) -> dict[str, Any]:
-    """What the gate job needs: the model as the version pins it, the checks as the desired commit has them."""
+def gate_input(release: Release, version: str, source: ReleaseSource, cache_dir: str | None, *, model_commit: str,
+               checks_commit: str, model: ModelSpec | None = None, repo: bool = True) -> dict[str, Any]:
+    """What the gate job needs: the model as replicas fetch it, the checks as the desired commit has them.
+    On a cluster `cache_dir` is None (the node's own cache) and `repo` False: the job never gets a controller path."""
     spec = release.model_dump(mode="json")["spec"]
     blob = reference_blob(source, checks_commit, release)
     size = blob.size if blob is not None else None
@@ -87,7 +89,7 @@ def gate_input(release: Release, version: str, source: ReleaseSource, cache_dir:
     return {
         "release": release.name, "version": version, "spec": spec,
         "model": (model or release.spec.model).model_dump(mode="json"),
-        "repo": str(source.path), "commit": model_commit, "cache_dir": cache_dir,
+        "repo": str(source.path) if repo else None, "commit": model_commit, "cache_dir": cache_dir,
         "reference": reference, "reference_bytes": size, "timeout_s": release.spec.checks.timeout.total_seconds(),
     }
 
@@ -98,14 +100,15 @@ def package_uri(package: bytes) -> str:
 
 
 def job_request(gate: dict[str, Any], job_id: str, uri: str, python: str, cpus: float, gpus: float,
-                resources: dict[str, float] | None = None) -> dict[str, Any]:
-    """The job submission: a pointer to the uploaded package and the release's resources; never the input itself."""
+                resources: dict[str, float] | None = None, serving_code: str | None = None) -> dict[str, Any]:
+    """The job submission: a pointer to the uploaded package and the release's resources; never the input itself.
+    `serving_code` pins the code the job's node must run (the dependency check fails on another)."""
     body: dict[str, Any] = {
         "entrypoint": f"{shlex.quote(python)} -m checks.job",
         "submission_id": job_id,
         "entrypoint_num_cpus": cpus,
         "entrypoint_num_gpus": gpus,
-        "runtime_env": {"working_dir": uri},
+        "runtime_env": {"working_dir": uri, **({"env_vars": {PIN_ENV: serving_code}} if serving_code else {})},
         "metadata": {"release": gate["release"], "version": gate["version"], "num_cpus": f"{cpus:g}", "num_gpus": f"{gpus:g}"},
     }
     if resources:
@@ -142,7 +145,7 @@ class RayJobGate:
     """The gate as a Ray job: `entrypoint_num_cpus/gpus` are the release's replica resources."""
 
     def __init__(self, dashboard_url: str, token: str | None, python: str | None = None, poll_s: float = 0.5,
-                 start_base_s: float | None = None, resources: dict[str, float] | None = None):
+                 start_base_s: float | None = None, resources: dict[str, float] | None = None, serving_code: str | None = None):
         self.dashboard = DashboardClient(dashboard_url, token, timeout_s=30)
         self.python = python or sys.executable  # the cluster's Python with diffops installed; this one for a local head
         self.poll_s = poll_s
@@ -150,6 +153,7 @@ class RayJobGate:
         self.start_base_s = start_base_s if start_base_s is not None else env_base
         self.resources = resources if resources is not None else env_resources
         self.stopping = threading.Event()  # set when the controller stops: running gate jobs are stopped
+        self.serving_code = serving_code
 
     def run(self, gate: dict[str, Any], cpus: float, gpus: float) -> GateReport:
         started = time.monotonic()
@@ -166,7 +170,7 @@ class RayJobGate:
             else:
                 job_id = f"{base}-{uuid.uuid4().hex[:6]}"
                 uploaded = self._upload(uri, package)
-                body = job_request(gate, job_id, uri, self.python, cpus, gpus, self.resources)
+                body = job_request(gate, job_id, uri, self.python, cpus, gpus, self.resources, self.serving_code)
                 response = self.dashboard.send("POST", JOBS_PATH, json=body)
                 if response.status_code >= 400:
                     refused = f"Ray refused the gate job: HTTP {response.status_code} {response.text[:300]}"

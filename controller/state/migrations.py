@@ -107,6 +107,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the first layout: controller, releases, versions, events, apps", tuple(_statements(V1_TABLES))),
     Migration(2, "canary steps, gates, manual commands, router weights, surge replicas, refused commits",
               (*_statements(V2_TABLES), _add_columns(V2_COLUMNS))),
+    Migration(3, "the nodes each app's replicas run on", ('ALTER TABLE apps ADD COLUMN nodes TEXT',)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -107,6 +107,7 @@ class ObservedApp:
     running: int = 0
     target: int = 0
     replica_ids: tuple[str, ...] = field(default_factory=tuple)
+    nodes: tuple[str, ...] = field(default_factory=tuple)  # the node address of each running replica, sorted
     user_config: dict[str, Any] | None = None
     args: dict[str, Any] | None = None
     weights: dict[str, int] | None = None  # a router's live weights, as it answers them itself

@@ -35,7 +35,7 @@ __all__ = ["SCHEMA_VERSION", "ControllerRecord", "GateRecord", "RefusedCommit", 
 
 log = logging.getLogger("diffops.controller")
 
-APP_COLUMNS = ("name", "status", "message", "running", "target", "weights")
+APP_COLUMNS = ("name", "status", "message", "running", "target", "weights", "nodes")
 JSON_FIELDS = {"deployed_args", "analysis"}
 
 GateRecord = tuple[str, str, str, dict[str, Any]]  # release, version, gate key, the gate's report
@@ -146,7 +146,8 @@ class Store:
         controller = dataclasses.replace(controller, refused=self._refused())
         releases = {r["name"]: _record(ReleaseRecord, r, self.path) for r in self.db.execute("SELECT * FROM releases ORDER BY name")}
         versions = [_record(VersionRecord, r, self.path) for r in self.db.execute("SELECT * FROM versions ORDER BY release, created_at")]
-        apps = {r["name"]: ObservedApp(**{**dict(r), "weights": json.loads(r["weights"]) if r["weights"] else None})
+        apps = {r["name"]: ObservedApp(**{**dict(r), "weights": json.loads(r["weights"]) if r["weights"] else None,
+                                          "nodes": tuple(json.loads(r["nodes"]) if r["nodes"] else ())})
                 for r in self.db.execute("SELECT * FROM apps")}
         return State(controller, releases, versions, apps)
 
@@ -173,7 +174,8 @@ class Store:
             db.execute("DELETE FROM apps")
             for app in state.apps.values():
                 row = {column: getattr(app, column) for column in APP_COLUMNS}
-                _insert(db, "apps", {**row, "weights": json.dumps(row["weights"]) if row["weights"] is not None else None})
+                _insert(db, "apps", {**row, "weights": json.dumps(row["weights"]) if row["weights"] is not None else None,
+                                     "nodes": json.dumps(list(row["nodes"]))})
             now = time.time()
             for command in consumed:
                 db.execute("UPDATE commands SET consumed_at = ? WHERE id = ?", (now, command.id))

@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from checks.report import GateReport
+from controller.apply.model_store import Placement, publish
 from controller.gate.runner import Gate, gate_input
 from controller.rollout.outcomes import Desired, Prepared
 from controller.source.git_source import ReleaseSource
@@ -36,8 +37,9 @@ class Preparations:
     """Model fetches and gate runs in a thread pool, keyed by (release, version, gate key)."""
 
     def __init__(self, source: ReleaseSource, store: Store, gate: Gate, cache: ModelCache, cache_dir: str, gate_dir: Path,
-                 on_prepared: Callable[[], None] = lambda: None):
+                 on_prepared: Callable[[], None] = lambda: None, placement: Placement | None = None):
         self.source, self.store, self.gate, self.cache = source, store, gate, cache
+        self.placement = placement or Placement()
         self.cache_dir, self.gate_dir, self.on_prepared = cache_dir, gate_dir, on_prepared
         self.prepared: dict[Key, Prepared] = {}  # finished, not yet seen by a tick that went through
         self.preparing: dict[Key, Future[Prepared]] = {}  # running or queued (their resources are held)
@@ -63,17 +65,24 @@ class Preparations:
         key = (version.release, version.version, desired.gate_key)
         if key in self.preparing or key in self.prepared:
             return
-        model = version.spec.model
+        model, placement = version.spec.model, self.placement
         passed = self.store.passed_gate(*key)
-        gate = gate_input(desired.release, version.version, self.source, self.cache_dir,
-                          model_commit=version.commit, checks_commit=desired.commit, model=model)
+        local = placement.local
+        gate = gate_input(desired.release, version.version, self.source, self.cache_dir if local else None,
+                          model_commit=version.commit, checks_commit=desired.commit, model=placement.for_replicas(model),
+                          repo=placement.reads_repo(model))
         resources = version.spec.replicas
 
         def work() -> Prepared:
             started = time.monotonic()
+            refusal = placement.refusal(model)
+            if refusal is not None:
+                return Prepared(False, f"model unreachable from the cluster: {refusal}", 0.0)
             try:
-                fetch(model.uri, model.digest, self.cache, repo=self.source.path, commit=version.commit,
-                      reverify=True, heal=True)  # a damaged cached copy is fetched again, never gated
+                fetched = fetch(model.uri, model.digest, self.cache, repo=self.source.path, commit=version.commit,
+                                reverify=True, heal=True)  # a damaged cached copy is fetched again, never gated
+                if placement.publishes(model):
+                    publish(fetched.path, placement.for_replicas(model).uri)
             except ArtifactError as err:
                 return Prepared(False, f"model refused: {err}", time.monotonic() - started)
             except Exception as err:  # network, permissions: the version fails with the reason, the controller goes on
