@@ -14,10 +14,12 @@ STATE_DIR ?= $(CURDIR)/.state
 setup: $(VENV)/.installed
 
 # torch goes first (the CPU build unless TORCH_SPEC says otherwise), then the project under the pins.
-$(VENV)/.installed: pyproject.toml constraints.txt
+# checkov (deploy/ checks) lives in .venv/checkov: its own pins conflict with ours.
+$(VENV)/.installed: pyproject.toml constraints.txt deploy/checkov/requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	deploy/checkov/install.sh $(BIN)/python
 	@touch $@
 
 # The controller on this repo's releases/ with a local Ray (127.0.0.1, token auth), serving /demo on :8000.
@@ -40,7 +42,7 @@ test: setup code-check
 
 # The code itself: ruff (rules in pyproject.toml) and mypy --strict on controller/, serving/ and checks/.
 code-check: setup
-	$(BIN)/ruff check controller serving checks bench tests scripts
+	$(BIN)/ruff check controller serving checks bench tests scripts deploy
 	$(BIN)/mypy
 
 # Mutation testing of the pure decision modules (about 40 min on 2 cores); the score is in the README.

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from bench.context import Context
 from bench.fakes import InstantServe, PassingGate
 from bench.gitrepo import append_commit, blob_text, build_history, release_name
@@ -45,6 +47,7 @@ class Measured:
     change_s: list[float]  # per change: the ticks until it was applied, summed
     change_ticks: list[int]
     changed_apps: list[list[str]] = field(default_factory=list)  # apps whose config each change touched
+    rss_mb: float = 0.0  # this process's resident memory with the reconciler settled at this size (for sizing)
 
 
 def applied(state: State, head: str) -> bool:
@@ -94,7 +97,8 @@ def measure(releases: int, history: int, workdir: Path, say: Say, changes: int =
             started_tick = time.perf_counter()
             reconciler.reconcile()
             noop.append(time.perf_counter() - started_tick)
-        measured = Measured(releases, history, settle_s, noop, serve.applies - applies, [], [])
+        rss_mb = psutil.Process().memory_info().rss / 2**20
+        measured = Measured(releases, history, settle_s, noop, serve.applies - applies, [], [], rss_mb=rss_mb)
         say(f"{releases} releases: timing {changes} one-release changes")
         target = release_name(0)
         for number in range(1, changes + 1):
@@ -119,10 +123,14 @@ def figures(results: list[Measured]) -> list[Figure]:
         detail = {"releases": m.releases, "history_commits": m.history, "settle_s": round(m.settle_s, 2),
                   "noop_ms": [round(s * 1000, 2) for s in m.noop_s], "noop_serve_applies": m.noop_applies,
                   "change_ms": [round(s * 1000, 2) for s in m.change_s], "change_ticks": m.change_ticks,
-                  "changed_apps": m.changed_apps}
+                  "changed_apps": m.changed_apps, "rss_mb": round(m.rss_mb, 1)}
         if m is not smallest:
             out.append(Figure("reconcile", f"no-op reconcile, {m.releases} releases", noop_ms, "ms",
                               f"no-op, {smallest.releases} releases", base_ms, ratio(noop_ms, base_ms), detail=detail))
+        if m is not smallest:
+            out.append(Figure("reconcile", f"controller resident memory, {m.releases} releases", round(m.rss_mb, 1), "MB",
+                              f"{smallest.releases} releases", round(smallest.rss_mb, 1), ratio(m.rss_mb, smallest.rss_mb),
+                              detail={"releases": m.releases}))
         change_ms = statistics.median(m.change_s) * 1000
         out.append(Figure("reconcile", f"one-release change, {m.releases} releases", change_ms, "ms",
                           f"no-op, {m.releases} releases", noop_ms, ratio(change_ms, noop_ms), detail=detail))

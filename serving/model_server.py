@@ -26,9 +26,10 @@ from serving.metrics import Nvml, serving_metrics
 from serving.model_cache import node_cache_dir
 from serving.pipeline import load_pipeline, pick_device
 
-__all__ = ["InjectedFault", "ModelServer", "build_model_app"]
+__all__ = ["CONSTRUCTOR_RETRIES", "InjectedFault", "ModelServer", "build_model_app"]
 
 log = logging.getLogger("ray.serve")
+CONSTRUCTOR_RETRIES = 3  # a replica that fails to start is retried this often, then the version is failed
 
 
 class InjectedFault(RuntimeError):
@@ -109,5 +110,6 @@ class ModelServer:
 
 
 def build_model_app(args: dict[str, Any]) -> serve.Application:
-    """Serve application builder named in the rendered config (`serving.model_server:build_model_app`)."""
-    return serve.deployment(name="Model")(ModelServer).bind(**args)
+    """Serve application builder named in the rendered config (`serving.model_server:build_model_app`). The constructor
+    retry count is set here: Ray's config schema has no such field (it would be dropped silently)."""
+    return serve.deployment(name="Model", max_constructor_retry_count=CONSTRUCTOR_RETRIES)(ModelServer).bind(**args)

@@ -8,9 +8,11 @@ A request is validated before any pipeline work (422 naming the field), sent
 to one version app by weight (or to the version named in `X-Diffops-Version`),
 and answered as PNG or JSON with `X-Diffops-Version` and `X-Request-Id`.
 `GET /<release>` answers the weights and, per version, the figures the canary
-analysis judges: only requests the router assigned by weight; requests pinned
+analysis judges: only requests a router assigned by weight; requests pinned
 with `X-Diffops-Version` (previews, steerable by any client) are counted apart,
-under `pinned`, in a window of their own so they cannot push judged ones out.
+under `pinned`. The release's routers scale out (`spec.ingress.replicas`); every
+router replica sends its answers to the release's one `serving.tally.Tally`, so
+whichever replica answers `GET /<release>` reports all of the release's traffic.
 Backpressure from a full version queue becomes 503 with `Retry-After`; a
 request whose replica dies under it is retried once. Every 4xx and 5xx is an
 RFC 9457 problem details document (`application/problem+json`, built by
@@ -26,7 +28,6 @@ import logging
 import random
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,18 +42,16 @@ from serving import code_pin
 from serving.metrics import serving_metrics
 from serving.problems import PROBLEM_MEDIA_TYPE, ProblemDocument, ProblemKind, echo, problem
 from serving.requests import RequestError, parse_request, read_body
-from serving.stats import p95
+from serving.tally import Answer, Tally
 
-__all__ = ["REQUEST_ID_HEADER", "VERSION_HEADER", "Router", "build_router_app", "figures", "pick_version", "window_stats"]
+__all__ = ["REQUEST_ID_HEADER", "TALLY_CPUS", "VERSION_HEADER", "Router", "build_router_app", "pick_version"]
 
 log = logging.getLogger("ray.serve")
 
 VERSION_HEADER = "X-Diffops-Version"
 REQUEST_ID_HEADER = "X-Request-Id"
-STATS_WINDOW = 20_000  # recent answers kept for canary analysis, per kind (judged, pinned)
 ECHO_CHARS = 80  # a client's header value is echoed in an error at most this long
-
-Answer = tuple[float, str, bool, float]  # (epoch seconds, version, ok, seconds)
+TALLY_CPUS = 0.01  # the tally only appends to a deque
 
 
 def pick_version(weights: dict[str, int], pinned: str | None, rng: random.Random) -> str | None:
@@ -66,9 +65,11 @@ def pick_version(weights: dict[str, int], pinned: str | None, rng: random.Random
 
 
 class Router:
-    def __init__(self, release: str):
+    def __init__(self, release: str, tally: DeploymentHandle[Any] | None = None):
+        """`tally`: the release's shared `Tally` deployment; None (a router built in-process) keeps one of its own."""
         code_pin.check(f"{release} router")  # the serving code the controller pinned, or refuse to start
         self.release = release
+        self.tally, self.own_tally = tally, Tally()
         self.weights: dict[str, int] = {}
         self.limits: dict[str, int] = {}
         self.defaults: dict[str, int] = {}
@@ -76,8 +77,6 @@ class Router:
         self.handles: dict[str, DeploymentHandle[Any]] = {}
         self.rng = random.Random()
         self.metrics = serving_metrics()
-        self.judged: deque[Answer] = deque(maxlen=STATS_WINDOW)  # assigned by weight: what the canary analysis judges
-        self.pinned: deque[Answer] = deque(maxlen=STATS_WINDOW)  # pinned previews: reported, never judged
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.weights = {str(k): int(v) for k, v in config.get("weights", {}).items()}
@@ -108,7 +107,7 @@ class Router:
                 since = float(request.query_params.get("since") or 0)
             except ValueError:
                 return self._error("invalid-request", request_id, None, "epoch seconds expected", [("since", "epoch seconds expected")])
-            return JSONResponse({"release": self.release, "weights": self.weights, "stats": self.stats(since)})
+            return JSONResponse({"release": self.release, "weights": self.weights, "stats": await self.stats(since)})
         if not path.endswith("/generate"):
             return self._error("not-found", request_id, None, f"use POST /{self.release}/generate")
         if request.method != "POST":
@@ -131,22 +130,22 @@ class Router:
                 detail = f"{echo(pinned, ECHO_CHARS)!r} is not live; live versions: {sorted(self.weights)}"
                 return self._error("unknown-version", request_id, None, detail, [(VERSION_HEADER, detail)])
             return self._error("no-version-serving", request_id, None, "retry shortly", headers=self._retry())
-        window = self.pinned if pinned is not None else self.judged
+        preview = pinned is not None
         try:
             result = await self._generate(version, params, request_id)
         except BackPressureError:
-            window.append((time.time(), version, False, time.monotonic() - started))
+            self._note((time.time(), version, False, time.monotonic() - started), preview)
             detail = f"version {version} queue is full; retry after {self.retry_after_s}s"
             return self._error("overloaded", request_id, version, detail, headers=self._retry())
         except DeploymentUnavailableError:
-            window.append((time.time(), version, False, time.monotonic() - started))
+            self._note((time.time(), version, False, time.monotonic() - started), preview)
             return self._error("version-unavailable", request_id, version, f"{version} is not running", headers=self._retry())
         except Exception as err:  # the version failed to generate (not the request's fault)
-            window.append((time.time(), version, False, time.monotonic() - started))
+            self._note((time.time(), version, False, time.monotonic() - started), preview)
             log.warning("router %s: version %s failed request %s: %s", self.release, version, request_id, err)
             return self._error("generation-failed", request_id, version, f"version {version} failed: {type(err).__name__}")
         seconds = time.monotonic() - started
-        window.append((time.time(), version, True, seconds))
+        self._note((time.time(), version, True, seconds), preview)
         self._count(version, 200, seconds)
         headers = {VERSION_HEADER: version}
         if "application/json" in request.headers.get("accept", ""):
@@ -166,8 +165,19 @@ class Router:
             answer = await self._handle(version).generate.remote(params)
         return answer
 
-    def stats(self, since: float) -> dict[str, dict[str, Any]]:
-        return window_stats(self.judged, self.pinned, since)
+    def _note(self, answer: Answer, preview: bool) -> None:
+        """Send an answer to the release's tally; never waited on (a request does not pay for the bookkeeping)."""
+        if self.tally is None:
+            self.own_tally.record(answer, preview)
+        else:
+            self.tally.record.remote(answer, preview)
+
+    async def stats(self, since: float) -> dict[str, dict[str, Any]]:
+        """Every router replica's answers since `since`, per version (`serving.tally.window_stats`)."""
+        if self.tally is None:
+            return self.own_tally.stats(since)
+        stats: dict[str, dict[str, Any]] = await self.tally.stats.remote(since)
+        return stats
 
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
@@ -191,22 +201,8 @@ class Router:
         return JSONResponse(document, status_code=document["status"], headers=out, media_type=PROBLEM_MEDIA_TYPE)
 
 
-def figures(answers: list[tuple[bool, float]]) -> dict[str, Any]:
-    """Requests, errors (5xx) and p95 latency of those served."""
-    latencies = sorted(seconds for ok, seconds in answers if ok)
-    return {"requests": len(answers), "errors": sum(1 for ok, _ in answers if not ok), "p95_latency_s": p95(latencies)}
-
-
-def window_stats(judged: Iterable[Answer], pinned: Iterable[Answer], since: float) -> dict[str, dict[str, Any]]:
-    """Per version since `since` (epoch seconds): the judged figures at the top level, pinned previews under `pinned`."""
-    per: dict[str, tuple[list[tuple[bool, float]], list[tuple[bool, float]]]] = {}
-    for kind, answers in enumerate((judged, pinned)):
-        for at, version, ok, seconds in answers:
-            if at >= since:
-                per.setdefault(version, ([], []))[kind].append((ok, seconds))
-    return {version: {**figures(mine), "pinned": figures(previews)} for version, (mine, previews) in per.items()}
-
-
 def build_router_app(args: dict[str, Any]) -> serve.Application:
-    """Serve application builder named in the rendered config (`serving.router:build_router_app`)."""
-    return serve.deployment(name="Router")(Router).bind(args["release"])
+    """Serve application builder named in the rendered config (`serving.router:build_router_app`): the routers (the
+    ingress, `spec.ingress.replicas` of them) and the release's one tally they all report to."""
+    tally = serve.deployment(name="Tally", num_replicas=1, ray_actor_options={"num_cpus": TALLY_CPUS})(Tally).bind()
+    return serve.deployment(name="Router")(Router).bind(args["release"], tally)

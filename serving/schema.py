@@ -16,7 +16,8 @@ from pydantic import Field, field_validator
 from serving.fields import Digest, ImageRef, SpecModel
 from serving.samplers import SamplerName
 
-__all__ = ["FaultsSpec", "GenerationSpec", "LimitsSpec", "MODEL_SCHEMES", "ModelSpec", "ReplicasSpec", "RuntimeSpec", "rules"]
+__all__ = ["FaultsSpec", "GenerationSpec", "IngressSpec", "LimitsSpec",
+           "MODEL_SCHEMES", "ModelSpec", "ReplicasSpec", "RuntimeSpec", "rules"]
 
 MODEL_SCHEMES = ("file://", "s3://", "gs://", "az://", "abfs://", "hf://")
 
@@ -102,6 +103,11 @@ class ReplicasSpec(SpecModel):
     """Requests a replica works on at once; more wait in the queue."""
     max_queued_requests: int = Field(default=16, ge=1)
     """Requests waiting per deployment before new ones get 503 + Retry-After."""
+
+
+class IngressSpec(SpecModel):
+    replicas: int = Field(default=1, ge=1, le=64)
+    """Router replicas at `/<release>` (Serve's proxies spread requests over them); canary figures count all of them."""
 
 
 class FaultsSpec(SpecModel):

@@ -14,7 +14,7 @@ from controller.plan.versions import version_id
 from controller.rollout.canary import judge
 from controller.rollout.steps import Desired, step
 from controller.state.records import Command, ObservedApp, ReleaseRecord, VersionRecord
-from serving.router import window_stats
+from serving.tally import window_stats
 from tests.conftest import make_release
 
 NOW = 2_000_000.0

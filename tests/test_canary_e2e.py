@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from controller.state.records import Event, ReleaseRecord
@@ -19,6 +20,7 @@ from controller.state.store import Store
 from tests.conftest import ReleaseRepo
 from tests.live import (
     DIFFOPS,
+    SERVE_URL,
     Controller,
     Load,
     generate,
@@ -201,3 +203,24 @@ def test_capacity_waits_for_blue_green_and_auto_surges(model_repo: ReleaseRepo, 
         assert "shrinks to 1 replica(s) to make room" in controller.logs and "traffic by replicas" in controller.logs
     finally:
         controller.stop()
+
+
+def test_two_router_replicas_report_all_of_the_releases_traffic(live):
+    """Routers scale in place (a light change), and whichever router replica answers `GET /demo` counts every
+    request: with a window per router replica each would report about half of them."""
+    repo, controller, stable = live
+    repo.release(**{"  rollout:\n": "  ingress:\n    replicas: 2\n  rollout:\n"})
+    repo.commit("two routers")
+    client = serve_client()
+    wait_for(lambda: client.observe()["demo"].running == 3, 120, "the second router replica (beside the tally)")
+    assert stable_version(controller.release()) == stable  # no new version: the same replicas serve
+    since = time.time()
+    codes = [generate(body={"prompt": "tally", "steps": 2, "seed": i}).status_code for i in range(12)]
+    assert codes == [200] * 12
+
+    def judged() -> int:
+        answer = httpx.get(f"{SERVE_URL}/demo", params={"since": since}, timeout=10).json()
+        return int(answer["stats"].get(stable, {}).get("requests", 0))
+
+    wait_for(lambda: judged() == 12, 10, "the tally to count every request")  # answers reach it without the request waiting
+    assert [judged() for _ in range(8)] == [12] * 8  # every router replica reads the one tally

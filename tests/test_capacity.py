@@ -9,8 +9,8 @@ from controller.state.records import VersionRecord
 from tests.conftest import make_release, respec
 
 
-def version(name="v1", release="demo", count=2, cpus=0.5, gpus=1.0, replicas=None, status="ready") -> VersionRecord:
-    spec = respec(make_release().spec, replicas={"count": count, "cpus": cpus, "gpus": gpus})
+def version(name="v1", release="demo", count=2, cpus=0.5, gpus=1.0, replicas=None, status="ready", routers=1) -> VersionRecord:
+    spec = respec(make_release().spec, replicas={"count": count, "cpus": cpus, "gpus": gpus}, ingress={"replicas": routers})
     return VersionRecord(release, name, "stable", 100, status, "c1", spec, 0.0, replicas=replicas)
 
 
@@ -65,11 +65,12 @@ def test_shortfall(case, need, replicas, free, expected):
 
 def test_held_counts_live_replicas_routers_and_gate_jobs():
     live = [version("v1", count=2, cpus=0.5, gpus=1.0),  # 1 CPU, 2 GPUs
-            version("v2", count=3, cpus=0.5, gpus=1.0, replicas=1, status="starting"),  # a surge: 0.5 CPU, 1 GPU
+            version("v2", count=3, cpus=0.5, gpus=1.0, replicas=1, status="starting", routers=3),  # a surge: 0.5 CPU, 1 GPU
             version("v9", release="other", count=1, cpus=2.0, gpus=0.0, status="retiring")]  # holds until deleted: 2 CPUs
     preparing = [version("v3", count=4, cpus=1.0, gpus=1.0)]  # a gate job asks one replica: 1 CPU, 1 GPU
-    # CPU: 1 + 0.5 + 2 + 1 + two routers x 0.05 = 4.6; GPU: 2 + 1 + 0 + 1 = 4
-    assert held(live, preparing, router_cpus=0.05) == pytest.approx({"CPU": 4.6, "GPU": 4.0})
+    # CPU: 1 + 0.5 + 2 + 1 + (3 routers of demo, the most any of its versions asks, + 1 of other) x 0.05 = 4.7;
+    # GPU: 2 + 1 + 0 + 1 = 4
+    assert held(live, preparing, router_cpus=0.05) == pytest.approx({"CPU": 4.7, "GPU": 4.0})
     assert held([], [], router_cpus=0.05) == {"CPU": 0.0, "GPU": 0.0}
 
 

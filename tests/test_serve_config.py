@@ -102,8 +102,9 @@ def test_every_app_carries_the_owner_mark_in_a_lightweight_option():
 
 
 def test_the_whole_document_ray_serve_receives_for_the_demo_release():
-    """Written out by hand from releases/demo.yaml and the README (graceful shutdown 60 s, the constructor retried 3
-    times, the proxy on the head only, on loopback): any renamed key or changed option is a different Serve config."""
+    """Written out by hand from releases/demo.yaml and the README (graceful shutdown 60 s, the proxy on the head only,
+    on loopback): any renamed key or changed option is a different Serve config. Every key is one Ray's config schema
+    reads (`tests/test_deploy.py` checks that against `ServeDeploySchema`)."""
     release, stable = records(make_release())
     generation = release.spec.generation.model_dump(mode="json")
     app = f"demo--{stable.version}"
@@ -128,7 +129,7 @@ def test_the_whole_document_ray_serve_receives_for_the_demo_release():
                  "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0},
                  "user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "gpu_hour_usd": 2.5, "owner": "ctl-1"},
                  "graceful_shutdown_timeout_s": 60, "graceful_shutdown_wait_loop_s": 1,
-                 "health_check_period_s": 10, "health_check_timeout_s": 60, "max_constructor_retry_count": 3}]},
+                 "health_check_period_s": 10, "health_check_timeout_s": 60}]},
         ],
     }
     assert generation["steps"] == 4 and generation["sampler"] == "ddim"

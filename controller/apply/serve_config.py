@@ -22,7 +22,7 @@ from controller.rollout.capacity import effective_replicas
 from controller.state.records import ReleaseRecord, VersionRecord
 from serving.code_pin import PIN_ENV
 
-__all__ = ["CONSTRUCTOR_RETRIES", "GRACEFUL_SHUTDOWN_S", "MODEL_IMPORT", "ROUTER_CPUS", "ROUTER_IMPORT", "ROUTER_MAX_ONGOING",
+__all__ = ["GRACEFUL_SHUTDOWN_S", "MODEL_IMPORT", "ROUTER_CPUS", "ROUTER_IMPORT", "ROUTER_MAX_ONGOING",
            "ProxyLocation", "RenderSettings", "default_controller_id", "model_app",
            "render", "rendered_versions", "router_app", "router_weights"]
 
@@ -32,7 +32,6 @@ ROUTER_CPUS = 0.05
 ROUTER_MAX_ONGOING = 1024
 ProxyLocation = Literal["HeadOnly", "EveryNode"]
 GRACEFUL_SHUTDOWN_S = 60
-CONSTRUCTOR_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,6 @@ def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any
                 "graceful_shutdown_wait_loop_s": 1,
                 "health_check_period_s": 10,
                 "health_check_timeout_s": 60,
-                "max_constructor_retry_count": CONSTRUCTOR_RETRIES,
             }
         ],
     }
@@ -107,7 +105,7 @@ def router_app(release: ReleaseRecord, versions: list[VersionRecord]) -> dict[st
         "deployments": [
             {
                 "name": "Router",
-                "num_replicas": 1,
+                "num_replicas": spec.ingress.replicas,
                 "max_ongoing_requests": ROUTER_MAX_ONGOING,
                 "ray_actor_options": {"num_cpus": ROUTER_CPUS},
                 "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,  # requests it forwards finish when the release goes

@@ -91,6 +91,7 @@ class Spec(SpecModel):
     limits: serving.LimitsSpec = Field(default_factory=serving.LimitsSpec)
     runtime: serving.RuntimeSpec
     replicas: serving.ReplicasSpec = Field(default_factory=serving.ReplicasSpec)
+    ingress: serving.IngressSpec = Field(default_factory=serving.IngressSpec)
     rollout: Rollout = Field(default_factory=Rollout)
     checks: ChecksSpec = Field(default_factory=ChecksSpec)
     cost: Cost = Field(default_factory=Cost)

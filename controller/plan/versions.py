@@ -40,6 +40,7 @@ FIELD_CLASSES: tuple[tuple[str, ChangeClass], ...] = (
     ("spec.replicas.max_ongoing_requests", "light"),
     ("spec.replicas.max_queued_requests", "light"),
     ("spec.limits", "light"),
+    ("spec.ingress", "light"),
     ("spec.rollout", "policy"),
     ("spec.checks", "policy"),
     ("spec.cost", "policy"),

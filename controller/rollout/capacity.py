@@ -66,11 +66,12 @@ def shortfall(need: PerReplica, replicas: int, free: Mapping[str, float] | None)
 
 def held(live: Iterable[VersionRecord], preparing: Iterable[VersionRecord], router_cpus: float) -> Resources:
     """What our own apps and gate jobs hold now: every live version app's replicas (retiring ones too, until deleted),
-    one router per release with a live version, and one replica's resources per gate job being prepared."""
+    the routers of each release with a live version (`spec.ingress.replicas`), and one replica's resources per gate
+    job being prepared."""
     total: Resources = {"CPU": 0.0, "GPU": 0.0}
-    releases = set()
+    routers: dict[str, int] = {}
     for version in live:
-        releases.add(version.release)
+        routers[version.release] = max(routers.get(version.release, 0), version.spec.ingress.replicas)
         need, count = per_replica(version.spec), effective_replicas(version)
         total["CPU"] += count * need.cpus
         total["GPU"] += count * need.gpus
@@ -78,7 +79,7 @@ def held(live: Iterable[VersionRecord], preparing: Iterable[VersionRecord], rout
         need = per_replica(version.spec)
         total["CPU"] += need.cpus
         total["GPU"] += need.gpus
-    total["CPU"] += router_cpus * len(releases)
+    total["CPU"] += router_cpus * sum(routers.values())
     return total
 
 def free_resources(usage: Usage, ours: Mapping[str, float]) -> Resources:

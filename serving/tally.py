@@ -1,0 +1,52 @@
+"""The release's answer tally: one Serve deployment beside the routers, holding what every router replica answered.
+
+Routers scale out (`spec.ingress.replicas`), but the canary analysis must judge all of a version's traffic, not
+the share one router replica happened to see. Each router replica sends every answer here (fire and forget: a
+request never waits on the tally), and `GET /<release>`, whichever router replica answers it, reads the figures
+from here. Judged answers (assigned by weight) and pinned previews (`X-Diffops-Version`) are kept in windows of
+their own, so previews can never push judged answers out.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from serving.stats import p95
+
+__all__ = ["STATS_WINDOW", "Answer", "Tally", "figures", "window_stats"]
+
+STATS_WINDOW = 20_000  # recent answers kept for canary analysis, per kind (judged, pinned)
+
+Answer = tuple[float, str, bool, float]  # (epoch seconds, version, ok, seconds)
+
+
+def figures(answers: list[tuple[bool, float]]) -> dict[str, Any]:
+    """Requests, errors (5xx) and p95 latency of those served."""
+    latencies = sorted(seconds for ok, seconds in answers if ok)
+    return {"requests": len(answers), "errors": sum(1 for ok, _ in answers if not ok), "p95_latency_s": p95(latencies)}
+
+
+def window_stats(judged: Iterable[Answer], pinned: Iterable[Answer], since: float) -> dict[str, dict[str, Any]]:
+    """Per version since `since` (epoch seconds): the judged figures at the top level, pinned previews under `pinned`."""
+    per: dict[str, tuple[list[tuple[bool, float]], list[tuple[bool, float]]]] = {}
+    for kind, answers in enumerate((judged, pinned)):
+        for at, version, ok, seconds in answers:
+            if at >= since:
+                per.setdefault(version, ([], []))[kind].append((ok, seconds))
+    return {version: {**figures(mine), "pinned": figures(previews)} for version, (mine, previews) in per.items()}
+
+
+class Tally:
+    """The windows of one release's answers, shared by all of its router replicas (a single-replica deployment)."""
+
+    def __init__(self) -> None:
+        self.judged: deque[Answer] = deque(maxlen=STATS_WINDOW)
+        self.pinned: deque[Answer] = deque(maxlen=STATS_WINDOW)
+
+    def record(self, answer: Answer, pinned: bool) -> None:
+        (self.pinned if pinned else self.judged).append(tuple(answer))  # type: ignore[arg-type]  # a list after the trip
+
+    def stats(self, since: float) -> dict[str, dict[str, Any]]:
+        return window_stats(self.judged, self.pinned, since)
