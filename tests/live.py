@@ -155,6 +155,7 @@ class Load:
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     timeout: float = 60  # seconds a request may take before the client gives up (a transport error)
+    url: str = SERVE_URL  # Serve's HTTP endpoint
 
     @property
     def versions(self) -> list[tuple[float, str]]:
@@ -175,7 +176,7 @@ class Load:
             while not self.stop.is_set():
                 try:
                     headers = {"X-Diffops-Version": self.pin} if self.pin else {}
-                    response = client.post(f"{SERVE_URL}/{self.release}/generate", json=LOAD_REQUEST, headers=headers)
+                    response = client.post(f"{self.url}/{self.release}/generate", json=LOAD_REQUEST, headers=headers)
                     self.codes[response.status_code] += 1
                     version = response.headers.get("X-Diffops-Version", "")
                     self.answers.append((time.time(), response.status_code, version, response.content))

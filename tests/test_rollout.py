@@ -115,19 +115,22 @@ def test_healthy_only_when_the_router_confirms():
     assert confirmed.release.phase == "Healthy"
 
 
-def test_a_lost_replica_is_reported_once_and_never_rolls_back():
+def test_losing_every_replica_is_reported_once_and_fails_the_release_only_if_none_is_back_within_a_minute():
     versions, observed = [stable(V_NEW, NEW)], {"demo": router({V_NEW: 100}), f"demo--{V_NEW}": app(V_NEW)}
     healthy = step("demo", NOW, desired(), record(phase="Healthy"), versions, observed, {})
     assert healthy.release.message == f"{V_NEW} serving 100%" and healthy.events == []
     lost = {**observed, f"demo--{V_NEW}": app(V_NEW, status="DEPLOYING", running=0)}
     ticks = [step("demo", NOW + 1, desired(), healthy.release, versions, lost, {})]
-    ticks.append(step("demo", NOW + 2, desired(), ticks[-1].release, versions, lost, {}))
+    for at in (NOW + 2, NOW + 60, NOW + 61, NOW + 70):  # replaced in time it stays Healthy; past 60 s nothing serves: Failed
+        ticks.append(step("demo", at, desired(), ticks[-1].release, versions, lost, {}))
     assert [e.kind for t in ticks for e in t.events] == ["replicas-lost"]  # once, not every tick
-    assert all(t.release.phase == "Healthy" and roles(t) == {V_NEW: ("stable", 100, "ready")} and not t.prepare for t in ticks)
-    assert "0/1 replicas running" in ticks[-1].release.message
-    back = step("demo", NOW + 7, desired(), ticks[-1].release, versions, observed, {})
-    assert [e.kind for e in back.events] == ["replicas-restored"] and "6.0s after the last loss" in back.events[0].message
-    assert back.release.message == f"{V_NEW} serving 100%"
+    assert [t.release.phase for t in ticks] == ["Healthy", "Healthy", "Healthy", "Failed", "Failed"]
+    assert all(roles(t) == {V_NEW: ("stable", 100, "ready")} and not t.prepare for t in ticks)  # never rolled back or re-gated
+    assert ticks[-1].release.message == (f"{V_NEW} serving 100% (0/1 replicas running; Ray Serve is starting or replacing "
+                                         "replicas); none for over 60s: requests get 503 until one is back")
+    back = step("demo", NOW + 77, desired(), ticks[-1].release, versions, observed, {})
+    assert [e.kind for e in back.events] == ["replicas-restored"]
+    assert (back.release.phase, back.release.message) == ("Healthy", f"{V_NEW} serving 100%")
 
 
 def test_standby_expires_after_scale_down_delay():

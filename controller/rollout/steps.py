@@ -22,14 +22,15 @@ from controller.rollout import canary as canary_walk
 from controller.rollout.capacity import Resources, per_replica, shortfall
 from controller.rollout.outcomes import Abort, Continue, Desired, Prepared, Promote, StepResult
 from controller.rollout.surge import Surge
-from controller.state.records import Command, Event, ObservedApp, ReleaseRecord, Role, VersionRecord, app_name, with_phase
+from controller.state.records import Command, Event, ObservedApp, Phase, ReleaseRecord, Role, VersionRecord, app_name, with_phase
 from serving.fields import format_duration
 
-__all__ = ["DEADLINE_LOAD_FACTOR", "DEADLINE_MARGIN_S", "Desired", "Prepared", "StepResult", "deadline_s", "invalid", "removed",
-           "role_of", "step"]
+__all__ = ["DEADLINE_LOAD_FACTOR", "DEADLINE_MARGIN_S", "NO_REPLICA_FAIL_S", "Desired", "Prepared", "StepResult", "deadline_s",
+           "invalid", "removed", "role_of", "step"]
 
 DEADLINE_LOAD_FACTOR = 3
 DEADLINE_MARGIN_S = 30
+NO_REPLICA_FAIL_S = 60  # a serving version with no replica running this long is Failed (a lost node), not a replacement
 
 
 def deadline_s(release: Release, load_seconds: float | None) -> float:
@@ -307,16 +308,21 @@ def _healthy(out: StepResult, version: str, observed: dict[str, ObservedApp], no
         return out
     app = observed.get(app_name(out.release.name, version))
     message = f"{version} serving 100%"
-    was_short = out.release.phase == "Healthy" and out.release.message != message and out.release.message.startswith(message)
+    phase: Phase = "Healthy"
+    was_short = out.release.phase in ("Healthy", "Failed") and out.release.message != message and out.release.message.startswith(message)
     if app is not None and not app.ready and bool(app.target):
         message += f" ({app.running}/{app.target} replicas running; Ray Serve is starting or replacing replicas)"
+        same_loss = out.release.message.startswith(message)
+        if app.running == 0 and same_loss and (out.release.phase == "Failed" or now - out.release.updated_at >= NO_REPLICA_FAIL_S):
+            # no replica for a while (its node died, say), not a quick replacement: nothing serves; nothing is rolled back
+            phase, message = "Failed", message + f"; none for over {NO_REPLICA_FAIL_S:.0f}s: requests get 503 until one is back"
         if out.release.phase == "Healthy" and not was_short:
             out.events.append(Event(out.release.name, "replicas-lost", f"{version}: {app.running}/{app.target} replicas running; "
                                     "Ray Serve is replacing the lost ones; next: traffic stays on it, nothing is rolled back", version))
     elif was_short and app is not None:
         out.events.append(Event(out.release.name, "replicas-restored", f"{version}: all {app.running} replicas running again, "
                                 f"{now - out.release.updated_at:.1f}s after the last loss was reported; next: nothing", version))
-    out.release = with_phase(out.release, "Healthy", message, now)
+    out.release = with_phase(out.release, phase, message, now)
     return out
 
 
