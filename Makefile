@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 STATE_DIR ?= $(CURDIR)/.state
 
-.PHONY: setup demo stop test bench lint code-check mutation schema lock clean
+.PHONY: setup demo stop test bench lint code-check mutation schema lock clean system-packages
 
 setup: $(VENV)/.installed
 
@@ -37,10 +37,15 @@ demo: setup
 stop: setup
 	$(BIN)/diffops ray stop
 
-test: setup code-check
+# The multi-node tests build hosts from network namespaces: iproute2's ip, util-linux's unshare/nsenter/setpriv.
+system-packages:
+	@command -v ip >/dev/null && command -v unshare >/dev/null && command -v nsenter >/dev/null && command -v setpriv >/dev/null \
+	  || (apt-get update && apt-get install -y --no-install-recommends iproute2 util-linux)
+
+test: setup system-packages code-check
 	$(BIN)/python -m pytest
 
-# The code itself: ruff (rules in pyproject.toml) and mypy --strict on controller/, serving/ and checks/.
+# The code itself: ruff (rules in pyproject.toml) and mypy --strict on controller/, serving/, checks/ and bench/.
 code-check: setup
 	$(BIN)/ruff check controller serving checks bench tests scripts deploy
 	$(BIN)/mypy

@@ -37,11 +37,12 @@ GOAL_AT_8 = Goal("≥ 1.5× at 8", "ratio", at_least=1.5)
 def in_process_rates(live: LiveDemo, workdir: Path, requests: int) -> dict[int, float]:
     """Images/s of the pipeline itself at each batch size, best of three (no Serve, no HTTP)."""
     stable = live.stable()
-    model_dir = in_process.fetch_model(stable.spec["model"], workdir / "cache", live.repo.path, stable.commit)
-    runner = in_process.load_runner(model_dir, stable.spec)
-    generation = stable.spec["generation"]
+    spec = stable.spec.model_dump(mode="json")  # as the gate input carries it
+    model_dir = in_process.fetch_model(spec["model"], workdir / "cache", live.repo.path, stable.commit)
+    runner = in_process.load_runner(model_dir, spec)
+    generation = spec["generation"]
     rates = {}
-    with in_process.torch_threads(in_process.replica_threads(stable.spec["replicas"]["cpus"])):
+    with in_process.torch_threads(in_process.replica_threads(spec["replicas"]["cpus"])):
         runner.run([resolve({"prompt": "a red cube", "seed": 0}, generation)])
         for level in LEVELS:
             batches = [[resolve({"prompt": "a red cube", "seed": seed}, generation) for seed in range(start, start + level)]

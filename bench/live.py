@@ -149,7 +149,7 @@ class LiveDemo:
                 return False
             version = next(v for v in state.versions if v.release == RELEASE and v.role == "stable")
             app = (self.observe() or {}).get(version.app)
-            batch = version.spec["replicas"]["max_batch_size"]
+            batch = version.spec.replicas.max_batch_size
             return bool(app and app.ready and (app.user_config or {}).get("max_batch_size") == batch)
         self.wait(applied, f"commit {commit[:12]} to be applied", timeout_s)
 

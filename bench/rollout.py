@@ -27,7 +27,7 @@ from bench.context import Context
 from bench.live import LiveDemo, field_edit
 from bench.progress import Say
 from bench.report import Figure, Goal, ratio
-from bench.traffic import Watch
+from bench.traffic import GENERATE, Watch
 
 SMALL = {"prompt": "a red cube", "steps": 1}
 WARM_REVERT_GOAL = Goal("≤ 2 s", "value", at_most=2.0)
@@ -56,14 +56,21 @@ def light_change(live: LiveDemo, say: Say) -> float:
 def timed_switch(live: LiveDemo, change: Callable[[], tuple[str, float]], shows: Callable[[httpx.Response], bool],
                  timeout_s: float) -> tuple[float, int]:
     """(seconds from the commit to the first answer showing it, failed answers meanwhile); waits until applied."""
-    with Watch(SMALL, shows, clients=2) as watch:
+    seconds, failures, commit = first_answer_showing(change, shows, timeout_s)
+    live.wait_applied(commit, timeout_s=timeout_s)
+    return seconds, failures
+
+
+def first_answer_showing(change: Callable[[], tuple[str, float]], shows: Callable[[httpx.Response], bool], timeout_s: float,
+                         url: str = GENERATE) -> tuple[float, int, str]:
+    """(seconds from the commit to the first answer at `url` showing it, failed answers meanwhile, the commit)."""
+    with Watch(SMALL, shows, clients=2, url=url) as watch:
         time.sleep(0.3)
         commit, at = change()
         seconds = watch.seconds_since(at, timeout_s)
         time.sleep(0.3)
         failures = watch.failures(at)
-    live.wait_applied(commit, timeout_s=timeout_s)
-    return seconds, failures
+    return seconds, failures, commit
 
 
 def run(live: LiveDemo, say: Say) -> list[Figure]:

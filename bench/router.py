@@ -79,7 +79,7 @@ def figures(batch: int, http: list[float], local: list[float], rejected: list[fl
 
 def run(live: LiveDemo, workdir: Path, say: Say, requests: int) -> list[Figure]:
     stable = live.stable()
-    spec = stable.spec
+    spec = stable.spec.model_dump(mode="json")  # as the gate input carries it
     model_dir = in_process.fetch_model(spec["model"], workdir / "cache", live.repo.path, stable.commit)
     runner = in_process.load_runner(model_dir, spec)
     threads = in_process.replica_threads(spec["replicas"]["cpus"])

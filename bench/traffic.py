@@ -76,6 +76,7 @@ class Watch:
     shows_change: Callable[[httpx.Response], bool]
     clients: int = 2
     pause_s: float = 0.0
+    url: str = GENERATE  # the release's generate endpoint
     answers: list[tuple[float, bool, int]] = field(default_factory=list)  # (monotonic time, changed, status)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -94,7 +95,7 @@ class Watch:
         with httpx.Client(timeout=60) as client:
             while not self.stop.is_set():
                 try:
-                    response = client.post(GENERATE, json=self.body)
+                    response = client.post(self.url, json=self.body)
                     self.answers.append((time.monotonic(), self.shows_change(response), response.status_code))
                 except httpx.HTTPError:
                     self.answers.append((time.monotonic(), False, 0))

@@ -12,7 +12,10 @@ from bench.report import Figure, Goal, markdown, table
 def test_reconcile_figures_and_a_change_touches_one_app(tmp_path):
     figures = reconcile.run(tmp_path, quiet, sizes=(2, 5), history=4, changes=2)
     assert [f.benchmark for f in figures] == [
-        "one-release change, 2 releases", "no-op reconcile, 5 releases", "one-release change, 5 releases"]
+        "one-release change, 2 releases", "no-op reconcile, 5 releases", "controller resident memory, 5 releases",
+        "one-release change, 5 releases"]
+    memory = figures.pop(2)
+    assert memory.unit == "MB" and memory.value > 50 and memory.baseline_value > 50  # a Python process with the controller loaded
     for figure in figures:
         assert figure.unit == "ms" and figure.value > 0 and figure.baseline_value > 0
         assert figure.ratio == pytest.approx(figure.value / figure.baseline_value)

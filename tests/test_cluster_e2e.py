@@ -1,0 +1,206 @@
+"""Running on a cluster, end to end: a controller in its own network namespace rolls releases out to a Ray head
+and a worker node that share nothing with it but a bridge (`tests/netcluster.py`): the worker sees neither the
+controller's repo nor its state dir nor its cache. Models reach the worker only through an S3-compatible store
+(moto on the head's host): one release names an `s3://` model, the other a `file://` model of the release repo
+that the controller publishes with `--model-store`. GPU replicas (4 advertised, fake, GPUs on the worker only)
+and gate jobs land on the worker. Then blue/green, a warm revert, a canary abort and kill -9 of the worker node
+under load. The tests of this module run in order on one cluster and one controller."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from serving.manifest import MANIFEST_NAME, manifest_of
+from tests.conftest import DEMO_MODEL, demo_repo
+from tests.live import DIFFOPS, Controller, Load, wait_for
+from tests.netcluster import NetCluster
+from tests.test_canary_e2e import CANARY
+
+pytestmark = pytest.mark.timeout(900)
+
+S3_PORT = 9000
+STORE = "s3://diffops-models/published"
+AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+ON_THE_WORKER = {"    gpus: 0\n": "    gpus: 1\n"}  # only the worker advertises GPUs: replicas and gate jobs go there
+TIMEOUT = 420  # a first rollout here: gate job and replica start on a loaded 2-core machine (~2 min measured)
+
+
+class ClusterController(Controller):
+    """`diffops controller run` on the cluster's `controller` host, against the head's dashboard by address."""
+
+    def __init__(self, cluster: NetCluster, repo: Path, state_dir: Path):
+        super().__init__(repo, state_dir)
+        self.cluster = cluster
+
+    def start(self) -> ClusterController:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        argv = [DIFFOPS, "controller", "run", "--repo", str(self.repo), "--state-dir", str(self.state_dir),
+                "--ray-address", self.cluster.dashboard_url, "--model-store", STORE, "--http-host", "0.0.0.0",
+                "--proxy-location", "EveryNode", "--interval", "2", "--allow-fault-injection"]
+        env = {**AWS, "AWS_ENDPOINT_URL": f"http://{self.cluster.head_ip}:{S3_PORT}", "PYTHONUNBUFFERED": "1"}
+        self.process = self.cluster.popen("controller", argv, env=env, stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT)
+        return self
+
+
+def s3(cluster: NetCluster) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=f"http://{cluster.head_ip}:{S3_PORT}", **{k.lower(): v for k, v in AWS.items()
+                                                                                       if k != "AWS_DEFAULT_REGION"},
+                        region_name=AWS["AWS_DEFAULT_REGION"])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    node_env = {**AWS, "AWS_ENDPOINT_URL": f"http://{{head}}:{S3_PORT}"}
+    with NetCluster.start(tmp_path_factory.mktemp("netcluster"), worker_cpus=4, worker_gpus=4, node_env=node_env) as cluster:
+        cluster.popen("head", [Path(sys.executable).with_name("moto_server"), "-H", cluster.head_ip, "-p", str(S3_PORT)],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _answers(f"http://{cluster.head_ip}:{S3_PORT}/"), 60, "the S3 server on the head's host")
+        yield cluster
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster: NetCluster, tmp_path_factory: pytest.TempPathFactory):
+    """Two releases on the cluster: `demo` (file:// model, published to the store) and `weights` (an s3:// model
+    of another digest, uploaded here), both Healthy; yields (repo, controller, the s3 model's digest)."""
+    root = tmp_path_factory.mktemp("cluster-e2e")
+    other = root / "tiny-sd-copy"
+    shutil.copytree(DEMO_MODEL, other)
+    (other / "model_index.json").write_text((other / "model_index.json").read_text() + "\n")  # another digest
+    digest = manifest_of(other).digest
+    client = s3(cluster)
+    for bucket in ("diffops-models", "weights"):
+        client.create_bucket(Bucket=bucket)
+    for path in other.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "weights", f"tiny-sd/{path.relative_to(other).as_posix()}")
+    repo = demo_repo(root / "repo")
+    repo.release(**ON_THE_WORKER)
+    repo.release("weights", **ON_THE_WORKER, **{"file://models/tiny-sd": "s3://weights/tiny-sd",
+                                                 "sha256:2b30c6ef7b43b8a62eb17faac4ed5a57d221d7b7d29409f0587ecf2af91b4199": digest})
+    repo.commit("both releases on the worker's GPUs")
+    controller = ClusterController(cluster, repo.path, root / "state").start()
+    try:
+        for name in ("demo", "weights"):
+            controller.wait_release(healthy, timeout=TIMEOUT, name=name)
+        yield repo, controller, digest
+    finally:
+        if controller.process is not None and controller.process.poll() is None:
+            controller.stop()
+
+
+def healthy(release: dict[str, Any]) -> bool:
+    return release["phase"] == "Healthy" and any(v["role"] == "stable" and v["ready_replicas"] >= 1 for v in release["versions"])
+
+
+def stable(release: dict[str, Any]) -> dict[str, Any]:
+    return next(v for v in release["versions"] if v["role"] == "stable")
+
+
+def serve_apps(cluster: NetCluster) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {cluster.token}"}
+    apps: dict[str, Any] = httpx.get(f"{cluster.dashboard_url}/api/serve/applications/", headers=headers, timeout=30).json()["applications"]
+    return apps
+
+
+def generate(url: str, release: str = "demo") -> httpx.Response:
+    return httpx.post(f"{url}/{release}/generate", json={"prompt": "a red cube", "steps": 2}, timeout=120)
+
+
+def test_replicas_run_on_the_worker_and_fetch_models_only_from_the_store(cluster: NetCluster, deployed):
+    repo, controller, digest = deployed
+    worker = cluster.worker_ips[0]
+    for name in ("demo", "weights"):
+        assert stable(controller.release(name))["nodes"] == {worker: 1}, controller.release(name)
+    status = subprocess.run([DIFFOPS, "status", "--state-dir", str(controller.state_dir)], capture_output=True, text=True).stdout
+    assert f"replicas 1/1 on {worker}" in status, status
+    # the Serve config names no path of the controller's machine; the file:// model is read from the store
+    apps = serve_apps(cluster)
+    config = json.dumps({name: app["deployed_app_config"] for name, app in apps.items()})
+    assert str(repo.path.parent) not in config and str(controller.state_dir) not in config
+    demo = stable(controller.release("demo"))["id"]
+    args = apps[f"demo--{demo}"]["deployed_app_config"]["args"]
+    assert args["model"]["uri"].startswith(f"{STORE}/sha256-") and args["repo"] is None and args["cache_dir"] is None
+    published = {obj["Key"] for obj in s3(cluster).list_objects_v2(Bucket="diffops-models")["Contents"]}
+    repo_digest = manifest_of(DEMO_MODEL).digest.replace(":", "-")
+    assert f"published/{repo_digest}/{MANIFEST_NAME}" in published and f"published/{repo_digest}/model_index.json" in published
+    # the worker verified both models into its own cache, which this machine cannot see
+    cached = cluster.run("worker", ["ls", "/tmp/ray/diffops-models/sha256"]).stdout.split()
+    assert digest.removeprefix("sha256:") in cached and len([c for c in cached if len(c) == 64]) == 2, cached
+    assert not Path("/tmp/ray/diffops-models/sha256", digest.removeprefix("sha256:")).exists()
+    # both Serve proxies answer (EveryNode), the head's and the worker's
+    for host in (cluster.head_ip, worker):
+        response = generate(f"http://{host}:8000")
+        assert response.status_code == 200 and response.content.startswith(b"\x89PNG") and response.headers["X-Diffops-Version"] == demo
+    assert "model store: published" in controller.logs
+
+
+def test_bluegreen_then_a_warm_revert_on_the_cluster(cluster: NetCluster, deployed):
+    repo, controller, _ = deployed
+    before = stable(controller.release())["id"]
+    repo.release(**ON_THE_WORKER, **{"steps: 4": "steps: 5"})
+    change = repo.commit("five steps")
+    release = controller.wait_release(lambda r: healthy(r) and stable(r)["id"] != before, timeout=TIMEOUT)
+    after = stable(release)["id"]
+    assert {v["id"]: v["role"] for v in release["versions"]} == {after: "stable", before: "standby"}
+    assert generate(cluster.serve_url).headers["X-Diffops-Version"] == after
+    repo.repo.git.revert("--no-edit", change)
+    reverted = controller.wait_release(lambda r: healthy(r) and stable(r)["id"] == before, timeout=60)
+    assert {v["id"]: v["role"] for v in reverted["versions"]} == {before: "stable", after: "standby"}
+    assert f"{before} was the warm standby: traffic switched back to it at once, no reload" in controller.logs
+
+
+
+
+def test_a_failing_canary_is_aborted_on_the_cluster(cluster: NetCluster, deployed):
+    repo, controller, _ = deployed
+    serving = stable(controller.release())["id"]
+    with Load(url=cluster.serve_url, timeout=120) as load:
+        repo.release(**ON_THE_WORKER, **{"    strategy: bluegreen\n": CANARY.format(pause="60s"), "  cost:\n": "  faults:\n    error_rate: 1.0\n  cost:\n"})
+        failing = repo.commit("a canary that fails every request")
+        release = controller.wait_release(lambda r: r["phase"] == "Degraded", timeout=TIMEOUT)
+    assert "rolled back" in release["message"] and "error rate" in release["message"], release["message"]
+    assert stable(release)["id"] == serving and stable(release)["weight"] == 100
+    assert load.codes[200] > 0 and load.codes[500] > 0, load.codes  # the canary took traffic and failed it
+    assert generate(cluster.serve_url).headers["X-Diffops-Version"] == serving
+    repo.repo.git.revert("--no-edit", failing)  # what the message asks: git agrees with what serves again
+    controller.wait_release(lambda r: healthy(r) and stable(r)["id"] == serving, timeout=60)
+
+
+def test_kill_9_of_the_worker_under_load_loses_only_requests_in_flight_and_the_same_version_comes_back(cluster: NetCluster, deployed):
+    repo, controller, _ = deployed
+    serving = stable(controller.release())["id"]
+    with Load(url=cluster.serve_url, timeout=30) as load:
+        wait_for(lambda: load.codes[200] >= 2, 120, "requests served before the kill")
+        cluster.kill_node("worker")
+        cluster.wait_node("worker", alive=False, timeout=60)
+        lost = controller.wait_release(lambda r: stable(r)["ready_replicas"] == 0, timeout=120)
+        cluster.restart_node("worker")
+        back = controller.wait_release(lambda r: healthy(r) and stable(r)["ready_replicas"] == 1, timeout=TIMEOUT)
+        wait_for(lambda: load.answers and load.answers[-1][1] == 200, 120, "requests served again")
+    assert controller.process is not None and controller.process.poll() is None  # the controller never stopped
+    assert stable(lost)["id"] == stable(back)["id"] == serving  # rescheduled on the new node: no rollback, no new version
+    assert stable(back)["nodes"] == {cluster.worker_ips[0]: 1}
+    # Serve holds requests for a version with no replica until one is back: those in flight fail or wait out the
+    # client's 30 s; the load (one request at a time) saw at most a few of them, and every other answer was a 200
+    failed = sum(count for code, count in load.codes.items() if code != 200)
+    assert set(load.codes) <= {200, 500, 503, "transport"} and failed <= 3, (load.codes, load.errors[-3:])
+    problems = [json.loads(body) for _, code, _, body in load.answers if code in (500, 503)]
+    assert all(p.get("status") in (500, 503) and p.get("detail") for p in problems), problems[:3]  # never a bare error
+    assert "replicas" in lost["message"] or lost["phase"] in ("Degraded", "Failed"), lost
