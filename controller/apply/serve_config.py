@@ -7,7 +7,9 @@ config did not change untouched. Each live version is an application
 `args` and resources hold only version fields, so light changes (replica count,
 queue sizes, batch size) and weight moves reach running replicas as
 lightweight updates, never restarts. Every app carries this controller's owner
-mark in its deployments' `user_config` (`controller.apply.drift`), also lightweight.
+mark in its deployments' `user_config` (`controller.apply.drift`), also lightweight,
+and pins the serving code in its `runtime_env` (`serving.code_pin`). Where replicas
+read models from is `controller.apply.model_store.Placement`'s decision.
 """
 
 from __future__ import annotations
