@@ -95,6 +95,7 @@ def run(workdir: Path, say: Say, local: LiveDemo) -> list[Figure]:
     one_node = two_changes(local, GENERATE, say, "one node")
     say("cluster: starting a head and a worker in network namespaces, and an S3-compatible server on the head's host")
     node_env = {**AWS, "AWS_ENDPOINT_URL": f"http://{{head}}:{S3_PORT}"}
+    (workdir / "netcluster").mkdir(parents=True, exist_ok=True)
     with NetCluster.start(workdir / "netcluster", worker_cpus=4, worker_gpus=4, node_env=node_env) as cluster:
         cluster.popen("head", [Path(sys.executable).with_name("moto_server"), "-H", cluster.head_ip, "-p", str(S3_PORT)],
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
