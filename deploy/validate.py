@@ -4,7 +4,7 @@ Run by tests/test_deploy.py, which adds the checks that need the project's code 
 renders, the metrics it exports); also runnable alone, before `kubectl apply -k`: `python deploy/validate.py`.
 
 - Kubernetes kinds: kubernetes-validate's bundled strict schemas (Kubernetes 1.33), unknown fields refused.
-- RayCluster: KubeRay's CRD schema ($KUBERAY_CRDS, else ../shared/kuberay/crds), closed to unknown fields.
+- RayCluster: KubeRay's CRD schema ($KUBERAY_CRDS, else deploy/kuberay: KubeRay v1.7.0's), closed to unknown fields.
 - ServiceMonitor, PodMonitor, PrometheusRule: a closed structure of the fields used; PromQL through promql-parser.
 - CloudFormation: cfn-lint. Terraform: python-hcl2 and a reference check; `terraform fmt -check` where terraform is.
 - checkov over all three (its own virtual environment: deploy/checkov/install.sh).
@@ -38,7 +38,7 @@ __all__ = ["CHECKOV", "CRDS", "K8S_VERSION", "MONITORING", "closed", "cfn_errors
 
 DEPLOY = Path(__file__).resolve().parent
 K8S_VERSION = "1.33"
-CRDS = Path(os.environ.get("KUBERAY_CRDS") or DEPLOY.parent.parent / "shared" / "kuberay" / "crds")
+CRDS = Path(os.environ.get("KUBERAY_CRDS") or DEPLOY / "kuberay")
 CHECKOV = Path(os.environ.get("CHECKOV") or DEPLOY.parent / ".venv" / "checkov" / "bin" / "checkov")
 
 
