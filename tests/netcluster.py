@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ import httpx
 import psutil
 
 from tests.netns import (
+    RECORDS,
     SUPERNET,
     Layout,
     NetClusterError,
@@ -50,11 +52,12 @@ from tests.netns import (
 )
 
 __all__ = ["DASHBOARD_PORT", "GCS_PORT", "SERVE_PORT", "SUPERNET", "Layout", "NetCluster", "NetClusterError", "Options", "RayNode",
-           "clean_stale", "network_commands", "node_argv", "parse_nodes", "pick_subnet", "record_is_stale", "wait_until"]
+           "clean_stale", "kept_paths", "network_commands", "node_argv", "node_init", "parse_nodes", "pick_subnet", "record_is_stale", "wait_until"]
 
 GCS_PORT, DASHBOARD_PORT, SERVE_PORT = 6379, 8265, 8000  # the same in every cluster: each host has its own ports
 BIN = Path(sys.executable).parent
-NODE_INIT = 'mount -t tmpfs -o mode=1777 tmpfs /tmp && cd / && exec "$@"'  # a cwd under the hidden /tmp breaks Ray's forkserver
+PRIVATE_TMP = "mount -t tmpfs -o mode=1777 tmpfs /tmp"
+START = 'cd / && exec "$@"'  # a cwd under the hidden /tmp breaks Ray's forkserver
 DROPPED_ENV = ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "TMPDIR")  # TMPDIR: kept for `controller`
 RAY_LOGS = ("raylet.out", "raylet.err", "gcs_server.out", "dashboard.log", "dashboard.err", "dashboard_agent.log")
 _T = TypeVar("_T")
@@ -89,7 +92,24 @@ def parse_nodes(payload: Mapping[str, Any]) -> list[RayNode]:
             for n in payload["data"]["result"]["result"]]
 
 
-def node_argv(layout: Layout, host: str, options: Options) -> list[str]:
+CHECKOUT, PYTHON_ENV = Path(__file__).resolve().parents[1], Path(sys.prefix).resolve()
+
+
+def kept_paths(root: Path = CHECKOUT, prefix: Path = PYTHON_ENV) -> list[Path]:
+    """What a node must still see under /tmp: this checkout and its Python environment, when they live there (a CI
+    clone in a temp dir); the tests' own files (pytest's temp dirs) stay hidden."""
+    under = [p for p in (root, prefix) if p.is_relative_to("/tmp")]
+    return [p for p in under if not any(p != q and p.is_relative_to(q) for q in under)]
+
+
+def node_init(stash: str, keep: Sequence[Path]) -> str:
+    """The node's start: `keep` bound aside to `stash`, a private tmpfs on /tmp, `keep` bound back, then Ray."""
+    aside = [f"mkdir -p {stash}/{i} && mount --bind {shlex.quote(str(p))} {stash}/{i}" for i, p in enumerate(keep)]
+    back = [f"mkdir -p {shlex.quote(str(p))} && mount --bind {stash}/{i} {shlex.quote(str(p))}" for i, p in enumerate(keep)]
+    return " && ".join([*aside, PRIVATE_TMP, *back, START])
+
+
+def node_argv(layout: Layout, host: str, options: Options, keep: Sequence[Path] | None = None) -> list[str]:
     """The command that runs Ray on `host` until SIGKILL: PID 1 of its own PID namespace, a private /tmp, and
     killed with this process (pdeathsig) should it die without `stop`."""
     ip, head = layout.ip(host), host == "head"
@@ -101,7 +121,8 @@ def node_argv(layout: Layout, host: str, options: Options) -> list[str]:
     else:
         ray += [f"--address={layout.ip('head')}:{GCS_PORT}", f"--resources={json.dumps(dict(options.worker_resources))}"]
     return ["setpriv", "--pdeathsig=KILL", "--", "ip", "netns", "exec", layout.netns(host),
-            "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c", NODE_INIT, host, *ray]
+            "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c",
+            node_init(f"{RECORDS}/{layout.netns(host)}", kept_paths() if keep is None else keep), host, *ray]
 
 
 @dataclass

@@ -28,8 +28,10 @@ from tests.netcluster import (
     NetClusterError,
     Options,
     clean_stale,
+    kept_paths,
     network_commands,
     node_argv,
+    node_init,
     parse_nodes,
     pick_subnet,
     record_is_stale,
@@ -102,16 +104,25 @@ def test_nodes_are_read_from_the_state_api_answer():
 
 
 def test_every_node_is_pid_1_of_its_own_namespaces_with_a_private_tmp():
-    head, worker = node_argv(LAYOUT, "head", Options()), node_argv(LAYOUT, "worker", Options())
+    head, worker = node_argv(LAYOUT, "head", Options(), keep=[]), node_argv(LAYOUT, "worker", Options(), keep=[])
     for argv, netns in ((head, "dxn-a1b2c3-head"), (worker, "dxn-a1b2c3-worker")):
         assert argv[:14] == ["setpriv", "--pdeathsig=KILL", "--", "ip", "netns", "exec", netns,
                              "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c"]
-        assert argv[14].startswith("mount -t tmpfs -o mode=1777 tmpfs /tmp && cd / && exec")
+        assert argv[14] == 'mount -t tmpfs -o mode=1777 tmpfs /tmp && cd / && exec "$@"'
         assert "--block" in argv and "--object-store-memory=100000000" in argv
     assert {"--head", "--node-ip-address=198.19.7.2", "--dashboard-host=198.19.7.2", "--num-cpus=1", "--num-gpus=0"} <= set(head)
     assert not [a for a in head if a.startswith(("--address", "--resources"))]
     assert {"--address=198.19.7.2:6379", "--node-ip-address=198.19.7.11", "--num-cpus=2", "--num-gpus=2",
             '--resources={"diffops-gpu-node": 1}'} <= set(worker) and "--head" not in worker
+
+
+def test_a_checkout_under_tmp_stays_visible_to_the_nodes_and_the_tests_files_do_not():
+    assert kept_paths(Path("/work/x"), Path("/work/x/.venv")) == []  # nothing of ours under /tmp: nothing to keep
+    assert kept_paths(Path("/tmp/tmp.ab12/clone"), Path("/tmp/tmp.ab12/clone/.venv")) == [Path("/tmp/tmp.ab12/clone")]
+    assert kept_paths(Path("/tmp/a"), Path("/tmp/b/venv")) == [Path("/tmp/a"), Path("/tmp/b/venv")]
+    assert node_init("/run/k", [Path("/tmp/a b")]) == (
+        "mkdir -p /run/k/0 && mount --bind '/tmp/a b' /run/k/0 && mount -t tmpfs -o mode=1777 tmpfs /tmp && "
+        "mkdir -p '/tmp/a b' && mount --bind /run/k/0 '/tmp/a b' && cd / && exec \"$@\"")
 
 
 def test_the_network_is_one_bridge_with_each_host_on_it():
