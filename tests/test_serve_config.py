@@ -178,3 +178,20 @@ def test_an_older_record_without_batch_wait_or_cost_gets_the_defaults():
     model = apps(render([release], [replace(stable, spec=spec)], SETTINGS))[stable.app]
     assert model["deployments"][0]["user_config"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "gpu_hour_usd": None,
                                                       "owner": "diffops"}
+
+
+def test_on_a_container_runtime_each_version_runs_in_its_release_image():
+    """`--container-runtime podman`: a version app's runtime_env names its release's `runtime.image` (Ray starts its replicas
+    in it), beside the serving-code pin; the router carries no image; Ray's own runtime_env and Serve schemas accept it."""
+    from ray.runtime_env import RuntimeEnv
+    from ray.serve.schema import ServeDeploySchema
+
+    release, stable = records(make_release())
+    image = stable.spec.runtime.image
+    config = apps(render([release], [stable], replace(SETTINGS, container_runtime="podman", serving_code="diffops 1 serving ab")))
+    assert config[stable.app]["runtime_env"] == {"image_uri": image, "env_vars": {"DIFFOPS_SERVING_CODE": "diffops 1 serving ab"}}
+    assert config["demo"]["runtime_env"] == {"env_vars": {"DIFFOPS_SERVING_CODE": "diffops 1 serving ab"}}
+    RuntimeEnv(**config[stable.app]["runtime_env"])  # Ray refuses image_uri beside anything but env_vars and config
+    ServeDeploySchema.model_validate(render([release], [stable], replace(SETTINGS, container_runtime="podman")))
+    plain = apps(render([release], [stable], replace(SETTINGS, serving_code="diffops 1 serving ab")))
+    assert "image_uri" not in plain[stable.app]["runtime_env"]  # the default: nodes run their own environment

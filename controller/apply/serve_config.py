@@ -8,8 +8,11 @@ config did not change untouched. Each live version is an application
 queue sizes, batch size) and weight moves reach running replicas as
 lightweight updates, never restarts. Every app carries this controller's owner
 mark in its deployments' `user_config` (`controller.apply.drift`), also lightweight,
-and pins the serving code in its `runtime_env` (`serving.code_pin`). Where replicas
-read models from is `controller.apply.model_store.Placement`'s decision.
+and pins the serving code in its `runtime_env` (`serving.code_pin`); on a cluster
+that runs containers (`--container-runtime podman`) a version app's `runtime_env`
+also names the release's `runtime.image` as its `image_uri`, so its replicas run in
+the image the release pins. Where replicas read models from is
+`controller.apply.model_store.Placement`'s decision.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from controller.state.records import ReleaseRecord, VersionRecord
 from serving.code_pin import PIN_ENV
 
 __all__ = ["GRACEFUL_SHUTDOWN_S", "MODEL_IMPORT", "ROUTER_CPUS", "ROUTER_IMPORT", "ROUTER_MAX_ONGOING",
-           "ProxyLocation", "RenderSettings", "default_controller_id", "model_app",
+           "ContainerRuntime", "ProxyLocation", "RenderSettings", "default_controller_id", "model_app",
            "render", "rendered_versions", "router_app", "router_weights"]
 
 MODEL_IMPORT = "serving.model_server:build_model_app"
@@ -33,6 +36,7 @@ ROUTER_IMPORT = "serving.router:build_router_app"
 ROUTER_CPUS = 0.05
 ROUTER_MAX_ONGOING = 1024
 ProxyLocation = Literal["HeadOnly", "EveryNode"]
+ContainerRuntime = Literal["none", "podman"]
 GRACEFUL_SHUTDOWN_S = 60
 
 
@@ -46,6 +50,7 @@ class RenderSettings:
     placement: Placement = field(default_factory=Placement)  # `--model-store`, and whether the cluster is this machine
     proxy_location: ProxyLocation = "HeadOnly"  # `--proxy-location`: EveryNode on a cluster
     serving_code: str | None = None  # `serving.code_pin.fingerprint()` of this controller: every app's nodes must run it
+    container_runtime: ContainerRuntime = "none"  # `--container-runtime`: podman runs each version's replicas in its image
 
 
 def default_controller_id(state_dir: str) -> str:
@@ -133,11 +138,16 @@ def rendered_versions(versions: Iterable[VersionRecord]) -> list[VersionRecord]:
     return [v for v in versions if v.status in ("starting", "ready", "retiring")]
 
 
-def _pinned(app: dict[str, Any], settings: RenderSettings) -> dict[str, Any]:
-    """The app with the serving code pinned in its runtime_env: a node running other code refuses to start it."""
-    if settings.serving_code is None:
-        return app
-    return {**app, "runtime_env": {"env_vars": {PIN_ENV: settings.serving_code}}}
+def _pinned(app: dict[str, Any], settings: RenderSettings, image: str | None = None) -> dict[str, Any]:
+    """The app with what its replicas run pinned in its runtime_env: the serving code (a node running other code
+    refuses to start it) and, for a version app on a container runtime, the release's image (Ray starts the
+    replicas in it; `image_uri` combines only with `env_vars`, which is all else an app carries)."""
+    runtime_env: dict[str, Any] = {}
+    if image is not None and settings.container_runtime == "podman":
+        runtime_env["image_uri"] = image
+    if settings.serving_code is not None:
+        runtime_env["env_vars"] = {PIN_ENV: settings.serving_code}
+    return {**app, "runtime_env": runtime_env} if runtime_env else app
 
 
 def render(releases: Iterable[ReleaseRecord], versions: Iterable[VersionRecord], settings: RenderSettings) -> dict[str, Any]:
@@ -151,7 +161,8 @@ def render(releases: Iterable[ReleaseRecord], versions: Iterable[VersionRecord],
         if not live:
             continue
         applications.append(_pinned(mark(router_app(release, live), settings.owner), settings))
-        applications += [_pinned(mark(model_app(version, settings), settings.owner), settings) for version in live]
+        applications += [_pinned(mark(model_app(version, settings), settings.owner), settings, version.spec.runtime.image)
+                         for version in live]
     return {
         "proxy_location": settings.proxy_location,
         "http_options": {"host": settings.http_host, "port": settings.http_port},

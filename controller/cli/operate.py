@@ -26,7 +26,7 @@ from controller.state.records import Command
 from controller.state.store import Store
 
 if TYPE_CHECKING:
-    from controller.apply.serve_config import ProxyLocation
+    from controller.apply.serve_config import ContainerRuntime, ProxyLocation
 
 __all__ = ["COMMANDS", "DEFAULT_URL", "abort", "controller", "generate", "history", "open_store", "promote", "ray", "retry", "status"]
 
@@ -64,6 +64,9 @@ def controller() -> None:
 @click.option("--model-store", default=None, metavar="URI",
               help="Object store (s3://bucket/prefix, gs://, az://) that file:// models of the release repo are published to, "
                    "by digest, before their version starts; needed when the cluster's nodes are not this machine.")
+@click.option("--container-runtime", type=click.Choice(["none", "podman"]), default="none", show_default=True,
+              help="podman: each version's replicas run in the release's runtime.image (Ray's image_uri; podman on every node). "
+                   "On KubeRay the worker group's image is the pin instead.")
 @click.option("--num-gpus", type=int, default=None, help="GPUs the local head advertises (default: detected).")
 @click.option("--metrics-port", type=int, default=None, help="Serve controller metrics for Prometheus on --metrics-host:PORT.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
@@ -92,7 +95,8 @@ def controller() -> None:
                    "(default: no limit).")
 def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: str | None, interval: float, http_port: int,
                    http_host: str, proxy_location: ProxyLocation, serve_url: str | None, model_store: str | None,
-                   num_gpus: int | None, metrics_port: int | None, metrics_host: str, log_format: str, allow_prune_all: bool,
+                   container_runtime: ContainerRuntime, num_gpus: int | None, metrics_port: int | None, metrics_host: str,
+                   log_format: str, allow_prune_all: bool,
                    gate_python: str | None,
                    allow_fault_injection: bool, revert_on_abort: str, require_signed_commits: bool,
                    allowed_signers: Path | None, gnupghome: Path | None, once: bool, controller_id: str | None,
@@ -151,7 +155,7 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     stop, wake = threading.Event(), threading.Event()
     settings = RenderSettings(repo=str(source.path), cache_dir=str(state_dir / "models"), http_host=http_host, http_port=http_port,
                               owner=controller_id or default_controller_id(str(state_dir)), placement=placement,
-                              proxy_location=proxy_location, serving_code=fingerprint())
+                              proxy_location=proxy_location, serving_code=fingerprint(), container_runtime=container_runtime)
     try:
         gate = RayJobGate(dashboard, ray_cluster.ensure_token(), python=gate_python, serving_code=fingerprint())
     except ValueError as err:  # DIFFOPS_GATE_START_DEADLINE_S / DIFFOPS_GATE_RESOURCES malformed
