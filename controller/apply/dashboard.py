@@ -9,21 +9,26 @@ Bearer`), under a timeout, and maps failures to the error taxonomy
 `DashboardError`, a `TemporaryError` the reconciler retries with backoff.
 
 The token lives where Ray's own clients read it: $RAY_AUTH_TOKEN, else the
-file at $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (`token_path`).
+file at $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (`token_path`). Over an
+`https://` dashboard URL it travels only inside TLS to a server whose
+certificate verifies (the system CAs, or the bundle in $SSL_CERT_FILE);
+`cleartext_warning` names an `http://` URL that would carry it off this machine.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from controller.errors import TemporaryError
 
-__all__ = ["DEFAULT_TIMEOUT_S", "DashboardClient", "DashboardError", "ray_token", "token_path"]
+__all__ = ["DEFAULT_TIMEOUT_S", "DashboardClient", "DashboardError", "cleartext_warning", "ray_token", "token_path"]
 
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -45,6 +50,22 @@ def ray_token() -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def cleartext_warning(url: str, token: str | None) -> str | None:
+    """What to say when the token would cross the network unencrypted: an `http://` URL whose host is not loopback."""
+    parts = urlsplit(url)
+    if token is None or parts.scheme != "http":
+        return None
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    return (f"Ray dashboard at {url}: the auth token travels unencrypted to {host}; put TLS in front of the dashboard "
+            "(an https:// ingress) and pass that URL as --ray-address, with its CA in SSL_CERT_FILE if it is private")
+
+
 class DashboardClient:
     """Requests to one Ray dashboard with its token; transport failures and a refused token raise `DashboardError`."""
 
@@ -60,6 +81,9 @@ class DashboardClient:
         try:
             response = self._http.request(method, path, json=json, content=content, params=params)
         except httpx.HTTPError as err:
+            if "CERTIFICATE_VERIFY_FAILED" in str(err):
+                raise DashboardError(f"Ray dashboard at {self.url}: its TLS certificate does not verify ({err}); nothing was sent. "
+                                     "Trust its CA with SSL_CERT_FILE=<bundle> or fix the certificate") from None
             raise DashboardError(f"Ray dashboard at {self.url} unreachable ({type(err).__name__}); is Ray running?") from None
         if response.status_code == 401:
             raise DashboardError(f"Ray dashboard at {self.url} refused the auth token; "

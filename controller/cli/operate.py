@@ -103,6 +103,7 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
                    cache_max_bytes: int | None) -> None:
     """Make Ray Serve match the releases at the branch head, continuously."""
     from controller.apply import ray_cluster
+    from controller.apply.dashboard import cleartext_warning
     from controller.apply.model_store import Placement
     from controller.apply.serve_client import ServeClient
     from controller.apply.serve_config import RenderSettings, default_controller_id
@@ -146,6 +147,8 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     except ValueError as err:
         fail(str(err))
     serve_url = serve_url or f"http://{urlsplit(dashboard).hostname if not local else '127.0.0.1'}:{http_port}"
+    if warning := cleartext_warning(dashboard, ray_cluster.ensure_token()):
+        click.echo(f"diffops: warning: {warning}", err=True)
     serve = ServeClient(dashboard, ray_cluster.ensure_token(), serve_url=serve_url)
     if not serve.alive():
         fail(f"Ray dashboard at {dashboard} is unreachable or refuses the token; check --ray-address and RAY_AUTH_MODE=token")
