@@ -8,10 +8,12 @@ EMPTY_TREE := 4b825dc642cb6eb9a060e54bf8d69288fbee4904
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 STATE_DIR ?= $(CURDIR)/.state
+PROMETHEUS = $(VENV)/prometheus/usr/bin/prometheus
+DEB_CACHE ?= $(HOME)/.cache/diffops/debs
 
-.PHONY: setup demo stop test bench lint code-check mutation schema lock clean system-packages
+.PHONY: setup demo stop monitoring monitoring-down test bench lint code-check mutation schema lock clean system-packages
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(PROMETHEUS)
 
 # torch goes first (the CPU build unless TORCH_SPEC says otherwise), then the project under the pins.
 # checkov (deploy/ checks) lives in .venv/checkov: its own pins conflict with ours.
@@ -21,6 +23,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt deploy/checkov/requirements.t
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	deploy/checkov/install.sh $(BIN)/python
 	@touch $@
+
+# prometheus and promtool (`diffops monitoring`, the alert and dashboard tests): Debian's package, downloaded once into
+# DEB_CACHE (apt-get update only when the download fails) and extracted into the venv, never installed.
+$(PROMETHEUS):
+	@mkdir -p $(DEB_CACHE) $(VENV)/prometheus
+	@ls $(DEB_CACHE)/prometheus_*.deb >/dev/null 2>&1 \
+	  || (cd $(DEB_CACHE) && { apt-get download prometheus || { apt-get update && apt-get download prometheus; }; })
+	dpkg-deb -x "$$(ls $(DEB_CACHE)/prometheus_*.deb | sort -V | tail -n 1)" $(VENV)/prometheus
+	@test -x $@ && touch $@
 
 # The controller on this repo's releases/ with a local Ray (127.0.0.1, token auth), serving /demo on :8000.
 demo: setup
@@ -36,6 +47,14 @@ demo: setup
 
 stop: setup
 	$(BIN)/diffops ray stop
+
+# Prometheus on 127.0.0.1:9090 with deploy/prometheus/: the demo controller's metrics (:9464) and Ray's nodes.
+# Dashboards: import deploy/grafana/*.json into a Grafana (deploy/README.md). `make monitoring-down` stops it.
+monitoring: setup
+	$(BIN)/diffops monitoring up --state-dir $(STATE_DIR)
+
+monitoring-down: setup
+	$(BIN)/diffops monitoring down --state-dir $(STATE_DIR)
 
 # The multi-node tests build hosts from network namespaces: iproute2's ip, util-linux's unshare/nsenter/setpriv.
 system-packages:

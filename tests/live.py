@@ -78,9 +78,10 @@ class Controller:
     def start(self) -> Controller:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")
+        metrics = () if "--metrics-port" in self.extra else ("--metrics-port", "0")  # the default 9464 may be a demo's
         self.process = subprocess.Popen(
             [DIFFOPS, "controller", "run", "--repo", str(self.repo), "--state-dir", str(self.state_dir),
-             "--ray-address", DASHBOARD, "--http-port", str(HTTP_PORT), "--interval", "2", *self.extra],
+             "--ray-address", DASHBOARD, "--http-port", str(HTTP_PORT), "--interval", "2", *metrics, *self.extra],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         return self

@@ -68,7 +68,9 @@ def controller() -> None:
               help="podman: each version's replicas run in the release's runtime.image (Ray's image_uri; podman on every node). "
                    "On KubeRay the worker group's image is the pin instead.")
 @click.option("--num-gpus", type=int, default=None, help="GPUs the local head advertises (default: detected).")
-@click.option("--metrics-port", type=int, default=None, help="Serve controller metrics for Prometheus on --metrics-host:PORT.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9464, show_default=True,
+              help="Serve controller metrics for Prometheus on --metrics-host:PORT (0: off; never with --once, which exits "
+                   "before a scrape); `diffops monitoring up` scrapes 9464.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
               help="Address the metrics endpoint listens on (0.0.0.0 in a pod, for probes and Prometheus).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
@@ -95,7 +97,7 @@ def controller() -> None:
                    "(default: no limit).")
 def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: str | None, interval: float, http_port: int,
                    http_host: str, proxy_location: ProxyLocation, serve_url: str | None, model_store: str | None,
-                   container_runtime: ContainerRuntime, num_gpus: int | None, metrics_port: int | None, metrics_host: str,
+                   container_runtime: ContainerRuntime, num_gpus: int | None, metrics_port: int, metrics_host: str,
                    log_format: str, allow_prune_all: bool,
                    gate_python: str | None,
                    allow_fault_injection: bool, revert_on_abort: str, require_signed_commits: bool,
@@ -153,8 +155,12 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     if not serve.alive():
         fail(f"Ray dashboard at {dashboard} is unreachable or refuses the token; check --ray-address and RAY_AUTH_MODE=token")
     metrics = ControllerMetrics()
-    if metrics_port:
-        metrics.serve(metrics_port, metrics_host)
+    if metrics_port and not once:
+        try:
+            metrics.serve(metrics_port, metrics_host)
+        except OSError as err:  # the port is taken (another controller, `make demo` beside a test) or the host is not ours
+            fail(f"cannot serve metrics on {metrics_host}:{metrics_port} ({err.strerror}); "
+                 "pass another --metrics-port, or 0 to turn them off")
     stop, wake = threading.Event(), threading.Event()
     settings = RenderSettings(repo=str(source.path), cache_dir=str(state_dir / "models"), http_host=http_host, http_port=http_port,
                               owner=controller_id or default_controller_id(str(state_dir)), placement=placement,
