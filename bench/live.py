@@ -58,7 +58,7 @@ class LiveDemo:
         self.log = open(self.log_path, "a")
         self.process = subprocess.Popen(
             [DIFFOPS, "controller", "run", "--repo", str(self.repo.path), "--state-dir", str(self.state_dir),
-             "--ray-address", DASHBOARD, "--http-port", str(HTTP_PORT), "--interval", "2"],
+             "--ray-address", DASHBOARD, "--http-port", str(HTTP_PORT), "--interval", "2", "--metrics-port", "0"],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.say("controller started on a temporary repo; waiting for the demo release (gate as a Ray job, then a replica)")
