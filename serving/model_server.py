@@ -45,6 +45,7 @@ class ModelServer:
         self.tags = {"release": release, "version": version}
         self.gpus, self.gpu_hour_usd = gpus, None
         self.faults = faults or {}
+        self.answered = 0  # generate calls so far (spec.faults.error_after_requests)
         if self.faults:
             log.warning("%s--%s: fault injection on (%s); this version is a drill", release, version, self.faults)
         if self.faults.get("startup_error"):
@@ -80,8 +81,10 @@ class ModelServer:
     async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
         if self.faults.get("added_latency_s"):
             await asyncio.sleep(self.faults["added_latency_s"])
-        if random.random() < self.faults.get("error_rate", 0):
-            raise InjectedFault(f"{self.release}--{self.version}: injected fault (spec.faults.error_rate {self.faults['error_rate']})")
+        self.answered += 1
+        if self.answered > self.faults.get("error_after_requests", 0) and random.random() < self.faults.get("error_rate", 0):
+            raise InjectedFault(f"{self.release}--{self.version}: injected fault (spec.faults.error_rate {self.faults['error_rate']}"
+                                f"{self._after()})")
         self.in_flight += 1
         self.metrics["in_flight"].set(self.in_flight, tags=self.tags)
         try:
@@ -89,6 +92,10 @@ class ModelServer:
         finally:
             self.in_flight -= 1
             self.metrics["in_flight"].set(self.in_flight, tags=self.tags)
+
+    def _after(self) -> str:
+        after = self.faults.get("error_after_requests", 0)
+        return f", after {after} good requests" if after else ""
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def _batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -112,7 +112,11 @@ class IngressSpec(SpecModel):
 
 class FaultsSpec(SpecModel):
     error_rate: float = Field(default=0, ge=0, le=1)
-    """Fraction of requests this version answers with HTTP 500 (drills only)."""
+    """Fraction of requests this version answers with HTTP 500 (drills only); from request error_after_requests + 1 on
+    when that is set."""
+    error_after_requests: int = Field(default=0, ge=0, le=1_000_000)
+    """Each replica answers this many requests normally before error_rate applies: a version that degrades after its
+    checks and promotion (drills only)."""
     added_latency_s: float = Field(default=0, ge=0, le=60)
     """Seconds added to every generation (drills only)."""
     startup_error: bool = False

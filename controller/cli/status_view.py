@@ -2,8 +2,9 @@
 
 `status_json` is the contract in DESIGN.md (plus `refused_commit`, the branch
 head `--require-signed-commits` refused, and each version's `image_policy`);
-`status_text` is the same for a terminal; `history_rows` pairs each rollout's
-start with its outcome.
+`status_text` is the same for a terminal (with a post-promotion watch's time
+left and last verdict); `history_rows` pairs each rollout's start with its
+outcome, a rollback after promotion included.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from controller.state.records import Event, ReleaseRecord, app_name
 from controller.state.store import State
 
 __all__ = ["HistoryRow", "TimelineItem", "age", "analysis_summary", "checks_summary", "history_rows", "history_text",
-           "image_policy", "nodes_count", "nodes_text", "status_json", "status_text", "step_text"]
+           "image_policy", "nodes_count", "nodes_text", "status_json", "status_text", "step_text", "watch_json", "watch_text"]
 
 ROLE_ORDER = {"stable": 0, "canary": 1, "standby": 2}
 OUTCOMES = {"promoted": "promoted", "failed": "failed", "abandoned": "abandoned", "rolled-back": "rolled back",
@@ -85,6 +86,7 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
             "updated_at": release.updated_at,
             "step": step_text(release),
             "analysis": release.analysis,
+            "watch": watch_json(release),
             "versions": rows,
         })
     return {
@@ -127,11 +129,35 @@ def age(seconds: float) -> str:
 
 
 def analysis_summary(analysis: dict[str, Any]) -> str:
-    """The canary analysis in one line: verdict, failures in a row, the canary's figures, the reasons."""
-    canary = analysis.get("canary", {})
-    return (f"{analysis['verdict']} ({analysis['failures']} failed in a row): canary {canary.get('requests', 0)} requests, "
-            f"error rate {canary.get('error_rate', '-')}, p95 {canary.get('p95_latency_s', '-')}s"
+    """The latest analysis in one line: verdict, failures in a row, the judged version's figures, the reasons."""
+    if "verdict" not in analysis:
+        return "no interval judged yet"
+    watched = "figures" in analysis
+    figures = analysis.get("figures" if watched else "canary") or {}
+    readings = "".join(f", {r.get('name')} {'no data' if r.get('value') is None else format(r['value'], '.4g')}"
+                       for r in figures.get("queries") or [])
+    return (f"{analysis['verdict']} ({analysis['failures']} failed in a row): {'version' if watched else 'canary'} "
+            f"{figures.get('requests', 0)} requests, error rate {figures.get('error_rate', '-')}, "
+            f"p95 {figures.get('p95_latency_s', '-')}s{readings}"
             + (f"; {'; '.join(analysis['reasons'])}" if analysis.get("reasons") else ""))
+
+
+def watch_json(release: ReleaseRecord) -> dict[str, Any] | None:
+    """A post-promotion watch under way: the version, its standby, when it ends (None until the router switched)."""
+    watch = release.analysis or {}
+    if watch.get("kind") != "post-promotion":
+        return None
+    return {"version": watch.get("version"), "standby": watch.get("standby"), "started_at": watch.get("started_at"),
+            "ends_at": watch.get("ends_at"), "verdict": watch.get("verdict"), "failures": watch.get("failures", 0),
+            "intervals": watch.get("intervals")}
+
+
+def watch_text(watch: dict[str, Any], now: float) -> str:
+    """'post-promotion watch of v2: 3m left, standby v1 warm; last verdict passed' for the status lines."""
+    ends = watch.get("ends_at")
+    left = "starts once the router switched" if ends is None else f"{age(ends - now)} left"
+    verdict = f"last verdict {watch['verdict']}" if watch.get("verdict") else "no interval judged yet"
+    return f"post-promotion watch of {watch['version']}: {left}, standby {watch['standby']} warm; {verdict}"
 
 
 def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | None = None, now: float | None = None) -> str:
@@ -150,6 +176,8 @@ def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
         lines.append(f"{release['name']:<20} {release['phase']:<12} {age(now - release['updated_at'])} ago  {release['message']}")
         if release["step"]:
             lines.append(f"  canary step {release['step']}")
+        if release["watch"]:
+            lines.append(f"  {watch_text(release['watch'], now)}")
         analysis = release["analysis"]
         if analysis:
             lines.append(f"  analysis: {analysis_summary(analysis)}")
@@ -169,15 +197,21 @@ def history_rows(events: list[Event]) -> list[HistoryRow]:
     """One row per rollout (start -> outcome) and per instant rollback, oldest first."""
     rows: list[HistoryRow] = []
     open_rollouts: dict[str, HistoryRow] = {}
+    promoted: dict[str, HistoryRow] = {}  # rows closed as promoted: a post-promotion watch may still roll them back
     for event in events:
         if event.kind == "rollout-started":
             row: HistoryRow = {"version": event.version, "commit": event.commit, "started_at": event.at, "finished_at": None,
                                "outcome": "in progress", "message": event.message, "timeline": []}
             open_rollouts[event.version or ""] = row
+            promoted.pop(event.version or "", None)
             rows.append(row)
         elif event.kind == "rolled-back":
             rows.append({"version": event.version, "commit": event.commit, "started_at": event.at, "finished_at": event.at,
                          "outcome": "rolled back", "message": event.message, "timeline": []})
+        elif event.kind == "aborted" and (event.version or "") in promoted:
+            row = promoted.pop(event.version or "")
+            row["timeline"].append({"after_s": round(event.at - row["started_at"], 1), "event": event.kind, "message": event.message})
+            row["finished_at"], row["outcome"], row["message"] = event.at, "rolled back (post-promotion)", event.message
         elif (event.version or "") in open_rollouts:
             row = open_rollouts[event.version or ""]
             row["timeline"].append({"after_s": round(event.at - row["started_at"], 1), "event": event.kind, "message": event.message})
@@ -186,6 +220,11 @@ def history_rows(events: list[Event]) -> list[HistoryRow]:
             if event.kind in OUTCOMES:
                 open_rollouts.pop(event.version or "")
                 row["finished_at"], row["outcome"], row["message"] = event.at, OUTCOMES[event.kind], event.message
+                if event.kind == "promoted":
+                    promoted[event.version or ""] = row
+        elif (event.version or "") in promoted and event.kind.startswith(("post-promotion", "analysis-failed")):
+            row = promoted[event.version or ""]
+            row["timeline"].append({"after_s": round(event.at - row["started_at"], 1), "event": event.kind, "message": event.message})
     return rows
 
 

@@ -16,9 +16,10 @@ from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, mod
 
 from checks.schema import ChecksSpec
 from serving import schema as serving
-from serving.fields import Duration, ReleaseName, SpecModel
+from serving.fields import Duration, ReleaseName, SpecModel, format_duration
 
-__all__ = ["Analysis", "Cost", "Metadata", "Release", "Rollout", "Spec", "Step", "rules"]
+__all__ = ["Analysis", "Cost", "Metadata", "PostPromotion", "PrometheusAnalysis", "PrometheusQuery", "Release", "Rollout", "Spec", "Step",
+           "rules"]
 
 
 class Metadata(SpecModel):
@@ -49,7 +50,37 @@ class Step(SpecModel):
         return {key: value for key, value in data.items() if key in self.model_fields_set}
 
 
+class PrometheusQuery(SpecModel):
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Names the query in verdicts, events and `diffops status`."""
+    query: str = Field(min_length=1, max_length=4000)
+    """PromQL returning one sample (a scalar, or an instant vector of one series); `{{release}}`, `{{version}}` (the
+    version under analysis) and `{{interval}}` (analysis.interval as a Prometheus duration) are substituted."""
+    min: float | None = None
+    """The interval fails when the value is below this."""
+    max: float | None = None
+    """The interval fails when the value is above this."""
+    inconclusive_below: float | None = None
+    """A value below this judges nothing (inconclusive), e.g. a request rate too low to trust an error ratio."""
+    inconclusive_above: float | None = None
+    """A value above this judges nothing (inconclusive)."""
+
+
+class PrometheusAnalysis(SpecModel):
+    address: str = Field(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$", max_length=500)
+    """The Prometheus server's base URL, e.g. http://127.0.0.1:9090 (its /api/v1/query is asked)."""
+    queries: list[PrometheusQuery] = Field(min_length=1, max_length=16)
+    """Every query is asked once per interval: any value outside min/max fails the interval; no data, a query error
+    or a value in an inconclusive range makes it inconclusive (never a failure)."""
+    timeout: Duration = timedelta(seconds=2)
+    """Longest wait for all of one interval's queries together (the controller's tick waits on them)."""
+
+
 class Analysis(SpecModel):
+    provider: Literal["builtin", "prometheus"] = "builtin"
+    """builtin: the router's own figures (error rate, p95 latency, min_requests); prometheus: the `prometheus` queries."""
+    prometheus: PrometheusAnalysis | None = None
+    """Queries for provider: prometheus (Argo Rollouts AnalysisTemplate / Flagger MetricTemplate style)."""
     interval: Duration = timedelta(seconds=10)
     """How often live canary figures are judged."""
     min_requests: int = Field(default=5, ge=0)
@@ -66,6 +97,15 @@ class Analysis(SpecModel):
     rollout.progress_deadline with a not-enough-traffic reason; `promote` lets it complete unjudged (logged as such)."""
 
 
+class PostPromotion(SpecModel):
+    duration: Duration = timedelta(minutes=5)
+    """How long the new version is watched after it reached 100%; at most rollout.scale_down_delay (the standby must
+    stay warm for the whole watch)."""
+    analysis: Analysis | None = None
+    """The watch's analysis; rollout.analysis when unset. failure_limit failed intervals in a row switch traffic back
+    to the warm standby at once."""
+
+
 class Rollout(SpecModel):
     strategy: Literal["bluegreen", "canary", "auto"] = "bluegreen"
     """bluegreen: start the new version beside the old, switch at once; canary: shift by steps;
@@ -78,6 +118,15 @@ class Rollout(SpecModel):
     """How long the previous version stays warm as standby (instant revert)."""
     progress_deadline: Duration = timedelta(minutes=10)
     """Longest a rollout may take to get ready before it is failed (extended by measured load time)."""
+    post_promotion: PostPromotion | None = None
+    """Watch the new version after a blue/green switch or the last canary step, and switch back to the warm standby
+    if its analysis fails; off when unset."""
+
+    @property
+    def watch_analysis(self) -> Analysis:
+        """The analysis a post-promotion watch runs."""
+        watch = self.post_promotion
+        return watch.analysis if watch is not None and watch.analysis is not None else self.analysis
 
 
 class Cost(SpecModel):
@@ -110,7 +159,48 @@ class Release(SpecModel):
         return self.metadata.name
 
 
+def _analysis_rules(analysis: Analysis, path: str) -> list[tuple[str, str]]:
+    if analysis.provider == "builtin":
+        if analysis.prometheus is not None:
+            return [(f"{path}.prometheus", "prometheus queries are read only with provider: prometheus; set it or remove them")]
+        return []
+    if analysis.prometheus is None:
+        return [(f"{path}.prometheus", "provider: prometheus needs prometheus: {address: http://..., queries: [...]}")]
+    problems, seen = [], set()
+    for i, query in enumerate(analysis.prometheus.queries):
+        if query.min is None and query.max is None:
+            problems.append((f"{path}.prometheus.queries.{i}", f"query {query.name!r} judges nothing: give it min, max or both"))
+        if query.name in seen:
+            problems.append((f"{path}.prometheus.queries.{i}.name", f"{query.name!r} is used twice; names tell verdicts apart"))
+        seen.add(query.name)
+    return problems
+
+
+def _post_promotion_rules(rollout: Rollout) -> list[tuple[str, str]]:
+    watch = rollout.post_promotion
+    if watch is None:
+        return []
+    problems = []
+    if watch.duration > rollout.scale_down_delay:
+        problems.append(("rollout.post_promotion.duration",
+                         f"{format_duration(watch.duration)} exceeds rollout.scale_down_delay "
+                         f"({format_duration(rollout.scale_down_delay)}): the standby must stay warm for the whole watch; "
+                         "lengthen scale_down_delay or shorten the watch"))
+    if watch.duration < rollout.watch_analysis.interval:
+        problems.append(("rollout.post_promotion.duration",
+                         f"{format_duration(watch.duration)} is shorter than one analysis interval "
+                         f"({format_duration(rollout.watch_analysis.interval)}): nothing would be judged"))
+    if watch.analysis is not None:
+        problems += _analysis_rules(watch.analysis, "rollout.post_promotion.analysis")
+    return problems
+
+
 def _rollout_rules(rollout: Rollout) -> list[tuple[str, str]]:
+    problems = _analysis_rules(rollout.analysis, "rollout.analysis") + _post_promotion_rules(rollout)
+    return problems + _step_rules(rollout)
+
+
+def _step_rules(rollout: Rollout) -> list[tuple[str, str]]:
     if rollout.strategy != "canary":
         if rollout.steps:
             return [("rollout.steps", "steps are for strategy: canary; remove them or switch the strategy")]

@@ -4,7 +4,8 @@
 router weights (`{weight: N}`) or holds (`{pause: 30s}`, or `{pause:}` until
 `diffops promote`); a step moves on only once the router reports the weights.
 Every `analysis.interval` the canary's live figures since the interval began
-(error rate, p95 latency, from the router) are judged. Only requests the router
+(error rate, p95 latency, from the router; or the release's PromQL queries with
+`analysis.provider: prometheus`) are judged (`controller.rollout.analysis`). Only requests the router
 assigned by weight are judged; pinned previews (`X-Diffops-Version`) are
 recorded beside them and never count. Fewer than `min_requests` judged requests
 is inconclusive; `failure_limit` failed intervals in a row abort the rollout.
@@ -18,53 +19,18 @@ original deadline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 from controller.apply.serve_config import router_weights
-from controller.parse.release import Analysis, Step
-from controller.rollout.outcomes import Abort, Continue, Desired, Outcome, Promote, StepResult
+from controller.parse.release import Step
+from controller.rollout.analysis import assess, judge, pinned_requests
+from controller.rollout.outcomes import Abort, AnalysisVerdict, Continue, Desired, Figures, Outcome, Promote, StepResult
 from controller.state.records import Command, Event, ObservedApp, Phase, ReleaseRecord, VersionRecord, with_phase
 
 __all__ = ["RETIRE_DELAY_S", "AnalysisVerdict", "Figures", "Walk", "describe", "judge", "pinned_requests", "retire"]
 
 RETIRE_DELAY_S = 10.0  # an aborted canary's app lives this long at weight 0, so in-flight requests finish
-
-Figures = dict[str, Any]  # one version's figures as the router reports them (JSON): requests, errors, p95_latency_s, pinned
-
-
-@dataclass(frozen=True)
-class AnalysisVerdict:
-    """One analysis interval's judgement of the canary's figures."""
-
-    outcome: Literal["passed", "failed", "inconclusive"]
-    reasons: tuple[str, ...]
-    figures: Figures
-
-
-def pinned_requests(figures: Figures) -> int:
-    """Requests pinned with X-Diffops-Version (previews): reported beside the judged ones, never judged."""
-    pinned = figures.get("pinned")
-    return int(pinned.get("requests", 0)) if isinstance(pinned, dict) else 0
-
-
-def judge(stats: Figures | None, analysis: Analysis) -> AnalysisVerdict:
-    """One interval's verdict on the canary's judged figures (pinned previews never count) against the thresholds."""
-    figures = dict(stats or {})
-    requests, errors = int(figures.get("requests", 0)), int(figures.get("errors", 0))
-    if requests < analysis.min_requests:
-        pinned = pinned_requests(figures)
-        aside = f" ({pinned} pinned previews not counted)" if pinned else ""
-        return AnalysisVerdict("inconclusive", (f"{requests} judged requests < min_requests {analysis.min_requests}{aside}",), figures)
-    rate = errors / requests if requests else 0.0
-    figures["error_rate"] = round(rate, 4)
-    reasons = []
-    if rate > analysis.max_error_rate:
-        reasons.append(f"error rate {rate:.2f} > {analysis.max_error_rate}")
-    p95 = figures.get("p95_latency_s")
-    if analysis.max_p95_latency_s is not None and p95 is not None and p95 > analysis.max_p95_latency_s:
-        reasons.append(f"p95 latency {p95:.2f}s > {analysis.max_p95_latency_s}s")
-    return AnalysisVerdict("failed" if reasons else "passed", tuple(reasons), figures)
 
 
 def describe(step: Step, index: int, total: int) -> str:
@@ -182,7 +148,7 @@ class Walk:
         started = self.record.analysis_at or self.now
         if self.canary.weight == 0 or self.now - started < analysis.interval.total_seconds():
             return None
-        verdict = judge((stats or {}).get(self.canary.version), analysis)
+        verdict = assess((stats or {}).get(self.canary.version), analysis)
         failures = self.record.failures + 1 if verdict.outcome == "failed" else 0 if verdict.outcome == "passed" else self.record.failures
         prior = self.record.analysis or {}
         passed_before = prior.get("step") == self.record.step and bool(prior.get("step_passed"))

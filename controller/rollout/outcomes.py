@@ -6,18 +6,31 @@ preparations back as `Prepared`; `controller.rollout.steps.step` returns a
 prepare). Inside a step, the canary walk (`controller.rollout.canary`) and the
 surge-limited rollout (`controller.rollout.surge`) end each tick with an
 `Outcome`: keep going (`Continue`), make the new version stable (`Promote`), or
-send all traffic back (`Abort`, with the reason shown to people).
+send all traffic back (`Abort`, with the reason shown to people). An analysis
+interval's judgement is an `AnalysisVerdict` on a version's `Figures`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from controller.parse.release import Release
 from controller.state.records import Event, ReleaseRecord, VersionRecord
 
-__all__ = ["Abort", "Continue", "Desired", "Outcome", "Prepared", "Promote", "StepResult"]
+__all__ = ["Abort", "AnalysisVerdict", "Continue", "Desired", "Figures", "Outcome", "Prepared", "Promote", "StepResult"]
+
+Figures = dict[str, Any]  # one version's figures as the router reports them (JSON): requests, errors, p95_latency_s, pinned;
+# with analysis.provider prometheus also `queries`: [{name, query, value, error}] as read for the interval
+
+
+@dataclass(frozen=True)
+class AnalysisVerdict:
+    """One analysis interval's judgement of a version's figures."""
+
+    outcome: Literal["passed", "failed", "inconclusive"]
+    reasons: tuple[str, ...]
+    figures: Figures
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,11 @@ recorded state, the decisions made (events) and the preparations to start.
 Blue/green: a new version is prepared (model fetched and verified), started
 beside the stable one with weight 0, switched to 100% once every replica is
 running and warmed, and the old stable stays warm as `standby` for
-`scale_down_delay`. A desired version that is the standby is switched back at
-once: no reload, no re-check. Nothing here blocks; unfinished work waits for
-the next tick.
+`scale_down_delay`. With `rollout.post_promotion`, the new version is then
+watched at 100% (`controller.rollout.post_promotion`) and a failed watch
+switches traffic back to the standby at once. A desired version that is the
+standby is switched back at once: no reload, no re-check. Nothing here blocks;
+unfinished work waits for the next tick.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import replace
 from controller.apply.serve_config import router_weights
 from controller.parse.release import Release, Spec
 from controller.rollout import canary as canary_walk
+from controller.rollout import post_promotion
 from controller.rollout.capacity import Resources, per_replica, shortfall
 from controller.rollout.outcomes import Abort, Continue, Desired, Prepared, Promote, StepResult
 from controller.rollout.surge import Surge
@@ -84,7 +87,9 @@ def step(name: str, now: float, desired: Desired, record: ReleaseRecord | None, 
                                     record.failed_version))
     assert out.release is not None
     record = out.release
-    _expire_standbys(out, rollout.scale_down_delay.total_seconds(), now)
+    stable = next(iter(role_of(out.versions, "stable")), None)
+    post_promotion.end_stale(out, stable, target, desired)
+    _expire_standbys(out, rollout.scale_down_delay.total_seconds(), now, keep=post_promotion.kept_standby(out.release))
     _abandon_other_canaries(out, target)
     current = {v.version: v for v in out.versions if v.status != "retiring"}
     stable = next(iter(role_of(out.versions, "stable")), None)
@@ -93,6 +98,10 @@ def step(name: str, now: float, desired: Desired, record: ReleaseRecord | None, 
         _follow_light_changes(out, stable, spec)
         if stable.gate_key not in (None, desired.gate_key):
             return _recheck(out, stable, prepared.get(target), desired, now)
+        if post_promotion.watched(out.release) == target:
+            stable = next(v for v in out.versions if v.version == target)
+            manual = [c for c in commands if c.action != "retry"]
+            return _watch(out, stable, desired, observed, stats, manual, now)
         return _healthy(out, target, observed, now)
     if target in current and current[target].role == "standby" and current[target].status == "ready":
         return _switch(out, current[target], stable, now, rollback=True)
@@ -143,6 +152,17 @@ def _walk(out: StepResult, canary: VersionRecord, stable: VersionRecord | None, 
             return _switch(out, walk.canary, walk.stable, now, rollback=False)
         case Abort(reason):
             return _abort(out, walk.canary, walk.stable, reason, desired, now)
+        case Continue():
+            return out
+
+
+def _watch(out: StepResult, stable: VersionRecord, desired: Desired, observed: dict[str, ObservedApp],
+           stats: dict[str, canary_walk.Figures] | None, commands: list[Command], now: float) -> StepResult:
+    match post_promotion.Watch(out, stable, desired, now).run(observed.get(stable.release), stats, commands):
+        case Promote():
+            return _healthy(out, stable.version, observed, now)
+        case Abort(reason):
+            return post_promotion.unpromote(out, stable, reason, desired, now)
         case Continue():
             return out
 
@@ -256,6 +276,9 @@ def _switch(out: StepResult, target: VersionRecord, stable: VersionRecord | None
         message = f"{target.version} ready after {took:.1f}s; traffic switched to it (100%){after}"
         out.events.append(Event(target.release, "promoted", message, target.version))
     out.release = replace(out.release, failed_version=None, held_fingerprint=None)
+    watch = out.release.spec.rollout.post_promotion if out.release.spec else None
+    if watch is not None and stable is not None and not rollback:
+        out.release = post_promotion.begin(out.release, target.version, stable.version, watch.duration.total_seconds())
     out.release = with_phase(out.release, "Progressing", f"{target.version}: switching traffic to it (100%)", now)
     return out
 
@@ -335,12 +358,12 @@ def _follow_light_changes(out: StepResult, stable: VersionRecord, spec: Spec) ->
                                 stable.version))
 
 
-def _expire_standbys(out: StepResult, delay_s: float, now: float) -> None:
+def _expire_standbys(out: StepResult, delay_s: float, now: float, keep: str | None = None) -> None:
     for version in [v for v in out.versions if v.status == "retiring" and v.retire_at is not None and now >= v.retire_at]:
         out.versions.remove(version)
         out.events.append(Event(version.release, "retired", f"rolled-back canary {version.version} deleted", version.version))
     for version in role_of(out.versions, "standby"):
-        if version.standby_since is not None and now - version.standby_since >= delay_s:
+        if version.standby_since is not None and now - version.standby_since >= delay_s and version.version != keep:
             out.versions.remove(version)
             out.events.append(Event(version.release, "standby-removed", f"standby {version.version} scaled down after {delay_s:.0f}s",
                                     version.version))

@@ -5,9 +5,12 @@ and splits it into our applications and other owners' (`controller.apply.drift`)
 asks each router for its live weights until it confirms the recorded ones, asks
 Ray for free resources only while something must start, collects finished model
 preparations and pending manual commands, and reads per release what its step
-needs: the checks' golden reference in git (the gate key) and, for a canary
-under analysis, its router's figures. One release's read failing is carried to
-decide (`StepInput.unobserved`) and fails that release only.
+needs: the checks' golden reference in git (the gate key) and, for a version
+under analysis (a walking canary, or a promoted version under its
+post-promotion watch), its router's figures, plus, once an interval is due with
+`analysis.provider: prometheus`, the release's PromQL readings
+(`controller.tick.prometheus`). One release's read failing is carried to decide
+(`StepInput.unobserved`) and fails that release only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from controller.apply.serve_config import ROUTER_CPUS, rendered_versions, router
 from controller.gate.runner import gate_key, reference_blob
 from controller.plan.versions import version_id
 from controller.rollout import capacity
+from controller.rollout.analysis import subject
 from controller.rollout.capacity import Resources
 from controller.rollout.outcomes import Prepared
 from controller.source.git_source import ReleaseFile, ReleaseSource, Snapshot
@@ -30,6 +34,7 @@ from controller.state.records import ObservedApp, VersionRecord
 from controller.state.store import GateRecord, State, Store
 from controller.tick.decide import Policy, StepInput, TickInput
 from controller.tick.prepare import Key, Preparations
+from controller.tick.prometheus import read_queries
 
 __all__ = ["VERSION_ID_CACHE", "Observation", "Observer", "free_resources", "recorded_apps"]
 
@@ -95,8 +100,12 @@ class Observer:
             if file is None or file.release is None or (file.release.spec.faults is not None and not self.policy.allow_faults):
                 return base  # gone or invalid: its step reads nothing more
             key = gate_key(file.release, reference_blob(self.source, base.head, file.release))
-            walking = record is not None and any(v.role == "canary" and v.status == "ready" for v in base.versions)
-            stats = self.serve.router_stats(name, record.analysis_at or base.now) if walking and record else None
+            under = subject(record, base.versions, file.release.spec.rollout, base.now)
+            stats = self.serve.router_stats(name, record.analysis_at or base.now) if under and record else None
+            prometheus = under.analysis.prometheus if under is not None and under.analysis.provider == "prometheus" else None
+            if under is not None and under.due and prometheus is not None:
+                readings = read_queries(prometheus, name, under.version, under.analysis.interval)
+                stats = {**(stats or {}), under.version: {**(stats or {}).get(under.version, {}), "queries": readings}}
         except Exception as err:  # decided where every step's error is: this release's phase, never another's
             return replace(base, unobserved=err)
         mine = {version: result for (release, version, gate), result in prepared.items() if release == name and gate == key}
