@@ -57,9 +57,11 @@ monitoring-down: setup
 	$(BIN)/diffops monitoring down --state-dir $(STATE_DIR)
 
 # The multi-node tests build hosts from network namespaces: iproute2's ip, util-linux's unshare/nsenter/setpriv.
+# The dashboard screenshots: Debian's Chromium (driven by Playwright, never a browser download) and a font.
 system-packages:
 	@command -v ip >/dev/null && command -v unshare >/dev/null && command -v nsenter >/dev/null && command -v setpriv >/dev/null \
-	  || (apt-get update && apt-get install -y --no-install-recommends iproute2 util-linux)
+	  && command -v chromium >/dev/null && test -d /usr/share/fonts/truetype/dejavu \
+	  || (apt-get update && apt-get install -y --no-install-recommends iproute2 util-linux chromium fonts-dejavu-core)
 
 test: setup system-packages code-check
 	$(BIN)/python -m pytest
