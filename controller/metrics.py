@@ -1,14 +1,23 @@
 """The controller's Prometheus metrics (`--metrics-port`).
 
-Reconciles by result and duration, phase per release, weight per version,
-drift healed per release and the time of the last applied commit, refreshed
-after every reconcile from the recorded state.
+Reconciles by result and duration (and when the last one ended), phase per
+release, weight per version, drift healed per release and the time of the
+last applied commit, refreshed after every reconcile from the recorded state;
+gate check durations from each gate report; and the cost accounting's figures
+(`controller.tick.costs`): GPU-seconds and USD by kind, model bytes fetched by
+store, cost per image over the last hour and each release's budget per image.
+Counters count from the controller's start; the totals that survive a restart
+are in the state store (`diffops cost`).
 """
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from controller.cost import GPU_KINDS, USD_KINDS, CostRecord
 from controller.state.store import State
 
 __all__ = ["ControllerMetrics"]
@@ -32,6 +41,23 @@ class ControllerMetrics:
                                  registry=self.registry)
         self.applied = Gauge("diffops_last_applied_commit_timestamp_seconds", "When the last commit became fully live.",
                              registry=self.registry)
+        self.last_reconcile = Gauge("diffops_last_reconcile_timestamp_seconds", "When the last reconcile ended (whatever its result).",
+                                    registry=self.registry)
+        self.gate_seconds = Histogram("diffops_gate_seconds", "Duration of each gate check, from the gate report.",
+                                      ["release", "version", "check"], registry=self.registry,
+                                      buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+        self.gpu_seconds = Counter("diffops_gpu_seconds_total", "GPU-seconds held: serving (replicas busy), idle (held, taking "
+                                   "traffic or starting, not busy), standby (kept warm), gate (check jobs).",
+                                   ["release", "version", "kind"], registry=self.registry)
+        self.cost_usd = Counter("diffops_cost_usd_total", "Cost in USD from spec.cost prices: gpu, egress (object store "
+                                "downloads by the controller), storage (model bytes in the cache).",
+                                ["release", "version", "kind"], registry=self.registry)
+        self.fetched_bytes = Counter("diffops_model_fetched_bytes_total", "Model bytes the controller downloaded, by store scheme.",
+                                     ["store"], registry=self.registry)
+        self.cost_per_image = Gauge("diffops_cost_per_image_usd", "USD per image over the last hour (GPU, egress, storage); "
+                                    "absent while no image was made in it.", ["release", "version"], registry=self.registry)
+        self.budget_per_image = Gauge("diffops_cost_budget_per_image_usd", "spec.cost.budget_per_image_usd, when the release sets it.",
+                                      ["release"], registry=self.registry)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
@@ -39,6 +65,37 @@ class ControllerMetrics:
     def observe_reconcile(self, result: str, seconds: float) -> None:
         self.reconciles.labels(result).inc()
         self.duration.observe(seconds)
+        self.last_reconcile.set(time.time())
+
+    def observe_gate(self, release: str, version: str, report: dict[str, Any]) -> None:
+        """Each check's duration from a gate report (`checks.report.GateReport.to_dict`)."""
+        for check in report.get("checks") or ():
+            self.gate_seconds.labels(release, version, str(check.get("name"))).observe(float(check.get("seconds") or 0.0))
+
+    def observe_costs(self, before: CostRecord | None, after: CostRecord) -> None:
+        """Move the cost counters by what `after` added to `before` (None: counted from zero)."""
+        labels = (after.release, after.version)
+        for kind in GPU_KINDS:
+            added = after.gpu_seconds(kind) - (before.gpu_seconds(kind) if before else 0.0)
+            self.gpu_seconds.labels(*labels, kind).inc(max(0.0, added))
+        for usd_kind in USD_KINDS:
+            added = getattr(after, f"{usd_kind}_usd") - (getattr(before, f"{usd_kind}_usd") if before else 0.0)
+            self.cost_usd.labels(*labels, usd_kind).inc(max(0.0, added))
+
+    def set_cost_per_image(self, release: str, version: str, usd: float | None) -> None:
+        if usd is None:
+            try:
+                self.cost_per_image.remove(release, version)
+            except KeyError:
+                pass
+        else:
+            self.cost_per_image.labels(release, version).set(usd)
+
+    def set_budgets(self, budgets: dict[str, float | None]) -> None:
+        self.budget_per_image.clear()
+        for release, usd in budgets.items():
+            if usd is not None:
+                self.budget_per_image.labels(release).set(usd)
 
     def observe_drift(self, release: str) -> None:
         self.drift_healed.labels(release).inc()

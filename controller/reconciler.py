@@ -13,6 +13,8 @@ and tested alone:
 4. apply    (`controller.tick.apply`): the rendered Serve config applied,
    drift healed.
 5. annotate (`controller.tick.annotate`): git notes, revert commits, pushes.
+6. costs    (`controller.tick.costs`): GPU-seconds, bytes and images integrated
+   from the recorded state and the releases' tallies, every few seconds.
 
 Then the record phase logs the decisions (timed to here) and the apply phase
 starts the background preparations (`controller.tick.prepare`) and keeps the
@@ -42,6 +44,7 @@ from controller.source.git_source import ReleaseSource, Snapshot
 from controller.source.signatures import SignatureGate
 from controller.state.store import State, Store
 from controller.tick import annotate, apply, decide, record
+from controller.tick.costs import CostBook, WorkReader
 from controller.tick.observe import Observer
 from controller.tick.prepare import Preparations
 from serving.artifacts import ModelCache
@@ -83,6 +86,7 @@ class Reconciler:
         self.cache = apply.CacheKeeper(cache, cache_max_bytes, metrics)  # --cache-max-bytes: evict unused models past it
         self.preparations = Preparations(source, store, self.gate, cache, settings.cache_dir,
                                          gate_dir or Path(settings.cache_dir).parent / "gate", on_prepared, settings.placement)
+        self.costs = CostBook(store, cache, serve if isinstance(serve, WorkReader) else None, metrics, clock)
 
     def reconcile(self) -> TickResult:
         started = time.monotonic()
@@ -143,6 +147,9 @@ class Reconciler:
             self.preparations.start(version, desired)
         self.cache.evict(self.state.versions)
         record.count(self.metrics, self.state)
+        self.costs.gated(self.state, seen.gates)
+        self.costs.fetched(self.preparations.fetched())
+        self.costs.tick(self.state)
         return plan.busy
 
     def _say(self, notes: Iterable[decide.Note]) -> None:

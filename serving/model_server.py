@@ -6,6 +6,9 @@ the release's sampler, runs one warm-up generation, and only then reports
 ready. Requests arrive from the release's router, are batched by
 `@serve.batch`, and run by `serving.generator` in a worker thread: grouped by
 shape, one pipeline call at a time (diffusers schedulers are not thread-safe).
+Each batch is measured (`serving.metrics`: images, seconds per image) and
+reported to the release's tally (busy seconds, for the controller's cost
+accounting); start phases, queue, node cache and NVML figures are gauges.
 """
 
 from __future__ import annotations
@@ -18,18 +21,24 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from serving import code_pin
 from serving.artifacts import ModelCache, fetch
 from serving.generator import PipelineRunner, resolve
-from serving.metrics import Nvml, serving_metrics
+from serving.metrics import GpuSampler, Nvml, serving_metrics, store_of
 from serving.model_cache import node_cache_dir
 from serving.pipeline import load_pipeline, pick_device
 
-__all__ = ["CONSTRUCTOR_RETRIES", "InjectedFault", "ModelServer", "build_model_app"]
+__all__ = ["CONSTRUCTOR_RETRIES", "InjectedFault", "ModelServer", "build_model_app", "load_phases"]
 
 log = logging.getLogger("ray.serve")
 CONSTRUCTOR_RETRIES = 3  # a replica that fails to start is retried this often, then the version is failed
+
+
+def load_phases(cached: bool, fetch_s: float, load_s: float, warmup_s: float) -> dict[str, float]:
+    """A replica's start by phase: a download hashes as it streams (fetch), a cache hit is re-hashed (verify)."""
+    return {"fetch": 0.0 if cached else fetch_s, "verify": fetch_s if cached else 0.0, "load": load_s, "warmup": warmup_s}
 
 
 class InjectedFault(RuntimeError):
@@ -43,7 +52,7 @@ class ModelServer:
         code_pin.check(f"{release}--{version}")  # the serving code the controller pinned, or refuse to start
         self.release, self.version, self.generation = release, version, generation
         self.tags = {"release": release, "version": version}
-        self.gpus, self.gpu_hour_usd = gpus, None
+        self.gpus = gpus
         self.faults = faults or {}
         self.answered = 0  # generate calls so far (spec.faults.error_after_requests)
         if self.faults:
@@ -51,29 +60,37 @@ class ModelServer:
         if self.faults.get("startup_error"):
             raise InjectedFault(f"{release}--{version}: injected startup failure (spec.faults.startup_error)")
         self.metrics = serving_metrics()
-        cache = ModelCache(node_cache_dir(cache_dir))  # the controller's own on a local head, else this node's
-        fetched = fetch(model["uri"], model["digest"], cache, repo=Path(repo) if repo else None, commit=commit, reverify=True)
+        self.cache = ModelCache(node_cache_dir(cache_dir))  # the controller's own on a local head, else this node's
+        fetched = fetch(model["uri"], model["digest"], self.cache, repo=Path(repo) if repo else None, commit=commit, reverify=True)
+        if fetched.bytes_transferred:  # a Ray counter refuses an increment of 0 (a cache hit transfers nothing)
+            self.metrics["fetched_bytes"].inc(fetched.bytes_transferred, tags={**self.tags, "store": store_of(model["uri"])})
+        self._cache_size()
         self.device = pick_device()
         if self.device == "cpu":
             log.info("%s--%s: no CUDA device visible (gpus=%s); running on CPU in float32", release, version, gpus)
+        loading = time.monotonic()
         self.pipeline = load_pipeline(fetched.path, dtype=model.get("dtype", "float32"), sampler=generation["sampler"], device=self.device)
-        self.runner = PipelineRunner(self.pipeline, self.device, on_batch=self._record)
-        self.nvml = Nvml()
-        self.in_flight = 0
+        self.runner = PipelineRunner(self.pipeline, self.device)  # the warm-up is no image anyone asked for: not counted
+        self.in_flight = self.running = 0
+        self.tally: DeploymentHandle[Any] | None = None
+        warming = time.monotonic()
         warm_up = resolve({"prompt": "warm-up", "steps": min(2, generation["steps"]), "seed": 0}, generation)
         self.runner.run([warm_up])
+        self.runner.on_batch = self._record
         self.load_seconds = time.monotonic() - started
-        self.metrics["load_seconds"].set(self.load_seconds, tags=self.tags)
+        phases = load_phases(fetched.cached, fetched.seconds, warming - loading, time.monotonic() - warming)
+        for phase, seconds in phases.items():
+            self.metrics["load_seconds"].set(seconds, tags={**self.tags, "phase": phase})
+        self.sampler = GpuSampler(self.tags, Nvml().read, also=self._cache_size).start()
         log.info(
-            "%s--%s: ready on %s after %.2fs (fetch %s, %.2fs); next: serving requests",
+            "%s--%s: ready on %s after %.2fs (fetch %s, %.2fs; load %.2fs; warm-up %.2fs); next: serving requests",
             release, version, self.device, self.load_seconds,
             "cache hit, re-verified" if fetched.cached else "downloaded" + (" to replace a damaged cached copy" if fetched.healed else ""),
-            fetched.seconds,
+            fetched.seconds, phases["load"], phases["warmup"],
         )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Light settings from the rendered `user_config`: applied in place, no restart."""
-        self.gpu_hour_usd = config.get("gpu_hour_usd")
         # serve.batch's typing drops the setters its wrapper carries at run time
         self._batch.set_max_batch_size(int(config.get("max_batch_size", 4)))  # type: ignore[attr-defined]
         self._batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))  # type: ignore[attr-defined]
@@ -86,12 +103,12 @@ class ModelServer:
             raise InjectedFault(f"{self.release}--{self.version}: injected fault (spec.faults.error_rate {self.faults['error_rate']}"
                                 f"{self._after()})")
         self.in_flight += 1
-        self.metrics["in_flight"].set(self.in_flight, tags=self.tags)
+        self._gauge_queue()
         try:
             return await self._batch(resolve(params, self.generation))
         finally:
             self.in_flight -= 1
-            self.metrics["in_flight"].set(self.in_flight, tags=self.tags)
+            self._gauge_queue()
 
     def _after(self) -> str:
         after = self.faults.get("error_after_requests", 0)
@@ -99,17 +116,34 @@ class ModelServer:
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
     async def _batch(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self.runner.run, requests)
+        self.running = len(requests)
+        self._gauge_queue()
+        try:
+            return await asyncio.to_thread(self.runner.run, requests)
+        finally:
+            self.running = 0
+            self._gauge_queue()
+
+    def _gauge_queue(self) -> None:
+        tags = {**self.tags, "where": "replica"}
+        self.metrics["in_flight"].set(self.in_flight, tags=tags)
+        self.metrics["queue_length"].set(max(0, self.in_flight - self.running), tags=tags)
+
+    def _cache_size(self) -> None:
+        self.metrics["cache_bytes"].set(self.cache.size(), tags=self.tags)
 
     def _record(self, images: int, seconds: float) -> None:
+        """A batch generated: images counted, time per image observed, the work reported to the release's tally."""
+        if not images:
+            return
         self.metrics["images"].inc(images, tags=self.tags)
-        if self.gpu_hour_usd and self.gpus:
-            cost = self.gpu_hour_usd * self.gpus * seconds / 3600
-            self.metrics["cost"].inc(cost, tags=self.tags)
-            self.metrics["cost_per_image"].set(cost / images, tags=self.tags)
-        for gpu, utilization, memory in self.nvml.read():
-            self.metrics["gpu_utilization"].set(utilization, tags={**self.tags, "gpu": gpu})
-            self.metrics["gpu_memory"].set(memory, tags={**self.tags, "gpu": gpu})
+        self.metrics["image_seconds"].observe(seconds / images, tags=self.tags)
+        try:
+            if self.tally is None:
+                self.tally = serve.get_deployment_handle("Tally", app_name=self.release)
+            self.tally.work.remote(self.version, seconds, images)  # fire and forget: a request never waits on it
+        except Exception as err:  # no router app (yet): the controller counts held time as serving meanwhile
+            log.debug("%s--%s: work not reported to the tally (%s)", self.release, self.version, err)
 
     def check_health(self) -> None:
         if self.pipeline is None:

@@ -10,7 +10,8 @@ and answered as PNG or JSON with `X-Diffops-Version` and `X-Request-Id`.
 `GET /<release>` answers the weights and, per version, the figures the canary
 analysis judges: only requests a router assigned by weight; requests pinned
 with `X-Diffops-Version` (previews, steerable by any client) are counted apart,
-under `pinned`. The release's routers scale out (`spec.ingress.replicas`); every
+under `pinned`; `GET /<release>/work` answers the replicas' busy seconds and images per version (cost
+accounting). The release's routers scale out (`spec.ingress.replicas`); every
 router replica sends its answers to the release's one `serving.tally.Tally`, so
 whichever replica answers `GET /<release>` reports all of the release's traffic.
 Backpressure from a full version queue becomes 503 with `Retry-After`; a
@@ -39,7 +40,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from serving import code_pin
-from serving.metrics import serving_metrics
+from serving.metrics import outcome, serving_metrics
 from serving.problems import PROBLEM_MEDIA_TYPE, ProblemDocument, ProblemKind, echo, problem
 from serving.requests import RequestError, parse_request, read_body
 from serving.tally import Answer, Tally
@@ -77,6 +78,8 @@ class Router:
         self.handles: dict[str, DeploymentHandle[Any]] = {}
         self.rng = random.Random()
         self.metrics = serving_metrics()
+        self.inside = 0  # requests inside this router replica
+        self.awaiting: dict[str, int] = {}  # per version: requests sent to it and not answered yet
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.weights = {str(k): int(v) for k, v in config.get("weights", {}).items()}
@@ -92,13 +95,20 @@ class Router:
         return self.handles[version]
 
     async def __call__(self, request: Request) -> Response:
+        started = time.monotonic()
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex  # set by the Serve proxy
+        self._in_flight(+1)
         try:
-            return await self._answer(request, request_id)
+            response = await self._answer(request, request_id)
         except Exception as err:  # a bug in this router: still a problem document, never Serve's bare 500
             log.exception("router %s: failed request %s: %s; next: answering 500", self.release, request_id, type(err).__name__)
             detail = f"the router of {self.release} failed ({type(err).__name__}); the Serve logs name request {request_id}"
-            return self._error("internal-error", request_id, None, detail)
+            response = self._error("internal-error", request_id, None, detail)
+        finally:
+            self._in_flight(-1)
+        if not (request.method == "GET" and response.status_code == 200):  # the figures' read is no request to count
+            self._count(response.headers.get(VERSION_HEADER), response.status_code, time.monotonic() - started)
+        return response
 
     async def _answer(self, request: Request, request_id: str) -> Response:
         path = request.url.path.rstrip("/")
@@ -108,11 +118,13 @@ class Router:
             except ValueError:
                 return self._error("invalid-request", request_id, None, "epoch seconds expected", [("since", "epoch seconds expected")])
             return JSONResponse({"release": self.release, "weights": self.weights, "stats": await self.stats(since)})
+        if request.method == "GET" and path.endswith(f"/{self.release}/work"):
+            return JSONResponse({"release": self.release, **await self.work()})
         if not path.endswith("/generate"):
             return self._error("not-found", request_id, None, f"use POST /{self.release}/generate")
         if request.method != "POST":
             return self._error("method-not-allowed", request_id, None, f"use POST /{self.release}/generate", headers={"Allow": "POST"})
-        started = time.monotonic()
+        started = time.monotonic()  # the tally's seconds: from the body read to the version's answer
         try:
             raw = await read_body(request.stream(), request.headers.get("content-length"))
             params = parse_request(raw, self.limits, self.defaults)
@@ -146,7 +158,6 @@ class Router:
             return self._error("generation-failed", request_id, version, f"version {version} failed: {type(err).__name__}")
         seconds = time.monotonic() - started
         self._note((time.time(), version, True, seconds), preview)
-        self._count(version, 200, seconds)
         headers = {VERSION_HEADER: version}
         if "application/json" in request.headers.get("accept", ""):
             images = [base64.b64encode(image).decode() for image in result["images"]]
@@ -157,12 +168,15 @@ class Router:
 
     async def _generate(self, version: str, params: dict[str, Any], request_id: str) -> dict[str, Any]:
         """The version's answer; retried once if the replica died under it (generation has no side effects)."""
+        self._waiting(version, +1)
         try:
             answer: dict[str, Any] = await self._handle(version).generate.remote(params)
         except RayActorError as err:
             log.warning("router %s: a replica of %s died during request %s (%s); next: retry it once",
                         self.release, version, request_id, type(err).__name__)
             answer = await self._handle(version).generate.remote(params)
+        finally:
+            self._waiting(version, -1)
         return answer
 
     def _note(self, answer: Answer, preview: bool) -> None:
@@ -179,22 +193,38 @@ class Router:
         stats: dict[str, dict[str, Any]] = await self.tally.stats.remote(since)
         return stats
 
+    async def work(self) -> dict[str, Any]:
+        """The replicas' busy seconds and images per version (`serving.tally.Tally.work_totals`)."""
+        if self.tally is None:
+            return self.own_tally.work_totals()
+        totals: dict[str, Any] = await self.tally.work_totals.remote()
+        return totals
+
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
 
-    def _count(self, version: str | None, code: int, seconds: float | None = None) -> None:
+    def _count(self, version: str | None, code: int, seconds: float) -> None:
+        """An answer: counted by status code, its end-to-end latency by outcome (`version` none: no version answered)."""
         tags = {"release": self.release, "version": version or "none"}
         self.metrics["requests"].inc(tags={**tags, "code": str(code)})
-        if seconds is not None:
-            self.metrics["latency"].observe(seconds, tags=tags)
+        self.metrics["latency"].observe(seconds, tags={**tags, "outcome": outcome(code)})
+
+    def _in_flight(self, change: int) -> None:
+        """Requests inside this router replica (version none: most are not assigned one yet)."""
+        self.inside += change
+        self.metrics["in_flight"].set(self.inside, tags={"release": self.release, "version": "none", "where": "router"})
+
+    def _waiting(self, version: str, change: int) -> None:
+        """Requests this router replica sent to `version` and awaits (queued for a replica slot or inside one)."""
+        self.awaiting[version] = self.awaiting.get(version, 0) + change
+        self.metrics["queue_length"].set(self.awaiting[version], tags={"release": self.release, "version": version, "where": "router"})
 
     def _error(self, kind: ProblemKind, request_id: str, version: str | None, detail: str,
                errors: Iterable[tuple[str, str]] = (), headers: dict[str, str] | None = None) -> Response:
         return self._send(problem(kind, detail, request_id, list(errors)), version, headers)
 
     def _send(self, document: ProblemDocument, version: str | None, headers: dict[str, str] | None = None) -> Response:
-        """Answer a problem document: counted under its status, typed application/problem+json whatever `Accept` asked."""
-        self._count(version, document["status"])
+        """Answer a problem document, typed application/problem+json whatever `Accept` asked (counted in `__call__`)."""
         out = dict(headers or {})
         if version:
             out[VERSION_HEADER] = version

@@ -5,10 +5,15 @@ the share one router replica happened to see. Each router replica sends every an
 request never waits on the tally), and `GET /<release>`, whichever router replica answers it, reads the figures
 from here. Judged answers (assigned by weight) and pinned previews (`X-Diffops-Version`) are kept in windows of
 their own, so previews can never push judged answers out.
+
+Model replicas report their work here too (`work`: pipeline seconds and images per batch, fire and forget), kept as
+running totals per version under an `epoch` that changes when the tally restarts; `GET /<release>/work` answers
+them, and the controller's cost accounting (`controller.cost`) takes the differences between two reads.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -44,6 +49,18 @@ class Tally:
     def __init__(self) -> None:
         self.judged: deque[Answer] = deque(maxlen=STATS_WINDOW)
         self.pinned: deque[Answer] = deque(maxlen=STATS_WINDOW)
+        self.epoch = uuid.uuid4().hex[:12]  # a new tally (restarted): the controller starts its differences afresh
+        self.busy: dict[str, list[float]] = {}  # version -> [pipeline seconds, images], running totals
+
+    def work(self, version: str, seconds: float, images: int) -> None:
+        """A replica's batch: `seconds` of pipeline time (summed over the replicas of a version) making `images`."""
+        totals = self.busy.setdefault(str(version), [0.0, 0])
+        totals[0] += float(seconds)
+        totals[1] += int(images)
+
+    def work_totals(self) -> dict[str, Any]:
+        """{"epoch": ..., "versions": {version: {"busy_s": seconds, "images": n}}} since this tally started."""
+        return {"epoch": self.epoch, "versions": {v: {"busy_s": busy, "images": int(images)} for v, (busy, images) in self.busy.items()}}
 
     def record(self, answer: Answer, pinned: bool) -> None:
         (self.pinned if pinned else self.judged).append(tuple(answer))  # type: ignore[arg-type]  # a list after the trip

@@ -97,6 +97,15 @@ class ServeClient:
         except (httpx.HTTPError, ValueError):
             return None
 
+    def router_work(self, release: str) -> dict[str, Any] | None:
+        """The release's replicas' busy seconds and images per version, from its tally (cost accounting), or None."""
+        try:
+            response = self.proxy.get(f"/{release}/work")
+            answer: dict[str, Any] | None = response.json() if response.status_code == 200 else None
+            return answer
+        except (httpx.HTTPError, ValueError):
+            return None
+
     def cluster_resources(self) -> dict[str, tuple[float, float]] | None:
         """(used, total) logical CPUs and GPUs as Ray's autoscaler last reported them (seconds old), or None."""
         try:

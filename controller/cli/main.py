@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from controller.cli import cost as cli_cost
 from controller.cli import gate as cli_gate
 from controller.cli import monitoring as cli_monitoring
 from controller.cli import operate as cli_operate
@@ -205,7 +206,7 @@ def model_fetch(release_name: str, repo: str, state_dir: Path, rev: str | None, 
     click.echo(str(result.path))
 
 
-for command in [*cli_gate.COMMANDS, *cli_operate.COMMANDS, completion, version]:
+for command in [*cli_gate.COMMANDS, *cli_operate.COMMANDS, cli_cost.cost, completion, version]:
     main.add_command(command)
 main.add_command(cli_monitoring.monitoring)
 apply_envvars(main)

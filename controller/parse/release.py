@@ -131,7 +131,13 @@ class Rollout(SpecModel):
 
 class Cost(SpecModel):
     gpu_hour_usd: float | None = Field(default=None, ge=0)
-    """Price of one GPU hour, for cost-per-image metrics and diff estimates."""
+    """Price of one GPU hour: GPU cost (serving, idle, standby, gate), cost per image, and diff estimates."""
+    egress_usd_per_gb: float | None = Field(default=None, ge=0)
+    """Price of one GB (10^9 bytes) the controller downloads from an object store (s3, gs, az, hf) for this release."""
+    storage_usd_per_gb_month: float | None = Field(default=None, ge=0)
+    """Price of keeping one GB of this release's models in the model cache for a month (30 days)."""
+    budget_per_image_usd: float | None = Field(default=None, gt=0)
+    """Cost per image this release should stay under; exported as diffops_cost_budget_per_image_usd for alerting."""
 
 
 class Spec(SpecModel):

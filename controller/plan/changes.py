@@ -3,7 +3,8 @@
 `diff_releases(old, new)` compares two sets of valid releases (name -> Release)
 and returns one `ReleaseChange` per added, changed or removed release: the
 changed field paths, the change class (`version`, `light`, `policy`,
-`remove`), the version ids and the GPU impact of the release's strategy.
+`remove`), the version ids, the GPU impact of the release's strategy and what the
+rollout holds beyond its end state (GPU-hours, USD at `spec.cost.gpu_hour_usd`).
 `diffops diff` prints it; the controller acts on it.
 """
 
@@ -16,7 +17,8 @@ from typing import Any, Literal
 from controller.parse.release import Release
 from controller.plan.versions import COST_ORDER, ChangeClass, field_class, leaves, version_id
 
-__all__ = ["FieldChange", "GpuImpact", "ReleaseChange", "diff_releases", "field_changes", "gpu_impact", "gpus", "release_change"]
+__all__ = ["FieldChange", "GpuImpact", "ReleaseChange", "RolloutCost", "diff_releases", "field_changes", "gpu_impact", "gpus",
+           "release_change", "rollout_cost"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,18 @@ class GpuImpact:
 
 
 @dataclass(frozen=True)
+class RolloutCost:
+    """What a change holds beyond the steady state while it rolls out: the GPUs over the end state, for the walk's
+    timed steps, and the standby's, for scale_down_delay. The new version's start time is not known before it runs."""
+
+    extra_gpu_hours: float
+    walk_s: float  # canary: timed pauses + one analysis interval per partial weight step; else 0
+    standby_s: float  # scale_down_delay, when the old version stays warm as standby
+    usd: float | None  # at spec.cost.gpu_hour_usd; None when the release sets no price
+    waits_for_promote: bool = False  # an untimed pause: the walk lasts until `diffops promote`, longer than counted
+
+
+@dataclass(frozen=True)
 class ReleaseChange:
     """One release's change between two revisions, as `diffops diff` shows it."""
 
@@ -52,6 +66,7 @@ class ReleaseChange:
     impact: GpuImpact
     strategy: str | None = None
     fields: tuple[FieldChange, ...] = field(default_factory=tuple)
+    rollout: RolloutCost | None = None  # None: the change holds nothing beyond its end state
 
 
 def gpus(release: Release | None) -> float:
@@ -74,6 +89,27 @@ def gpu_impact(old: Release | None, new: Release | None, change_class: ChangeCla
         added = max(0, new.spec.replicas.count - old.spec.replicas.count)
         return GpuImpact(added, before, max(before, after), after)
     return GpuImpact(0, before, before, after)
+
+
+def rollout_cost(new: Release, impact: GpuImpact) -> RolloutCost | None:
+    """The GPU-hours (and USD) a rollout holds beyond its end state: (peak - after) GPUs over the canary walk, and the
+    standby's GPUs over scale_down_delay. None when it holds nothing extra."""
+    rollout = new.spec.rollout
+    walk_s, manual = 0.0, False
+    if rollout.strategy == "canary":
+        for step in rollout.steps:
+            if step.is_pause:
+                manual = manual or step.pause is None
+                walk_s += step.pause.total_seconds() if step.pause is not None else 0.0
+            elif step.weight is not None and step.weight < 100:
+                walk_s += rollout.analysis.interval.total_seconds()  # a weight step lasts at least one analysis interval
+    standby_s = rollout.scale_down_delay.total_seconds() if impact.standby_gpus else 0.0
+    gpu_seconds = (impact.gpus_peak - impact.gpus_after) * walk_s + impact.standby_gpus * standby_s
+    if gpu_seconds <= 0:
+        return None
+    price = new.spec.cost.gpu_hour_usd
+    hours = gpu_seconds / 3600
+    return RolloutCost(round(hours, 6), walk_s, standby_s, round(hours * price, 6) if price is not None else None, manual)
 
 
 def field_changes(old: Release, new: Release) -> tuple[FieldChange, ...]:
@@ -100,7 +136,8 @@ def release_change(name: str, old: Release | None, new: Release | None) -> Relea
     if not changes:
         return None
     change_class = max((c.change_class for c in changes), key=lambda c: COST_ORDER[c])
-    return ReleaseChange(name, "change", change_class, old_version, new_version, gpu_impact(old, new, change_class), strategy, changes)
+    impact = gpu_impact(old, new, change_class)
+    return ReleaseChange(name, "change", change_class, old_version, new_version, impact, strategy, changes, rollout_cost(new, impact))
 
 
 def diff_releases(old: Mapping[str, Release], new: Mapping[str, Release]) -> list[ReleaseChange]:

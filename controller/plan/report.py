@@ -12,9 +12,9 @@ from dataclasses import asdict
 from typing import Any
 
 from controller.parse.loader import ReleaseError
-from controller.plan.changes import GpuImpact, ReleaseChange
+from controller.plan.changes import GpuImpact, ReleaseChange, RolloutCost
 
-__all__ = ["WHAT_HAPPENS", "as_json", "as_markdown", "as_text", "impact_line", "summary", "version_text"]
+__all__ = ["WHAT_HAPPENS", "as_json", "as_markdown", "as_text", "impact_line", "rollout_text", "summary", "version_text"]
 
 WHAT_HAPPENS = {
     "version": "new version: gate checks, then rollout",
@@ -43,7 +43,21 @@ def impact_line(change: ReleaseChange) -> str:
         parts.append(f"{change.strategy}: old and new run side by side until the switch")
     if i.standby_gpus:
         parts.append(f"standby keeps {_gpus(i.standby_gpus)} GPUs for scale_down_delay")
+    if change.rollout is not None:
+        parts.append(rollout_text(change.rollout))
     return "; ".join(parts)
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds / 3600:g}h" if seconds >= 3600 else f"{seconds / 60:g}m" if seconds >= 60 else f"{seconds:g}s"
+
+
+def rollout_text(cost: RolloutCost) -> str:
+    """'rollout adds 0.35 GPU-hours (≈ $0.88) over 10m standby' and what is not counted."""
+    price = f" (≈ ${cost.usd:,.2f})" if cost.usd is not None else " (no spec.cost.gpu_hour_usd to price it)"
+    spans = [f"{_span(cost.walk_s)} canary walk" if cost.walk_s else "", f"{_span(cost.standby_s)} standby" if cost.standby_s else ""]
+    manual = ", plus the wait for `diffops promote`" if cost.waits_for_promote else ""
+    return f"rollout adds {cost.extra_gpu_hours:g} GPU-hours{price} over {' + '.join(s for s in spans if s)}{manual}"
 
 
 def version_text(change: ReleaseChange) -> str:
@@ -60,7 +74,12 @@ def summary(changes: Sequence[ReleaseChange]) -> str:
         counts[change.change_class] = counts.get(change.change_class, 0) + 1
     extra_peak = sum(c.impact.gpus_peak - c.impact.gpus_before for c in changes)
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
-    return f"{len(changes)} release{'s' * (len(changes) != 1)} changed ({kinds}); peak GPUs +{_gpus(extra_peak)}"
+    line = f"{len(changes)} release{'s' * (len(changes) != 1)} changed ({kinds}); peak GPUs +{_gpus(extra_peak)}"
+    costs = [c.rollout for c in changes if c.rollout is not None]
+    if costs:
+        priced = [c.usd for c in costs if c.usd is not None]
+        line += f"; rollouts add {sum(c.extra_gpu_hours for c in costs):g} GPU-hours" + (f" (≈ ${sum(priced):,.2f})" if priced else "")
+    return line
 
 
 def as_text(changes: Sequence[ReleaseChange], errors: Sequence[ReleaseError]) -> str:

@@ -74,6 +74,26 @@ V2_COLUMNS = {
     "apps": ('weights TEXT',),
 }
 
+# Version 4: cost accounting. `costs`: each version's running totals (GPU-seconds by kind, images, bytes, USD) and the
+# last tally reading taken in; `cost_samples`: the totals as they were, about once a minute, for windows (--since).
+COST_COLUMNS = """release TEXT NOT NULL, version TEXT NOT NULL, at REAL NOT NULL,
+    serving_s REAL NOT NULL DEFAULT 0, idle_s REAL NOT NULL DEFAULT 0, standby_s REAL NOT NULL DEFAULT 0,
+    gate_s REAL NOT NULL DEFAULT 0, images INTEGER NOT NULL DEFAULT 0, egress_bytes INTEGER NOT NULL DEFAULT 0,
+    storage_gb_s REAL NOT NULL DEFAULT 0, gpu_usd REAL NOT NULL DEFAULT 0, egress_usd REAL NOT NULL DEFAULT 0,
+    storage_usd REAL NOT NULL DEFAULT 0"""
+V4_TABLES = f"""
+CREATE TABLE IF NOT EXISTS costs (
+    {COST_COLUMNS},
+    work_epoch TEXT, work_busy_s REAL NOT NULL DEFAULT 0, work_images INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (release, version)
+);
+CREATE TABLE IF NOT EXISTS cost_samples (
+    {COST_COLUMNS},
+    PRIMARY KEY (release, version, at)
+);
+CREATE INDEX IF NOT EXISTS cost_samples_by_time ON cost_samples (at)
+"""
+
 Step = str | Callable[[sqlite3.Connection], None]
 
 
@@ -108,6 +128,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "canary steps, gates, manual commands, router weights, surge replicas, refused commits",
               (*_statements(V2_TABLES), _add_columns(V2_COLUMNS))),
     Migration(3, "the nodes each app's replicas run on", ('ALTER TABLE apps ADD COLUMN nodes TEXT',)),
+    Migration(4, "cost accounting: running totals per version, and samples of them for windows", tuple(_statements(V4_TABLES))),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -17,13 +17,14 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
+from controller.cost import CostRecord
 from controller.parse.release import Spec
 from controller.state.migrations import SCHEMA_VERSION, StateFileError, file_version, migrate, refuse_newer
 from controller.state.records import Command, Event, ObservedApp, ReleaseRecord, VersionRecord
@@ -224,6 +225,45 @@ class Store:
         where, args = ("WHERE release = ?", (release,)) if release else ("", ())
         rows = self.db.execute(f"SELECT release, version, report FROM gates {where} ORDER BY at", args)
         return {(r["release"], r["version"]): json.loads(r["report"]) for r in rows}
+
+    def save_costs(self, records: Iterable[CostRecord], samples: Iterable[CostRecord] = (), keep_since: float | None = None) -> None:
+        """Replace the cost totals of `records`, append `samples` of them, and drop samples older than `keep_since`."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for record in records:
+                db.execute("DELETE FROM costs WHERE release = ? AND version = ?", (record.release, record.version))
+                _insert(db, "costs", _row(record))
+            for sample in samples:
+                row = {k: v for k, v in _row(sample).items() if not k.startswith("work_")}
+                db.execute(f"INSERT OR REPLACE INTO cost_samples ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                           tuple(row.values()))
+            if keep_since is not None:
+                db.execute("DELETE FROM cost_samples WHERE at < ?", (keep_since,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def costs(self, release: str | None = None) -> list[CostRecord]:
+        """Every version's cost totals (none in a state file from before cost accounting)."""
+        where, args = ("WHERE release = ?", (release,)) if release else ("", ())
+        try:
+            rows = self.db.execute(f"SELECT * FROM costs {where} ORDER BY release, version", args).fetchall()
+        except sqlite3.OperationalError:  # a read-only look at a file written before the table existed
+            return []
+        return [_record(CostRecord, r, self.path) for r in rows]
+
+    def cost_samples(self, at: float, release: str | None = None) -> dict[tuple[str, str], CostRecord]:
+        """Per version, its totals as last sampled at or before `at` (versions sampled only later are absent)."""
+        where, args = ("AND release = ?", (release,)) if release else ("", ())
+        query = (f"SELECT s.* FROM cost_samples s JOIN (SELECT release, version, max(at) AS at FROM cost_samples WHERE at <= ? {where} "
+                 "GROUP BY release, version) latest USING (release, version, at)")
+        try:
+            rows = self.db.execute(query, (at, *args)).fetchall()
+        except sqlite3.OperationalError:
+            return {}
+        return {(r["release"], r["version"]): _record(CostRecord, r, self.path) for r in rows}
 
     def integrity(self) -> str:
         return str(self.db.execute("PRAGMA integrity_check").fetchone()[0])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from checks.report import GateReport
 from controller.apply.model_store import Placement, publish
+from controller.cost import Fetch
 from controller.gate.runner import Gate, gate_input
 from controller.rollout.outcomes import Desired, Prepared
 from controller.source.git_source import ReleaseSource
@@ -25,6 +26,7 @@ from controller.state.records import VersionRecord
 from controller.state.store import Store
 from serving.artifacts import ModelCache, fetch
 from serving.manifest import ArtifactError
+from serving.metrics import store_of
 
 __all__ = ["Key", "Preparations", "judge"]
 
@@ -44,6 +46,7 @@ class Preparations:
         self.prepared: dict[Key, Prepared] = {}  # finished, not yet seen by a tick that went through
         self.preparing: dict[Key, Future[Prepared]] = {}  # running or queued (their resources are held)
         self._finished: queue.SimpleQueue[tuple[Key, Prepared]] = queue.SimpleQueue()
+        self._fetched: queue.SimpleQueue[Fetch] = queue.SimpleQueue()  # models downloaded (bytes by store), for cost accounting
         self._pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="prepare")
 
     def collect(self) -> list[tuple[Key, Prepared]]:
@@ -55,6 +58,13 @@ class Preparations:
             self.prepared[key] = result
             finished.append((key, result))
         return finished
+
+    def fetched(self) -> list[Fetch]:
+        """The model downloads finished since the last call (cache hits transfer nothing and are left out)."""
+        out = []
+        while not self._fetched.empty():
+            out.append(self._fetched.get())
+        return out
 
     def seen(self) -> None:
         """A tick decided with `prepared`: a result is seen by exactly one tick (passing gates are kept in the store)."""
@@ -81,6 +91,8 @@ class Preparations:
             try:
                 fetched = fetch(model.uri, model.digest, self.cache, repo=self.source.path, commit=version.commit,
                                 reverify=True, heal=True)  # a damaged cached copy is fetched again, never gated
+                if fetched.bytes_transferred:
+                    self._fetched.put(Fetch(version.release, version.version, store_of(model.uri), fetched.bytes_transferred))
                 if placement.publishes(model):
                     publish(fetched.path, placement.for_replicas(model).uri)
             except ArtifactError as err:

@@ -1,0 +1,130 @@
+"""The serving metrics as Prometheus scrapes them from Ray, and the controller's cost records, after real requests.
+
+One real Ray head (the session's), the demo release served by a controller process, a few generations and one bad
+request; then Ray's metrics export (found the way Prometheus finds it: the session's service discovery file) must
+hold every ray_diffops_* family with sane values, no GPU series on a machine without a GPU driver, none of the
+retired names, and `diffops cost` must count the images the replicas reported to the release's tally.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import free_port
+from tests.live import DIFFOPS, Controller, generate, healthy_on, stable_version, wait_for
+
+REQUESTS = 3
+FAMILIES = ("ray_diffops_requests", "ray_diffops_request_latency_seconds", "ray_diffops_image_seconds",
+            "ray_diffops_images_generated", "ray_diffops_queue_length", "ray_diffops_requests_in_flight",
+            "ray_diffops_model_load_seconds", "ray_diffops_cache_bytes")
+
+Sample = tuple[str, dict[str, str], float]
+
+
+def export_urls(temp_dir: str) -> list[str]:
+    """The metrics export of every node, from the file Ray's dashboard writes for Prometheus' file_sd."""
+    path = Path(temp_dir) / "prom_metrics_service_discovery.json"
+    if not path.exists():
+        return []
+    return [f"http://{target}/metrics" for group in json.loads(path.read_text()) for target in group["targets"]]
+
+
+def scrape(urls: list[str]) -> list[Sample]:
+    samples: list[Sample] = []
+    for url in urls:
+        try:
+            text = httpx.get(url, timeout=5).text
+        except httpx.HTTPError:
+            continue
+        for family in text_string_to_metric_families(text):
+            if family.name.startswith("ray_diffops_"):
+                samples += [(s.name, dict(s.labels), s.value) for s in family.samples]
+    return samples
+
+
+def total(samples: list[Sample], name: str, **labels: str) -> float:
+    return sum(value for n, have, value in samples if n == name and all(have.get(k) == v for k, v in labels.items()))
+
+
+def labelled(samples: list[Sample], name: str, key: str) -> set[str]:
+    return {have[key] for n, have, _ in samples if n == name and key in have}
+
+
+def test_ray_exports_every_serving_family_and_the_controller_costs_the_images(model_repo: Any, serve: Any, ray_head: Any,
+                                                                               tmp_path: Path) -> None:
+    port = free_port()
+    controller = Controller(model_repo.path, tmp_path / "state", "--metrics-port", str(port)).start()
+    try:
+        version = stable_version(controller.wait_release(healthy_on(), timeout=300))  # gate + start: minutes on a busy box
+        check_exports(controller, version, ray_head.temp_dir)
+        own = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        samples = [(s.name, dict(s.labels), s.value) for f in text_string_to_metric_families(own) for s in f.samples]
+        assert total(samples, "diffops_model_fetched_bytes_total", store="file") > 0  # the controller fetched the model
+        assert labelled(samples, "diffops_gate_seconds_count", "check") >= {"artifact", "golden", "performance"}
+        assert total(samples, "diffops_last_reconcile_timestamp_seconds") > 0
+        assert total(samples, "diffops_cache_bytes") > 0
+    finally:
+        controller.stop()
+
+
+def check_exports(controller: Controller, version: str, temp_dir: str) -> None:
+    for n in range(REQUESTS):
+        assert generate(body={"prompt": f"a red cube {n}", "steps": 2, "seed": n}).status_code == 200
+    assert generate(body={"prompt": "x", "steps": 0}).status_code == 422
+
+    urls = wait_for(lambda: export_urls(temp_dir), 60, "Ray's Prometheus service discovery file")
+
+    def exported() -> list[Sample] | None:
+        samples = scrape(urls)
+        names = {name for name, _, _ in samples}
+        done = all(any(n.startswith(f) for n in names) for f in FAMILIES)
+        counted = total(samples, "ray_diffops_images_generated_total", release="demo", version=version) >= REQUESTS
+        return samples if done and counted and total(samples, "ray_diffops_requests_total", code="422") >= 1 else None
+
+    samples = wait_for(exported, 120, "every ray_diffops_* family in Ray's metrics export", every=2)
+    mine = {"release": "demo", "version": version}
+
+    assert total(samples, "ray_diffops_requests_total", code="200", **mine) >= REQUESTS
+    assert total(samples, "ray_diffops_requests_total", code="422", release="demo", version="none") >= 1
+    ok = total(samples, "ray_diffops_request_latency_seconds_count", outcome="ok", **mine)
+    assert ok >= REQUESTS and total(samples, "ray_diffops_request_latency_seconds_sum", outcome="ok", **mine) > 0
+    assert total(samples, "ray_diffops_request_latency_seconds_bucket", outcome="ok", le="+Inf", **mine) == ok
+    assert total(samples, "ray_diffops_request_latency_seconds_bucket", outcome="ok", le="120.0", **mine) == ok  # all under 2 min
+    assert total(samples, "ray_diffops_request_latency_seconds_count", outcome="client_error", release="demo") >= 1
+
+    images = total(samples, "ray_diffops_images_generated_total", **mine)
+    assert images >= REQUESTS  # the warm-up generation is not counted: nobody asked for it
+    assert total(samples, "ray_diffops_image_seconds_count", **mine) >= 1
+    assert 0 < total(samples, "ray_diffops_image_seconds_sum", **mine) < 60 * images
+
+    load = {have["phase"]: value for n, have, value in samples if n == "ray_diffops_model_load_seconds" and have.get("version") == version}
+    assert set(load) == {"fetch", "verify", "load", "warmup"}, load
+    assert load["load"] > 0 and load["warmup"] > 0 and min(load.values()) >= 0
+    assert labelled(samples, "ray_diffops_queue_length", "where") == {"router", "replica"}
+    assert labelled(samples, "ray_diffops_requests_in_flight", "where") == {"router", "replica"}
+    assert total(samples, "ray_diffops_cache_bytes", **mine) > 0  # the demo model, verified in the node cache
+    # a local head's replicas share the controller's cache: the replica's fetch was a hit, nothing transferred
+    assert total(samples, "ray_diffops_model_fetched_bytes_total") == 0
+
+    names = {name for name, _, _ in samples}
+    assert not [n for n in names if n.startswith("ray_diffops_gpu_")]  # no driver here: absent, never zero
+    assert not [n for n in names if "cost" in n]  # cost is the controller's, no longer the replicas'
+
+    def costed() -> dict[str, Any] | None:
+        result = subprocess.run([DIFFOPS, "cost", "demo", "-o", "json", "--state-dir", str(controller.state_dir)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        versions = {v["id"]: v for r in report["releases"] for v in r["versions"]}
+        return report if versions.get(version, {}).get("images", 0) >= REQUESTS else None
+
+    report = wait_for(costed, 60, "the controller to count the images the replicas reported to the tally", every=1)
+    [demo] = report["releases"]
+    assert demo["name"] == "demo" and demo["images"] >= REQUESTS
+    assert demo["gpu_hours"] == {"serving": 0, "idle": 0, "standby": 0, "gate": 0}  # the demo's replicas hold no GPU
