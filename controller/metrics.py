@@ -105,6 +105,7 @@ class ControllerMetrics:
         for release in state.releases.values():
             for phase in PHASES:
                 self.phase.labels(release.name, phase).set(1 if release.phase == phase else 0)
+            self.drift_healed.labels(release.name)  # 0 until the first heal: `increase()` sees the first one too
         self.weight.clear()
         for version in state.versions:
             self.weight.labels(version.release, version.version, version.role).set(version.weight)

@@ -1,9 +1,12 @@
-"""The serving metrics as Prometheus scrapes them from Ray, and the controller's cost records, after real requests.
+"""Every metric family, as a real Prometheus scrapes it from the controller and from Ray, after real requests.
 
-One real Ray head (the session's), the demo release served by a controller process, a few generations and one bad
-request; then Ray's metrics export (found the way Prometheus finds it: the session's service discovery file) must
-hold every ray_diffops_* family with sane values, no GPU series on a machine without a GPU driver, none of the
-retired names, and `diffops cost` must count the images the replicas reported to the release's tally.
+One real Ray head (the session's), the demo release on one of its (advertised) GPUs served by a controller
+process, `diffops monitoring up` (Debian's Prometheus, 1 s scrapes), a few generations and one bad request. Then
+Ray's metrics export (found the way Prometheus finds it: the session's service discovery file) must hold every
+ray_diffops_* family with sane values, no GPU series on a machine without a GPU driver, none of the retired names;
+PromQL on the Prometheus must answer every family of the contract (README "Metrics and monitoring") with sane
+values (requests counted, latency buckets filled, load phases recorded, cost growing); and `diffops cost` must count
+the images the replicas reported to the release's tally.
 """
 
 from __future__ import annotations
@@ -56,13 +59,22 @@ def labelled(samples: list[Sample], name: str, key: str) -> set[str]:
     return {have[key] for n, have, _ in samples if n == name and key in have}
 
 
-def test_ray_exports_every_serving_family_and_the_controller_costs_the_images(model_repo: Any, serve: Any, ray_head: Any,
-                                                                               tmp_path: Path) -> None:
-    port = free_port()
+def test_prometheus_scrapes_every_family_and_the_controller_costs_the_images(model_repo: Any, serve: Any, ray_head: Any,
+                                                                              tmp_path: Path) -> None:
+    model_repo.release(**{"    gpus: 0\n": "    gpus: 1\n",
+                          "    gpu_hour_usd: 2.5\n": "    gpu_hour_usd: 2.5\n    storage_usd_per_gb_month: 0.02\n    budget_per_image_usd: 0.5\n"})
+    model_repo.commit("the demo on a GPU, with storage prices and a budget")
+    port, prometheus_port = free_port(), free_port()
+    state = ["--state-dir", str(tmp_path / "monitoring")]
+    up = subprocess.run([DIFFOPS, "monitoring", "up", *state, "--port", str(prometheus_port), "--controller-metrics",
+                         f"127.0.0.1:{port}", "--ray-temp-dir", ray_head.temp_dir, "--scrape-interval", "1s"],
+                        capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr
     controller = Controller(model_repo.path, tmp_path / "state", "--metrics-port", str(port)).start()
     try:
         version = stable_version(controller.wait_release(healthy_on(), timeout=300))  # gate + start: minutes on a busy box
         check_exports(controller, version, ray_head.temp_dir)
+        check_prometheus(f"http://127.0.0.1:{prometheus_port}", version)
         own = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         samples = [(s.name, dict(s.labels), s.value) for f in text_string_to_metric_families(own) for s in f.samples]
         assert total(samples, "diffops_model_fetched_bytes_total", store="file") > 0  # the controller fetched the model
@@ -71,6 +83,7 @@ def test_ray_exports_every_serving_family_and_the_controller_costs_the_images(mo
         assert total(samples, "diffops_cache_bytes") > 0
     finally:
         controller.stop()
+        subprocess.run([DIFFOPS, "monitoring", "down", *state], capture_output=True, timeout=60)
 
 
 def check_exports(controller: Controller, version: str, temp_dir: str) -> None:
@@ -127,4 +140,50 @@ def check_exports(controller: Controller, version: str, temp_dir: str) -> None:
     report = wait_for(costed, 60, "the controller to count the images the replicas reported to the tally", every=1)
     [demo] = report["releases"]
     assert demo["name"] == "demo" and demo["images"] >= REQUESTS
-    assert demo["gpu_hours"] == {"serving": 0, "idle": 0, "standby": 0, "gate": 0}  # the demo's replicas hold no GPU
+    assert demo["gpu_hours"]["gate"] > 0 and demo["gpu_hours"]["serving"] + demo["gpu_hours"]["idle"] > 0  # one GPU held
+    assert demo["usd"]["gpu"] > 0 and demo["usd"]["storage"] > 0 and demo["budget_per_image_usd"] == 0.5
+
+
+CONTROLLER_FAMILIES = ("diffops_reconciles_total", "diffops_reconcile_duration_seconds_bucket", "diffops_release_phase",
+                       "diffops_version_weight", "diffops_drift_healed_total", "diffops_gate_seconds_bucket",
+                       "diffops_gpu_seconds_total", "diffops_cost_usd_total", "diffops_model_fetched_bytes_total", "diffops_cache_bytes",
+                       "diffops_cost_per_image_usd", "diffops_cost_budget_per_image_usd", "diffops_last_reconcile_timestamp_seconds",
+                       "diffops_last_applied_commit_timestamp_seconds")
+RAY_FAMILIES = ("ray_diffops_requests_total", "ray_diffops_request_latency_seconds_bucket", "ray_diffops_image_seconds_bucket",
+                "ray_diffops_images_generated_total", "ray_diffops_queue_length", "ray_diffops_requests_in_flight",
+                "ray_diffops_model_load_seconds", "ray_diffops_cache_bytes")
+
+
+def query(prometheus: str, promql: str) -> dict[str, float]:
+    """An instant PromQL query: the value of each series, keyed by its labels."""
+    answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql}, timeout=10).json()
+    assert answer["status"] == "success", (promql, answer)
+    return {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in answer["data"]["result"]}
+
+
+def check_prometheus(prometheus: str, version: str) -> None:
+    """Every family through PromQL, with the values an operator would read off the dashboards."""
+    def missing() -> list[str]:
+        return [f for f in CONTROLLER_FAMILIES + RAY_FAMILIES if not query(prometheus, f"count({f})")]
+
+    try:
+        wait_for(lambda: not missing(), 120, "Prometheus to have every family", every=2)
+    except AssertionError:
+        raise AssertionError(f"Prometheus never saw {missing()}") from None
+    mine = f'release="demo",version="{version}"'
+    assert list(query(prometheus, 'diffops_release_phase{release="demo",phase="Healthy"}').values()) == [1.0]
+    assert list(query(prometheus, f'diffops_version_weight{{{mine},role="stable"}}').values()) == [100.0]
+    assert sum(query(prometheus, f'ray_diffops_requests_total{{{mine},code="200"}}').values()) >= REQUESTS
+    p95 = query(prometheus, f'histogram_quantile(0.95, sum by (le) (ray_diffops_request_latency_seconds_bucket{{{mine},outcome="ok"}}))')
+    assert 0 < min(p95.values()) <= 120, p95
+    phases = {json.loads(k)["phase"] for k in query(prometheus, f"ray_diffops_model_load_seconds{{{mine}}}")}
+    assert phases == {"fetch", "verify", "load", "warmup"}
+    assert set(query(prometheus, 'sum by (kind) (diffops_gpu_seconds_total{release="demo"})')) >= {
+        json.dumps({"kind": kind}) for kind in ("serving", "idle", "gate")}
+    assert list(query(prometheus, 'diffops_cost_budget_per_image_usd{release="demo"}').values()) == [0.5]
+    assert not query(prometheus, '{__name__=~"ray_diffops_gpu_.*"}')  # no driver: absent, never zero
+    gpu_usd = 'sum(diffops_cost_usd_total{release="demo",kind="gpu"})'
+    first = sum(query(prometheus, gpu_usd).values())
+    wait_for(lambda: sum(query(prometheus, gpu_usd).values()) > first > 0, 30, "the GPU cost to keep growing while the GPU is held")
+    groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    assert len(groups) == 3 and all(rule["health"] == "ok" for group in groups for rule in group["rules"])
