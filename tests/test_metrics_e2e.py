@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port
 from tests.live import DIFFOPS, Controller, generate, healthy_on, stable_version, wait_for
+
+pytestmark = pytest.mark.timeout(600)  # a first rollout (gate job, replica start) takes minutes on a busy 2-core machine
 
 REQUESTS = 3
 FAMILIES = ("ray_diffops_requests", "ray_diffops_request_latency_seconds", "ray_diffops_image_seconds",
