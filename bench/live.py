@@ -56,22 +56,33 @@ class LiveDemo:
         commit = self.repo.commit("demo release")
         started = time.monotonic()
         self.log = open(self.log_path, "a")
-        self.process = subprocess.Popen(
-            [DIFFOPS, "controller", "run", "--repo", str(self.repo.path), "--state-dir", str(self.state_dir),
-             "--ray-address", DASHBOARD, "--http-port", str(HTTP_PORT), "--interval", "2", "--metrics-port", "0"],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        self._spawn()
         self.say("controller started on a temporary repo; waiting for the demo release (gate as a Ray job, then a replica)")
         self.wait_applied(commit, timeout_s=300)
         self.first_rollout_s = time.monotonic() - started
 
-    def stop(self) -> None:
+    def _spawn(self, *flags: str) -> None:
+        self.process = subprocess.Popen(
+            [DIFFOPS, "controller", "run", "--repo", str(self.repo.path), "--state-dir", str(self.state_dir),
+             "--ray-address", DASHBOARD, "--http-port", str(HTTP_PORT), "--interval", "2", "--metrics-port", "0", *flags],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def _terminate(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+    def restart_controller(self, *flags: str) -> None:
+        """The controller again with `flags`; it adopts the apps Serve runs (nothing restarts that `flags` leave alone)."""
+        self._terminate()
+        self._spawn(*flags)
+
+    def stop(self) -> None:
+        self._terminate()
         if self.log is not None:
             self.log.close()
         self.serve.close()

@@ -9,7 +9,10 @@ Measured at max_batch_size 1 (proxy, router and the handle call only) and at
 the demo's max_batch_size 4, where a lone request also waits up to the batch
 timeout (`batch_wait_timeout_s`, 10 ms) for company. The detail also keeps
 the latency of requests the router itself rejects (422, no replica hop): the
-proxy + router share of the overhead.
+proxy + router share of the overhead. Last, the cost of serving metrics: the
+same requests at max_batch_size 1 with the controller restarted under
+`--serving-metrics off` (routers and replicas told in place, no restart),
+against the metrics-on figures of the same run.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from bench.traffic import GENERATE, percentile_ms, sequential
 REQUESTS, QUICK_REQUESTS = 200, 40
 BLOCK = 10
 GOAL = Goal("≤ 3 ms p50", "value", at_most=3.0)
+METRICS_GOAL = Goal("≤ 1 ms p50", "value", at_most=1.0)
 
 
 def rejected_latencies(client: httpx.Client, requests: int) -> list[float]:
@@ -77,6 +81,30 @@ def figures(batch: int, http: list[float], local: list[float], rejected: list[fl
     return out
 
 
+def metrics_figures(on: list[float], off: list[float]) -> list[Figure]:
+    """Latency added by request metrics (router + replica): metrics-on HTTP percentile − metrics-off, same requests."""
+    detail = {"requests": len(on), "metrics_on_ms": quantiles(on), "metrics_off_ms": quantiles(off)}
+    out = []
+    for q in (50, 99):
+        on_ms, off_ms = percentile_ms(on, q), percentile_ms(off, q)
+        out.append(Figure("router", f"serving metrics cost p{q}, max_batch_size 1", on_ms - off_ms, "ms", f"metrics off p{q}",
+                          off_ms, ratio(on_ms, off_ms), METRICS_GOAL if q == 50 else None, detail))
+    return out
+
+
+def set_serving_metrics(live: LiveDemo, say: Say, on: bool) -> None:
+    """Restart the controller with request metrics on or off and wait until every deployment was told."""
+    live.restart_controller("--serving-metrics", "on" if on else "off")
+
+    def told() -> bool:
+        apps = live.serve.observe()
+        configs = [app.user_config or {} for name, app in apps.items() if name == "demo" or name.startswith("demo--")]
+        return bool(configs) and all(config.get("metrics", True) == on for config in configs)
+
+    live.wait(told, f"routers and replicas to record metrics {'on' if on else 'off'}")
+    time.sleep(1)  # the reconfigure reaches the replicas within ~0.3 s of the applied config
+
+
 def run(live: LiveDemo, workdir: Path, say: Say, requests: int) -> list[Figure]:
     stable = live.stable()
     spec = stable.spec.model_dump(mode="json")  # as the gate input carries it
@@ -90,7 +118,15 @@ def run(live: LiveDemo, workdir: Path, say: Say, requests: int) -> list[Figure]:
         say(f"max_batch_size {batch}: {requests} requests one at a time, HTTP and in-process in alternating blocks")
         http, local, rejected = measure(runner, spec["generation"], threads, requests)
         out += figures(batch, http, local, rejected, threads)
-    return out
+        if batch == 1:
+            metrics_on = http
+    live.set_field("max_batch_size", 1)
+    say("serving metrics: restarting the controller with --serving-metrics off; the same requests again")
+    set_serving_metrics(live, say, on=False)
+    metrics_off, _, _ = measure(runner, spec["generation"], threads, requests)
+    say("serving metrics: back on")
+    set_serving_metrics(live, say, on=True)
+    return out + metrics_figures(metrics_on, metrics_off)
 
 
 def bench(ctx: Context) -> list[Figure]:

@@ -9,7 +9,9 @@ controller integrates it from what it holds (`controller.cost`).
 
 GPU figures come from NVML, sampled on a timer thread (`GpuSampler`), not only
 after a batch; without a driver the GPU series are absent (never zero) and
-one log line says why.
+one log line says why. `controller run --serving-metrics off` turns request
+recording off (`recorder(False)`: instruments that record nothing), in place
+through the deployments' `user_config`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import os
 import threading
 from collections.abc import Callable
 from functools import cache
-from typing import TypedDict
+from typing import TypedDict, cast
 from urllib.parse import urlsplit
 
 from ray.util import metrics
 
 __all__ = ["GPU_SAMPLE_S", "LATENCY_BUCKETS", "LOAD_PHASES", "OUTCOMES", "GpuReading", "GpuSampler", "Nvml", "ServingMetrics",
-           "outcome", "serving_metrics", "store_of"]
+           "outcome", "recorder", "serving_metrics", "store_of"]
 
 log = logging.getLogger("ray.serve")
 
@@ -81,6 +83,26 @@ def serving_metrics() -> ServingMetrics:
         "cache_bytes": metrics.Gauge("diffops_cache_bytes", "Bytes of verified models in the node cache a replica uses.",
                                      tag_keys=version),
     }
+
+
+class _Off:
+    """An instrument that records nothing: what every metric is with serving metrics off."""
+
+    def inc(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def set(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def observe(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+def recorder(enabled: bool) -> ServingMetrics:
+    """The instruments requests record through: the real ones, or ones that record nothing (`user_config.metrics`)."""
+    if enabled:
+        return serving_metrics()
+    return cast(ServingMetrics, {name: _Off() for name in ServingMetrics.__annotations__})
 
 
 def outcome(code: int) -> str:

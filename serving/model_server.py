@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from serving import code_pin
 from serving.artifacts import ModelCache, fetch
 from serving.generator import PipelineRunner, resolve
-from serving.metrics import GpuSampler, Nvml, serving_metrics, store_of
+from serving.metrics import GpuSampler, Nvml, recorder, serving_metrics, store_of
 from serving.model_cache import node_cache_dir
 from serving.pipeline import load_pipeline, pick_device
 
@@ -94,6 +94,7 @@ class ModelServer:
         # serve.batch's typing drops the setters its wrapper carries at run time
         self._batch.set_max_batch_size(int(config.get("max_batch_size", 4)))  # type: ignore[attr-defined]
         self._batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))  # type: ignore[attr-defined]
+        self.metrics = recorder(bool(config.get("metrics", True)))  # start phases, cache size and NVML: kept either way
 
     async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
         if self.faults.get("added_latency_s"):
@@ -130,7 +131,7 @@ class ModelServer:
         self.metrics["queue_length"].set(max(0, self.in_flight - self.running), tags=tags)
 
     def _cache_size(self) -> None:
-        self.metrics["cache_bytes"].set(self.cache.size(), tags=self.tags)
+        serving_metrics()["cache_bytes"].set(self.cache.size(), tags=self.tags)  # a gauge on a timer: kept with metrics off
 
     def _record(self, images: int, seconds: float) -> None:
         """A batch generated: images counted, time per image observed, the work reported to the release's tally."""

@@ -40,7 +40,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from serving import code_pin
-from serving.metrics import outcome, serving_metrics
+from serving.metrics import outcome, recorder, serving_metrics
 from serving.problems import PROBLEM_MEDIA_TYPE, ProblemDocument, ProblemKind, echo, problem
 from serving.requests import RequestError, parse_request, read_body
 from serving.tally import Answer, Tally
@@ -86,6 +86,7 @@ class Router:
         self.limits = dict(config["limits"])
         self.defaults = dict(config["defaults"])
         self.retry_after_s = int(config.get("retry_after_s", 1))
+        self.metrics = recorder(bool(config.get("metrics", True)))
         self.handles = {v: h for v, h in self.handles.items() if v in self.weights}
         log.info("router %s: weights now %s", self.release, self.weights)
 

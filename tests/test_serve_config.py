@@ -127,7 +127,7 @@ def test_the_whole_document_ray_serve_receives_for_the_demo_release():
              "deployments": [{
                  "name": "Model", "num_replicas": 1, "max_ongoing_requests": 4, "max_queued_requests": 16,
                  "ray_actor_options": {"num_cpus": 0.5, "num_gpus": 0},
-                 "user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "gpu_hour_usd": 2.5, "owner": "ctl-1"},
+                 "user_config": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "owner": "ctl-1"},
                  "graceful_shutdown_timeout_s": 60, "graceful_shutdown_wait_loop_s": 1,
                  "health_check_period_s": 10, "health_check_timeout_s": 60}]},
         ],
@@ -176,8 +176,7 @@ def test_an_older_record_without_batch_wait_or_cost_gets_the_defaults():
     del older["replicas"]["batch_wait_timeout_s"], older["cost"]
     spec = Spec.model_validate_json(json.dumps(older))  # how the state store reads a recorded spec
     model = apps(render([release], [replace(stable, spec=spec)], SETTINGS))[stable.app]
-    assert model["deployments"][0]["user_config"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "gpu_hour_usd": None,
-                                                      "owner": "diffops"}
+    assert model["deployments"][0]["user_config"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "owner": "diffops"}
 
 
 def test_on_a_container_runtime_each_version_runs_in_its_release_image():
@@ -195,3 +194,15 @@ def test_on_a_container_runtime_each_version_runs_in_its_release_image():
     ServeDeploySchema.model_validate(render([release], [stable], replace(SETTINGS, container_runtime="podman")))
     plain = apps(render([release], [stable], replace(SETTINGS, serving_code="diffops 1 serving ab")))
     assert "image_uri" not in plain[stable.app]["runtime_env"]  # the default: nodes run their own environment
+
+
+def test_serving_metrics_off_is_a_lightweight_switch_in_every_deployment():
+    """`--serving-metrics off`: every router and replica is told in its user_config (reconfigured in place, no restart);
+    nothing else of the apps changes."""
+    release, stable = records(make_release())
+    on, off = render([release], [stable], SETTINGS), render([release], [stable], replace(SETTINGS, serving_metrics=False))
+    assert all("metrics" not in d["user_config"] for app in on["applications"] for d in app["deployments"])
+    assert [d["user_config"]["metrics"] for app in off["applications"] for d in app["deployments"]] == [False, False]
+    strip = lambda config: [{**a, "deployments": [{**d, "user_config": None} for d in a["deployments"]]}  # noqa: E731
+                            for a in config["applications"]]
+    assert strip(on) == strip(off)

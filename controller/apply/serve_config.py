@@ -51,6 +51,7 @@ class RenderSettings:
     proxy_location: ProxyLocation = "HeadOnly"  # `--proxy-location`: EveryNode on a cluster
     serving_code: str | None = None  # `serving.code_pin.fingerprint()` of this controller: every app's nodes must run it
     container_runtime: ContainerRuntime = "none"  # `--container-runtime`: podman runs each version's replicas in its image
+    serving_metrics: bool = True  # `--serving-metrics off`: routers and replicas record no request metrics (user_config)
 
 
 def default_controller_id(state_dir: str) -> str:
@@ -90,7 +91,6 @@ def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any
                 "user_config": {
                     "max_batch_size": replicas.max_batch_size,
                     "batch_wait_timeout_s": replicas.batch_wait_timeout_s,
-                    "gpu_hour_usd": spec.cost.gpu_hour_usd,
                 },
                 "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
                 "graceful_shutdown_wait_loop_s": 1,
@@ -150,6 +150,13 @@ def _pinned(app: dict[str, Any], settings: RenderSettings, image: str | None = N
     return {**app, "runtime_env": runtime_env} if runtime_env else app
 
 
+def _recording(app: dict[str, Any], settings: RenderSettings) -> dict[str, Any]:
+    """The app with request metrics off in every deployment's user_config when the controller says so (lightweight)."""
+    if settings.serving_metrics:
+        return app
+    return {**app, "deployments": [{**d, "user_config": {**d["user_config"], "metrics": False}} for d in app["deployments"]]}
+
+
 def render(releases: Iterable[ReleaseRecord], versions: Iterable[VersionRecord], settings: RenderSettings) -> dict[str, Any]:
     """The complete Serve config: every release's router and live versions, each marked with this controller's owner id."""
     by_release: dict[str, list[VersionRecord]] = {}
@@ -160,9 +167,9 @@ def render(releases: Iterable[ReleaseRecord], versions: Iterable[VersionRecord],
         live = by_release.get(release.name)
         if not live:
             continue
-        applications.append(_pinned(mark(router_app(release, live), settings.owner), settings))
-        applications += [_pinned(mark(model_app(version, settings), settings.owner), settings, version.spec.runtime.image)
-                         for version in live]
+        applications.append(_pinned(_recording(mark(router_app(release, live), settings.owner), settings), settings))
+        applications += [_pinned(_recording(mark(model_app(version, settings), settings.owner), settings), settings,
+                                 version.spec.runtime.image) for version in live]
     return {
         "proxy_location": settings.proxy_location,
         "http_options": {"host": settings.http_host, "port": settings.http_port},

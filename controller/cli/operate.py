@@ -71,6 +71,9 @@ def controller() -> None:
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=9464, show_default=True,
               help="Serve controller metrics for Prometheus on --metrics-host:PORT (0: off; never with --once, which exits "
                    "before a scrape); `diffops monitoring up` scrapes 9464.")
+@click.option("--serving-metrics", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="off: routers and replicas record no request metrics (applied in place, no restart); "
+                   "start phases, cache size and GPU samples are kept.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
               help="Address the metrics endpoint listens on (0.0.0.0 in a pod, for probes and Prometheus).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
@@ -97,7 +100,7 @@ def controller() -> None:
                    "(default: no limit).")
 def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: str | None, interval: float, http_port: int,
                    http_host: str, proxy_location: ProxyLocation, serve_url: str | None, model_store: str | None,
-                   container_runtime: ContainerRuntime, num_gpus: int | None, metrics_port: int, metrics_host: str,
+                   container_runtime: ContainerRuntime, num_gpus: int | None, metrics_port: int, serving_metrics: str, metrics_host: str,
                    log_format: str, allow_prune_all: bool,
                    gate_python: str | None,
                    allow_fault_injection: bool, revert_on_abort: str, require_signed_commits: bool,
@@ -164,7 +167,8 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     stop, wake = threading.Event(), threading.Event()
     settings = RenderSettings(repo=str(source.path), cache_dir=str(state_dir / "models"), http_host=http_host, http_port=http_port,
                               owner=controller_id or default_controller_id(str(state_dir)), placement=placement,
-                              proxy_location=proxy_location, serving_code=fingerprint(), container_runtime=container_runtime)
+                              proxy_location=proxy_location, serving_code=fingerprint(), container_runtime=container_runtime,
+                              serving_metrics=serving_metrics == "on")
     try:
         gate = RayJobGate(dashboard, ray_cluster.ensure_token(), python=gate_python, serving_code=fingerprint())
     except ValueError as err:  # DIFFOPS_GATE_START_DEADLINE_S / DIFFOPS_GATE_RESOURCES malformed
