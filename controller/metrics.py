@@ -8,6 +8,8 @@ gate check durations from each gate report; and the cost accounting's figures
 store, cost per image over the last hour and each release's budget per image.
 Counters count from the controller's start; the totals that survive a restart
 are in the state store (`diffops cost`).
+User feedback and its flags per version are counted as the observe phase stores them
+(`controller.quality`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class ControllerMetrics:
                                     "them as applied (missing, deleted, changed).", ["release"], registry=self.registry)
         self.cache_bytes = Gauge("diffops_cache_bytes", "Bytes of verified models in the controller's model cache.",
                                  registry=self.registry)
+        self.feedback = Counter("diffops_feedback", "User feedback answers stored, by rating (none: flags or a comment only).",
+                                ["release", "version", "rating"], registry=self.registry)
+        self.flags = Counter("diffops_flags", "Flags in user feedback (nsfw, artifact, prompt_mismatch, other).",
+                             ["release", "version", "flag"], registry=self.registry)
         self.applied = Gauge("diffops_last_applied_commit_timestamp_seconds", "When the last commit became fully live.",
                              registry=self.registry)
         self.last_reconcile = Gauge("diffops_last_reconcile_timestamp_seconds", "When the last reconcile ended (whatever its result).",
@@ -58,6 +64,20 @@ class ControllerMetrics:
                                     "absent while no image was made in it.", ["release", "version"], registry=self.registry)
         self.budget_per_image = Gauge("diffops_cost_budget_per_image_usd", "spec.cost.budget_per_image_usd, when the release sets it.",
                                       ["release"], registry=self.registry)
+
+    def count_feedback(self, release: str, entries: list[dict[str, Any]]) -> None:
+        """Feedback answers stored (a repeat counts again: counters never go down); flags likewise."""
+        for entry in entries:
+            self.feedback.labels(release, entry["version"], str(entry.get("rating") or "none")).inc()
+            for flag in entry.get("flags") or []:
+                self.flags.labels(release, entry["version"], flag).inc()
+
+    def seed_feedback(self, ratings: dict[tuple[str, str, str], int], flags: dict[tuple[str, str, str], int]) -> None:
+        """Start the feedback counters from what the state file holds (once, when the controller starts)."""
+        for labels, count in ratings.items():
+            self.feedback.labels(*labels).inc(count)
+        for labels, count in flags.items():
+            self.flags.labels(*labels).inc(count)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

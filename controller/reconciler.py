@@ -80,7 +80,7 @@ class Reconciler:
         self.failed_ticks = 0  # consecutive ticks that ended early on an error (the backoff's attempt)
         self.reported: dict[str, str] = {}  # subject -> summary of the traceback last logged for it (logged once)
         policy = decide.Policy(allow_prune_all=allow_prune_all, allow_faults=allow_faults)
-        self.observer = Observer(source, serve, settings.owner, policy, clock)
+        self.observer = Observer(source, serve, settings.owner, policy, clock, metrics)
         self.applier = Applier(serve, metrics)
         cache = ModelCache(Path(settings.cache_dir))
         self.cache = apply.CacheKeeper(cache, cache_max_bytes, metrics)  # --cache-max-bytes: evict unused models past it

@@ -20,10 +20,14 @@ RFC 9457 problem details document (`application/problem+json`, built by
 `serving.problems.problem`), whatever the request's `Accept` asks for. The
 Serve proxy assigns `X-Request-Id` (or keeps the client's) and echoes it on
 every response; the router reads it for bodies and logs.
+`POST /<release>/feedback` rates an answer by its request id (`serving.feedback`): 202 naming the version that
+drew it, 422 naming the field, 404 for an id the release never answered or answered past the retention window;
+`GET /<release>/feedback?epoch=&after=` is the controller's read of the feedback held in the tally.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import random
@@ -39,7 +43,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from serving import code_pin
+from serving import code_pin, feedback
 from serving.metrics import outcome, recorder, serving_metrics
 from serving.problems import PROBLEM_MEDIA_TYPE, ProblemDocument, ProblemKind, echo, problem
 from serving.requests import RequestError, parse_request, read_body
@@ -66,6 +70,8 @@ def pick_version(weights: dict[str, int], pinned: str | None, rng: random.Random
 
 
 class Router:
+    attach_waits = (0.0, 0.2, 0.5)  # seconds between asking the tally for a request id before answering 404
+
     def __init__(self, release: str, tally: DeploymentHandle[Any] | None = None):
         """`tally`: the release's shared `Tally` deployment; None (a router built in-process) keeps one of its own."""
         code_pin.check(f"{release} router")  # the serving code the controller pinned, or refuse to start
@@ -121,6 +127,8 @@ class Router:
             return JSONResponse({"release": self.release, "weights": self.weights, "stats": await self.stats(since)})
         if request.method == "GET" and path.endswith(f"/{self.release}/work"):
             return JSONResponse({"release": self.release, **await self.work()})
+        if path.endswith("/feedback"):
+            return await self._feedback(request, request_id)
         if not path.endswith("/generate"):
             return self._error("not-found", request_id, None, f"use POST /{self.release}/generate")
         if request.method != "POST":
@@ -159,6 +167,7 @@ class Router:
             return self._error("generation-failed", request_id, version, f"version {version} failed: {type(err).__name__}")
         seconds = time.monotonic() - started
         self._note((time.time(), version, True, seconds), preview)
+        self._remember(request_id, feedback.generation(time.time(), version, params, result["params"]))
         headers = {VERSION_HEADER: version}
         if "application/json" in request.headers.get("accept", ""):
             images = [base64.b64encode(image).decode() for image in result["images"]]
@@ -186,6 +195,49 @@ class Router:
             self.own_tally.record(answer, preview)
         else:
             self.tally.record.remote(answer, preview)
+
+    def _remember(self, request_id: str, answer: dict[str, Any]) -> None:
+        """Keep what answered `request_id`, for feedback on it; never waited on, like `_note`."""
+        if feedback.REQUEST_ID.fullmatch(request_id):
+            if self.tally is None:
+                self.own_tally.remember(request_id, answer)
+            else:
+                self.tally.remember.remote(request_id, answer)
+
+    async def _tally(self, method: str, *args: Any) -> Any:
+        return getattr(self.own_tally, method)(*args) if self.tally is None else await getattr(self.tally, method).remote(*args)
+
+    async def _feedback(self, request: Request, request_id: str) -> Response:
+        """POST: attach a feedback to the answer it names (202); GET: the feedback held for the controller to read."""
+        if request.method == "GET":
+            try:
+                after, limit = int(request.query_params.get("after") or 0), int(request.query_params.get("limit") or 1000)
+            except ValueError:
+                return self._error("invalid-request", request_id, None, "whole numbers expected", [("after", "whole numbers expected")])
+            return JSONResponse(await self._tally("feedback_since", request.query_params.get("epoch"), after, limit))
+        if request.method != "POST":
+            return self._error("method-not-allowed", request_id, None, f"use POST /{self.release}/feedback", headers={"Allow": "GET, POST"})
+        try:
+            body = feedback.parse_feedback(await read_body(request.stream(), request.headers.get("content-length"),
+                                                           feedback.MAX_FEEDBACK_BYTES))
+        except RequestError as err:
+            return self._send(err.document(request_id), None)
+        except ClientDisconnect:
+            return self._error("client-disconnected", request_id, None, "the body ended early; send the whole feedback again")
+        client = feedback.client_key(request.headers.get(feedback.CLIENT_HEADER), request.headers.get("x-forwarded-for"),
+                                     request.client.host if request.client else None)
+        entry = None
+        for wait in self.attach_waits:  # an answer sent moments ago may still be on its way to the tally
+            await asyncio.sleep(wait)
+            entry = await self._tally("attach", body["request_id"], client, body, time.time())
+            if entry is not None:
+                break
+        if entry is None:
+            detail = (f"{self.release} never answered request {body['request_id']!r}, or answered it longer ago than feedback "
+                      "is kept (24 h unless configured); send the X-Request-Id of a recent generate answer")
+            return self._error("not-found", request_id, None, detail, [("request_id", detail)])
+        return JSONResponse({"release": self.release, "request_id": body["request_id"], "version": entry["version"],
+                             "status": "accepted"}, status_code=202, headers={VERSION_HEADER: entry["version"]})
 
     async def stats(self, since: float) -> dict[str, dict[str, Any]]:
         """Every router replica's answers since `since`, per version (`serving.tally.window_stats`)."""
@@ -235,5 +287,6 @@ class Router:
 def build_router_app(args: dict[str, Any]) -> serve.Application:
     """Serve application builder named in the rendered config (`serving.router:build_router_app`): the routers (the
     ingress, `spec.ingress.replicas` of them) and the release's one tally they all report to."""
-    tally = serve.deployment(name="Tally", num_replicas=1, ray_actor_options={"num_cpus": TALLY_CPUS})(Tally).bind()
+    retention = float(args.get("feedback_retention_s") or feedback.RETENTION_S)
+    tally = serve.deployment(name="Tally", num_replicas=1, ray_actor_options={"num_cpus": TALLY_CPUS})(Tally).bind(retention)
     return serve.deployment(name="Router")(Router).bind(args["release"], tally)

@@ -9,6 +9,9 @@ their own, so previews can never push judged answers out.
 Model replicas report their work here too (`work`: pipeline seconds and images per batch, fire and forget), kept as
 running totals per version under an `epoch` that changes when the tally restarts; `GET /<release>/work` answers
 them, and the controller's cost accounting (`controller.cost`) takes the differences between two reads.
+
+It also holds the release's `serving.feedback.FeedbackBook`: what each answered generation was (so feedback attaches
+to the version that drew it) and the feedback sent on it, until the controller has read it (`GET /<release>/feedback`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from serving.feedback import RETENTION_S, Entry, FeedbackBook
 from serving.stats import p95
 
 __all__ = ["STATS_WINDOW", "Answer", "Tally", "figures", "window_stats"]
@@ -46,7 +50,8 @@ def window_stats(judged: Iterable[Answer], pinned: Iterable[Answer], since: floa
 class Tally:
     """The windows of one release's answers, shared by all of its router replicas (a single-replica deployment)."""
 
-    def __init__(self) -> None:
+    def __init__(self, feedback_retention_s: float = RETENTION_S) -> None:
+        self.book = FeedbackBook(feedback_retention_s)
         self.judged: deque[Answer] = deque(maxlen=STATS_WINDOW)
         self.pinned: deque[Answer] = deque(maxlen=STATS_WINDOW)
         self.epoch = uuid.uuid4().hex[:12]  # a new tally (restarted): the controller starts its differences afresh
@@ -67,3 +72,12 @@ class Tally:
 
     def stats(self, since: float) -> dict[str, dict[str, Any]]:
         return window_stats(self.judged, self.pinned, since)
+
+    def remember(self, request_id: str, answer: Entry) -> None:
+        self.book.remember(request_id, answer)
+
+    def attach(self, request_id: str, client: str, feedback: Entry, now: float) -> Entry | None:
+        return self.book.attach(request_id, client, feedback, now)
+
+    def feedback_since(self, epoch: str | None, after: int, limit: int) -> Entry:
+        return self.book.since(epoch, after, limit)

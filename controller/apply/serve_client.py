@@ -123,6 +123,15 @@ class ServeClient:
         except (httpx.HTTPError, ValueError):
             return None
 
+    def router_feedback(self, release: str, epoch: str | None, after: int, limit: int) -> dict[str, Any] | None:
+        """The feedback the release's tally holds past (epoch, after), oldest first (`controller.quality.drain`)."""
+        try:
+            response = self.proxy.get(f"/{release}/feedback", params={"epoch": epoch or "", "after": after, "limit": limit})
+            page: dict[str, Any] | None = response.json() if response.status_code == 200 else None
+            return page
+        except (httpx.HTTPError, ValueError):
+            return None
+
     def close(self) -> None:
         self.dashboard.close()
         self.proxy.close()

@@ -94,6 +94,21 @@ CREATE TABLE IF NOT EXISTS cost_samples (
 CREATE INDEX IF NOT EXISTS cost_samples_by_time ON cost_samples (at)
 """
 
+# Version 5: feedback on answered requests (one row per request and client: a repeat replaces), read from each
+# release's tally past a cursor (the tally's epoch and the last sequence number stored).
+V5_TABLES = """
+CREATE TABLE IF NOT EXISTS feedback (
+    release TEXT NOT NULL, request_id TEXT NOT NULL, client TEXT NOT NULL, version TEXT NOT NULL,
+    rating INTEGER, flags TEXT NOT NULL, comment TEXT, prompt_sha256 TEXT, seed INTEGER, params TEXT,
+    generated_at REAL, at REAL NOT NULL, stored_at REAL NOT NULL,
+    PRIMARY KEY (release, request_id, client)
+);
+CREATE INDEX IF NOT EXISTS feedback_by_version ON feedback (release, version);
+CREATE TABLE IF NOT EXISTS feedback_cursor (
+    release TEXT PRIMARY KEY, epoch TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL
+);
+"""
+
 Step = str | Callable[[sqlite3.Connection], None]
 
 
@@ -129,6 +144,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               (*_statements(V2_TABLES), _add_columns(V2_COLUMNS))),
     Migration(3, "the nodes each app's replicas run on", ('ALTER TABLE apps ADD COLUMN nodes TEXT',)),
     Migration(4, "cost accounting: running totals per version, and samples of them for windows", tuple(_statements(V4_TABLES))),
+    Migration(5, "user feedback per answered request, and the cursor of each release's feedback read",
+              tuple(_statements(V5_TABLES))),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -9,12 +9,14 @@ needs: the checks' golden reference in git (the gate key) and, for a version
 under analysis (a walking canary, or a promoted version under its
 post-promotion watch), its router's figures, plus, once an interval is due with
 `analysis.provider: prometheus`, the release's PromQL readings
-(`controller.tick.prometheus`). One release's read failing is carried to decide
+(`controller.tick.prometheus`). Each router's new user feedback is stored on
+the way (`controller.quality.drain`; a failed read is retried next tick). One release's read failing is carried to decide
 (`StepInput.unobserved`) and fails that release only.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -24,12 +26,15 @@ from controller.apply import drift
 from controller.apply.serve_client import ServeApi
 from controller.apply.serve_config import ROUTER_CPUS, rendered_versions, router_weights
 from controller.gate.runner import gate_key, reference_blob
+from controller.metrics import ControllerMetrics
 from controller.plan.versions import version_id
+from controller.quality import FeedbackSource, drain
 from controller.rollout import capacity
 from controller.rollout.analysis import subject
 from controller.rollout.capacity import Resources
 from controller.rollout.outcomes import Prepared
 from controller.source.git_source import ReleaseFile, ReleaseSource, Snapshot
+from controller.state.feedback import feedback_counts
 from controller.state.records import ObservedApp, VersionRecord
 from controller.state.store import GateRecord, State, Store
 from controller.tick.decide import Policy, StepInput, TickInput
@@ -37,6 +42,8 @@ from controller.tick.prepare import Key, Preparations
 from controller.tick.prometheus import read_queries
 
 __all__ = ["VERSION_ID_CACHE", "Observation", "Observer", "free_resources", "recorded_apps"]
+
+log = logging.getLogger("diffops.controller")
 
 VERSION_ID_CACHE = 10_000  # release file blobs whose version id is kept
 
@@ -55,8 +62,10 @@ class Observation:
 class Observer:
     """The observe phase, with what it keeps from tick to tick: routers' confirmed weights, version ids by blob."""
 
-    def __init__(self, source: ReleaseSource, serve: ServeApi, owner: str, policy: Policy, clock: Callable[[], float] = time.time):
+    def __init__(self, source: ReleaseSource, serve: ServeApi, owner: str, policy: Policy, clock: Callable[[], float] = time.time,
+                 metrics: ControllerMetrics | None = None):
         self.source, self.serve, self.owner, self.policy, self.clock = source, serve, owner, policy, clock
+        self.metrics, self.feedback_seeded = metrics, False
         self.confirmed: dict[str, dict[str, int]] = {}  # router weights each router has confirmed serving
         self._version_ids: dict[str, str] = {}  # release file blob -> version id
 
@@ -66,6 +75,7 @@ class Observer:
         names this process applied (ours while Ray deletes them)."""
         ours, others = drift.partition(self.serve.observe(), self.owner, recorded_apps(state.versions, applied))
         observed = self._confirm_weights(ours, state.versions)
+        self._drain_feedback(observed, store)
         started, now = time.monotonic(), self.clock()
         finished = preparations.collect()
         gates = tuple((*key, result.report) for key, result in finished if result.report is not None)
@@ -123,6 +133,22 @@ class Observer:
                 self.confirmed[name] = recorded
             observed[name] = replace(app, weights=live)
         return observed
+
+    def _drain_feedback(self, observed: dict[str, ObservedApp], store: Store) -> None:
+        """Store each router's new feedback and count it (a failure is logged; the next tick reads the same entries)."""
+        if not isinstance(self.serve, FeedbackSource):
+            return
+        if self.metrics is not None and not self.feedback_seeded:
+            self.metrics.seed_feedback(*feedback_counts(store.db))
+            self.feedback_seeded = True
+        for name in sorted(n for n in observed if "--" not in n):
+            try:
+                stored = drain(self.serve, name, store.db)
+            except Exception as err:  # never fails the tick: the cursor was not moved, the entries are read again
+                log.warning("%s: reading user feedback failed (%s: %s); next: read it again next tick", name, type(err).__name__, err)
+                continue
+            if self.metrics is not None:
+                self.metrics.count_feedback(name, stored)
 
     def _free_resources(self, versions: list[VersionRecord], preparing: Iterable[Key]) -> Resources | None:
         report = self.serve.cluster_resources()
