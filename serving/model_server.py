@@ -79,9 +79,9 @@ class ModelServer:
         self.runner.on_batch = self._record
         self.load_seconds = time.monotonic() - started
         phases = load_phases(fetched.cached, fetched.seconds, warming - loading, time.monotonic() - warming)
-        for phase, seconds in phases.items():
-            self.metrics["load_seconds"].set(seconds, tags={**self.tags, "phase": phase})
-        self.sampler = GpuSampler(self.tags, Nvml().read, also=self._cache_size).start()
+        self.phases = phases
+        self._refresh_gauges()
+        self.sampler = GpuSampler(self.tags, Nvml().read, also=self._refresh_gauges).start()
         log.info(
             "%s--%s: ready on %s after %.2fs (fetch %s, %.2fs; load %.2fs; warm-up %.2fs); next: serving requests",
             release, version, self.device, self.load_seconds,
@@ -132,6 +132,14 @@ class ModelServer:
 
     def _cache_size(self) -> None:
         serving_metrics()["cache_bytes"].set(self.cache.size(), tags=self.tags)  # a gauge on a timer: kept with metrics off
+
+    def _refresh_gauges(self) -> None:
+        """Every gauge again, on the sampler's timer: Ray exports a gauge only for a while after it was last set, so one
+        set once (the start phases) or only on change (an idle queue) would vanish from Prometheus."""
+        self._cache_size()
+        for phase, seconds in self.phases.items():
+            serving_metrics()["load_seconds"].set(seconds, tags={**self.tags, "phase": phase})
+        self._gauge_queue()
 
     def _record(self, images: int, seconds: float) -> None:
         """A batch generated: images counted, time per image observed, the work reported to the release's tally."""

@@ -189,5 +189,8 @@ def check_prometheus(prometheus: str, version: str) -> None:
     gpu_usd = 'sum(diffops_cost_usd_total{release="demo",kind="gpu"})'
     first = sum(query(prometheus, gpu_usd).values())
     wait_for(lambda: sum(query(prometheus, gpu_usd).values()) > first > 0, 30, "the GPU cost to keep growing while the GPU is held")
+    # minutes after the replica started, its start phases are still scraped (Ray drops a gauge not set again for a while)
+    recent = query(prometheus, f'count_over_time(ray_diffops_model_load_seconds{{{mine},phase="load"}}[15s])')
+    assert recent and min(recent.values()) >= 1, recent
     groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     assert len(groups) == 3 and all(rule["health"] == "ok" for group in groups for rule in group["rules"])
