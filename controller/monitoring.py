@@ -38,7 +38,7 @@ log = logging.getLogger("diffops.monitoring")
 
 DEFAULT_PORT = 9090
 CONTROLLER_METRICS = "127.0.0.1:9464"  # `diffops controller run`'s default --metrics-host:--metrics-port
-SD_FILE = "prom_metrics_service_discovery.json"  # Ray 2.x writes it into its session dir, for every node
+SD_FILE = "prom_metrics_service_discovery.json"  # Ray 2.x keeps it, for every node, at the top of its temp dir
 CONTROLLER_JOB, RAY_JOB = "diffops-controller", "ray"
 
 
@@ -112,8 +112,9 @@ def default_ray_temp_dir(env: Mapping[str, str]) -> str:
 
 
 def ray_sd_file(ray_temp_dir: str) -> str:
-    """The targets file of the current Ray session (session_latest points at it; a new session moves the link)."""
-    return str(Path(ray_temp_dir) / "session_latest" / SD_FILE)
+    """The targets file of the current Ray session, where Ray's own Prometheus docs point: the top of the temp dir
+    (Ray writes it in the session dir and links it here; `session_latest` is not always there)."""
+    return str(Path(ray_temp_dir) / SD_FILE)
 
 
 def render_config(base: Mapping[str, Any], controller: str, sd_file: str, scrape_interval: str) -> dict[str, Any]:

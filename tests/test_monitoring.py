@@ -61,7 +61,7 @@ def test_render_puts_this_machines_targets_into_the_committed_config():
     config = render_config(BASE, "127.0.0.1:19464", ray_sd_file("/data/rt/ray"), "5s")
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["diffops-controller"]["static_configs"] == [{"targets": ["127.0.0.1:19464"]}]
-    assert jobs["ray"]["file_sd_configs"][0]["files"] == ["/data/rt/ray/session_latest/prom_metrics_service_discovery.json"]
+    assert jobs["ray"]["file_sd_configs"][0]["files"] == ["/data/rt/ray/prom_metrics_service_discovery.json"]
     assert config["global"]["scrape_interval"] == config["global"]["evaluation_interval"] == "5s"
     assert config["rule_files"] == ["rules.yaml"]
     assert BASE["scrape_configs"][0]["static_configs"] == [{"targets": ["127.0.0.1:9464"]}]  # the input is left alone
@@ -199,15 +199,15 @@ def test_monitoring_up_scrapes_the_controller_and_rays_nodes_and_down_stops_it(t
     metrics = ControllerMetrics()
     metrics.serve(controller_port)
     metrics.observe_reconcile("ok", 0.02)
-    # a Ray node's metrics export, as Ray lists it in its session dir (the same file layout and content as Ray 2.x)
+    # a Ray node's metrics export, as Ray lists it: in its session dir, linked at the top of its temp dir (as Ray 2.x)
     node = CollectorRegistry()
     Counter("ray_diffops_requests", "Requests.", ["release", "version", "code"], registry=node).labels("demo", "v1", "200").inc(3)
     node_server, _ = start_http_server(ray_port, addr="127.0.0.1", registry=node)
     ray_tmp = tmp_path / "ray"
     (ray_tmp / "session_2026-01-01").mkdir(parents=True)
-    (ray_tmp / "session_latest").symlink_to(ray_tmp / "session_2026-01-01")
-    (ray_tmp / "session_latest" / "prom_metrics_service_discovery.json").write_text(
+    (ray_tmp / "session_2026-01-01" / "prom_metrics_service_discovery.json").write_text(
         json.dumps([{"labels": {"job": "ray"}, "targets": [f"127.0.0.1:{ray_port}"]}]))
+    (ray_tmp / "prom_metrics_service_discovery.json").symlink_to(ray_tmp / "session_2026-01-01" / "prom_metrics_service_discovery.json")
     state = tmp_path / "state"
     common = ["--state-dir", str(state)]
 

@@ -61,7 +61,7 @@ def monitoring() -> None:
 @click.option("--controller-metrics", default=CONTROLLER_METRICS, show_default=True, metavar="HOST:PORT",
               help="The controller's metrics endpoint (`controller run --metrics-host/--metrics-port`).")
 @click.option("--ray-temp-dir", default=None, metavar="DIR",
-              help="Ray's temp dir; Ray lists its nodes' metrics endpoints in DIR/session_latest/ "
+              help="Ray's temp dir; Ray lists its nodes' metrics endpoints in DIR/prom_metrics_service_discovery.json "
                    "(default: $RAY_TMPDIR/ray, else $TMPDIR/ray, else /tmp/ray, as `ray start` picks it).")
 @click.option("--scrape-interval", default="15s", show_default=True, callback=_duration,
               help="How often every target is scraped and the alerts evaluated.")
