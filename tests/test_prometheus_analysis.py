@@ -107,7 +107,7 @@ def prometheus(tmp_path_factory):
         def up() -> bool:
             try:
                 return sample(httpx.get(f"{url}/api/v1/query", params={"query": "max(up{job='drill'})"}, timeout=1).json())[0] == 1.0
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):  # not listening yet, or a starting server's 503 text ("Service Unavailable")
                 return False
 
         wait_for(up, 60, f"Prometheus on {url} to scrape the exporter (log: {work / 'prometheus.log'})")
