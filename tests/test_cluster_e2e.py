@@ -187,7 +187,8 @@ def test_a_failing_canary_is_aborted_on_the_cluster(cluster: NetCluster, deploye
 
 def test_kill_9_of_the_worker_under_load_loses_only_requests_in_flight_and_the_same_version_comes_back(cluster: NetCluster, deployed):
     repo, controller, _ = deployed
-    serving = stable(controller.release())["id"]
+    # the drill starts from a settled release (an earlier test's rollback may still be retiring its canary)
+    serving = stable(controller.wait_release(lambda r: healthy(r) and stable(r)["ready_replicas"] == 1, timeout=TIMEOUT))["id"]
     with Load(url=cluster.serve_url, timeout=30) as load:
         wait_for(lambda: load.codes[200] >= 2, 120, "requests served before the kill")
         killed_at = time.time()
