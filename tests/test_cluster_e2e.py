@@ -210,6 +210,9 @@ def test_kill_9_of_the_worker_under_load_loses_only_requests_in_flight_and_the_s
     bound = math.ceil(outage_s / load.timeout) + 2
     assert set(load.codes) <= {200, 500, 503, "transport"} and failed <= bound, (outage_s, load.codes, load.errors[-3:])
     assert all(at >= killed_at for at, code, _, _ in load.answers if code != 200)  # nothing failed before the kill
-    problems = [json.loads(body) for _, code, _, body in load.answers if code in (500, 503)]
-    assert all(p.get("status") in (500, 503) and p.get("detail") for p in problems), problems[:3]  # never a bare error
+    failures = [(code, body) for _, code, _, body in load.answers if code in (500, 503)]
+    problems = [json.loads(body) for code, body in failures if body.startswith(b"{")]
+    assert all(p.get("status") in (500, 503) and p.get("detail") for p in problems), problems[:3]  # the router's: documents
+    # Serve's own proxy answers a request it cannot route during the outage with its plain-text 503 (README: weak)
+    assert all(code == 503 for code, body in failures if not body.startswith(b"{")), failures[:3]
     assert "replicas" in lost["message"] or lost["phase"] in ("Degraded", "Failed"), lost
