@@ -20,7 +20,7 @@ from controller.metrics import ControllerMetrics
 from controller.quality import drain, summarize
 from controller.state.feedback import feedback_counts, feedback_rows
 from controller.state.store import Store
-from serving.feedback import FLAGS, MAX_COMMENT_CHARS, FeedbackBook, client_key, generation, parse_feedback
+from serving.feedback import FLAGS, MAX_COMMENT_CHARS, MAX_FEEDBACK_BYTES, FeedbackBook, client_key, generation, parse_feedback
 from serving.requests import RequestError
 from serving.router import Router
 from tests.test_problem_details import CONFIG, call, router
@@ -230,3 +230,15 @@ def test_feedback_counters_start_from_the_state_file_and_count_what_is_stored(tm
     assert value("diffops_feedback_total", {"release": "demo", "version": "v1", "rating": "none"}) == 1
     assert value("diffops_flags_total", {"release": "demo", "version": "v1", "flag": "nsfw"}) == 1
     assert value("diffops_flags_total", {"release": "demo", "version": "v2", "flag": "nsfw"}) == 1
+
+
+def test_a_body_at_the_cap_is_read_and_one_byte_more_is_refused_unread(monkeypatch) -> None:
+    served = router(monkeypatch, config=CONFIG)
+    monkeypatch.setattr(served, "attach_waits", (0.0,))
+    call(served, headers={"X-Request-Id": RID.encode()})
+    body = json.dumps({"request_id": RID, "rating": 3}).encode()
+    at_cap = body[:-1] + b" " * (MAX_FEEDBACK_BYTES - len(body)) + b"}"  # valid JSON, padded to exactly the cap
+    assert len(at_cap) == MAX_FEEDBACK_BYTES
+    assert send(served, at_cap)[0] == 202
+    status, refused = send(served, at_cap + b" ")
+    assert status == 413, refused
