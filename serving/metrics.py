@@ -7,7 +7,7 @@ node's metrics export port with its `ray_` prefix, and a counter gains
 (`none` for a router answer no version gave). Cost is not here: the
 controller integrates it from what it holds (`controller.cost`).
 
-GPU figures come from NVML, sampled on a timer thread (`GpuSampler`), not only
+GPU figures come from NVML, sampled on a timer thread (`Ticker`), not only
 after a batch; without a driver the GPU series are absent (never zero) and
 one log line says why. `controller run --serving-metrics off` turns request
 recording off (`recorder(False)`: instruments that record nothing), in place
@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 from ray.util import metrics
 
-__all__ = ["GPU_SAMPLE_S", "LATENCY_BUCKETS", "LOAD_PHASES", "OUTCOMES", "GpuReading", "GpuSampler", "Nvml", "ServingMetrics",
-           "outcome", "recorder", "serving_metrics", "store_of"]
+__all__ = ["GPU_SAMPLE_S", "LATENCY_BUCKETS", "LOAD_PHASES", "OUTCOMES", "GpuReading", "Nvml", "ServingMetrics", "Ticker",
+           "outcome", "recorder", "serving_metrics", "set_gpu_gauges", "store_of"]
 
 log = logging.getLogger("ray.serve")
 
@@ -154,40 +154,37 @@ class Nvml:
         return out
 
 
-class GpuSampler:
-    """Samples `read` every `every` seconds on a daemon thread and sets the GPU gauges of one version; also runs
-    `also` (the node cache size) on each tick. Starts nothing to sample GPUs when `read` finds none."""
+def set_gpu_gauges(tags: dict[str, str], readings: list[GpuReading]) -> int:
+    """Set the GPU gauges of one version from one NVML reading; the GPUs read."""
+    gauges = serving_metrics()
+    for gpu, utilization, used, total in readings:
+        at = {**tags, "gpu": gpu}
+        gauges["gpu_utilization"].set(utilization, tags=at)
+        gauges["gpu_memory_used"].set(used, tags=at)
+        gauges["gpu_memory_total"].set(total, tags=at)
+    return len(readings)
 
-    def __init__(self, tags: dict[str, str], read: Callable[[], list[GpuReading]], also: Callable[[], None] = lambda: None,
-                 every: float = GPU_SAMPLE_S):
-        self.tags, self.read, self.also, self.every = tags, read, also, every
+
+class Ticker:
+    """Runs `work` every `every` seconds on a daemon thread (the GPU sample and every gauge again: Ray exports a gauge
+    only for a while after it was last set). A failing run is logged and tried again, never raised."""
+
+    def __init__(self, subject: str, work: Callable[[], object], every: float = GPU_SAMPLE_S):
+        self.subject, self.work, self.every = subject, work, every
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="diffops-gpu-sampler", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="diffops-metrics-ticker", daemon=True)
 
-    def start(self) -> GpuSampler:
+    def start(self) -> Ticker:
         self.thread.start()
         return self
 
     def stop(self) -> None:
         self.stopped.set()
 
-    def sample(self) -> int:
-        """Set the gauges from one reading; the GPUs read."""
-        gauges = serving_metrics()
-        readings = self.read()
-        for gpu, utilization, used, total in readings:
-            tags = {**self.tags, "gpu": gpu}
-            gauges["gpu_utilization"].set(utilization, tags=tags)
-            gauges["gpu_memory_used"].set(used, tags=tags)
-            gauges["gpu_memory_total"].set(total, tags=tags)
-        return len(readings)
-
     def _run(self) -> None:
         while not self.stopped.is_set():
             try:
-                self.sample()
-                self.also()
-            except Exception as err:  # a sampler never takes the replica down
-                log.warning("%s--%s: metrics sample failed (%s); next: try again in %.0fs", self.tags.get("release"),
-                            self.tags.get("version"), err, self.every)
+                self.work()
+            except Exception as err:  # a metrics timer never takes the replica down
+                log.warning("%s: metrics refresh failed (%s); next: try again in %.0fs", self.subject, err, self.every)
             self.stopped.wait(self.every)

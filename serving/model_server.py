@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from serving import code_pin
 from serving.artifacts import ModelCache, fetch
 from serving.generator import PipelineRunner, resolve
-from serving.metrics import GpuSampler, Nvml, recorder, serving_metrics, store_of
+from serving.metrics import Nvml, Ticker, recorder, serving_metrics, set_gpu_gauges, store_of
 from serving.model_cache import node_cache_dir
 from serving.pipeline import load_pipeline, pick_device
 
@@ -80,8 +80,9 @@ class ModelServer:
         self.load_seconds = time.monotonic() - started
         phases = load_phases(fetched.cached, fetched.seconds, warming - loading, time.monotonic() - warming)
         self.phases = phases
+        self.nvml = Nvml()
         self._refresh_gauges()
-        self.sampler = GpuSampler(self.tags, Nvml().read, also=self._refresh_gauges).start()
+        self.ticker = Ticker(f"{release}--{version}", self._refresh_gauges).start()
         log.info(
             "%s--%s: ready on %s after %.2fs (fetch %s, %.2fs; load %.2fs; warm-up %.2fs); next: serving requests",
             release, version, self.device, self.load_seconds,
@@ -134,8 +135,9 @@ class ModelServer:
         serving_metrics()["cache_bytes"].set(self.cache.size(), tags=self.tags)  # a gauge on a timer: kept with metrics off
 
     def _refresh_gauges(self) -> None:
-        """Every gauge again, on the sampler's timer: Ray exports a gauge only for a while after it was last set, so one
+        """Every gauge again, on the ticker: Ray exports a gauge only for a while after it was last set, so one
         set once (the start phases) or only on change (an idle queue) would vanish from Prometheus."""
+        set_gpu_gauges(self.tags, self.nvml.read())
         self._cache_size()
         for phase, seconds in self.phases.items():
             serving_metrics()["load_seconds"].set(seconds, tags={**self.tags, "phase": phase})

@@ -44,7 +44,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from serving import code_pin, feedback
-from serving.metrics import outcome, recorder, serving_metrics
+from serving.metrics import Ticker, outcome, recorder, serving_metrics
 from serving.problems import PROBLEM_MEDIA_TYPE, ProblemDocument, ProblemKind, echo, problem
 from serving.requests import RequestError, parse_request, read_body
 from serving.tally import Answer, Tally
@@ -86,6 +86,7 @@ class Router:
         self.metrics = serving_metrics()
         self.inside = 0  # requests inside this router replica
         self.awaiting: dict[str, int] = {}  # per version: requests sent to it and not answered yet
+        self.ticker = Ticker(f"router {release}", self._refresh_gauges).start()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.weights = {str(k): int(v) for k, v in config.get("weights", {}).items()}
@@ -271,6 +272,15 @@ class Router:
         """Requests this router replica sent to `version` and awaits (queued for a replica slot or inside one)."""
         self.awaiting[version] = self.awaiting.get(version, 0) + change
         self.metrics["queue_length"].set(self.awaiting[version], tags={"release": self.release, "version": version, "where": "router"})
+
+    def _refresh_gauges(self) -> None:
+        """Both gauges again, read-only on the ticker's thread (an idle router sets none, and Ray drops a gauge not set
+        for a while): every live version's queue, 0 when nothing awaits it."""
+        tags = {"release": self.release, "where": "router"}
+        self.metrics["in_flight"].set(self.inside, tags={**tags, "version": "none"})
+        awaiting = self.awaiting.copy()  # one atomic copy: the event loop changes it meanwhile
+        for version in {*self.weights.copy(), *awaiting}:
+            self.metrics["queue_length"].set(awaiting.get(version, 0), tags={**tags, "version": version})
 
     def _error(self, kind: ProblemKind, request_id: str, version: str | None, detail: str,
                errors: Iterable[tuple[str, str]] = (), headers: dict[str, str] | None = None) -> Response:

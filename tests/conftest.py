@@ -164,3 +164,14 @@ def _diffops_logger_restored() -> Iterator[None]:
     logger.handlers[:], logger.filters[:] = saved[0], saved[3]
     logger.setLevel(saved[1])
     logger.propagate = saved[2]
+
+
+CLUSTER_MODULES = {"test_netcluster.py", "test_cluster_e2e.py"}  # clusters of their own, across network namespaces
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `pytest -n N --dist loadgroup` (`make test`): every test that runs on Ray goes to one worker, in file
+    order, on the one session head (a machine has one Serve HTTP port); the other tests spread over the workers."""
+    for item in items:
+        if "ray_head" in getattr(item, "fixturenames", ()) or item.path.name in CLUSTER_MODULES:
+            item.add_marker(pytest.mark.xdist_group("ray"))

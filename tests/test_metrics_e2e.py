@@ -94,16 +94,23 @@ def check_exports(controller: Controller, version: str, temp_dir: str) -> None:
         assert generate(body={"prompt": f"a red cube {n}", "steps": 2, "seed": n}).status_code == 200
     assert generate(body={"prompt": "x", "steps": 0}).status_code == 422
 
-    urls = wait_for(lambda: export_urls(temp_dir), 60, "Ray's Prometheus service discovery file")
+    wait_for(lambda: export_urls(temp_dir), 60, "Ray's Prometheus service discovery file")
 
-    def exported() -> list[Sample] | None:
-        samples = scrape(urls)
+    def lacking(samples: list[Sample]) -> list[str]:
         names = {name for name, _, _ in samples}
-        done = all(any(n.startswith(f) for n in names) for f in FAMILIES)
-        counted = total(samples, "ray_diffops_images_generated_total", release="demo", version=version) >= REQUESTS
-        return samples if done and counted and total(samples, "ray_diffops_requests_total", code="422") >= 1 else None
+        lack = [f for f in FAMILIES if not any(n.startswith(f) for n in names)]
+        if total(samples, "ray_diffops_images_generated_total", release="demo", version=version) < REQUESTS:
+            lack.append(f"{REQUESTS} images of {version}")
+        return lack + ([] if total(samples, "ray_diffops_requests_total", code="422") >= 1 else ["a 422 counted"])
 
-    samples = wait_for(exported, 120, "every ray_diffops_* family in Ray's metrics export", every=2)
+    def complete() -> list[Sample] | None:
+        samples = scrape(export_urls(temp_dir))  # read again: a node may join the file later
+        return None if lacking(samples) else samples
+
+    try:
+        samples = wait_for(complete, 120, "every ray_diffops_* family in Ray's metrics export", every=2)
+    except AssertionError:
+        raise AssertionError(f"Ray's export at {export_urls(temp_dir)} still lacks {lacking(scrape(export_urls(temp_dir)))}") from None
     mine = {"release": "demo", "version": version}
 
     assert total(samples, "ray_diffops_requests_total", code="200", **mine) >= REQUESTS

@@ -14,25 +14,32 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["Cursor", "feedback_counts", "feedback_rows", "read_cursor", "store_page"]
+__all__ = ["Cursor", "feedback_counts", "feedback_rows", "read_cursor", "store_page", "write_cursor"]
 
 Cursor = tuple[str, int]  # the tally's epoch, the last sequence number stored
 
 UPSERT = """
 INSERT INTO feedback (release, request_id, client, version, rating, flags, comment, prompt_sha256, seed, params,
-                      generated_at, at, stored_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                      generated_at, at, stored_at, source)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (release, request_id, client) DO UPDATE SET
-    version = excluded.version, rating = excluded.rating, flags = excluded.flags, comment = excluded.comment,
+    source = excluded.source, version = excluded.version, rating = excluded.rating, flags = excluded.flags, comment = excluded.comment,
     prompt_sha256 = excluded.prompt_sha256, seed = excluded.seed, params = excluded.params,
     generated_at = excluded.generated_at, at = excluded.at, stored_at = excluded.stored_at
 WHERE excluded.at >= feedback.at
 """
 
 
-def read_cursor(db: sqlite3.Connection, release: str) -> Cursor | None:
-    row = db.execute("SELECT epoch, seq FROM feedback_cursor WHERE release = ?", (release,)).fetchone()
+def read_cursor(db: sqlite3.Connection, release: str, table: str = "feedback_cursor") -> Cursor | None:
+    """A release's read position in one of the tally streams (`feedback_cursor`, `sample_cursor`)."""
+    row = db.execute(f"SELECT epoch, seq FROM {table} WHERE release = ?", (release,)).fetchone()
     return (str(row[0]), int(row[1])) if row else None
+
+
+def write_cursor(db: sqlite3.Connection, release: str, cursor: Cursor, table: str = "feedback_cursor") -> None:
+    """Move a release's read position (inside the caller's transaction)."""
+    db.execute(f"INSERT INTO {table} (release, epoch, seq, at) VALUES (?, ?, ?, ?) ON CONFLICT (release) DO UPDATE "
+               "SET epoch = excluded.epoch, seq = excluded.seq, at = excluded.at", (release, cursor[0], cursor[1], time.time()))
 
 
 def store_page(db: sqlite3.Connection, release: str, entries: Iterable[dict[str, Any]], cursor: Cursor) -> None:
@@ -45,9 +52,9 @@ def store_page(db: sqlite3.Connection, release: str, entries: Iterable[dict[str,
             db.execute(UPSERT, (release, str(e["request_id"]), str(e["client"]), str(e["version"]), e.get("rating"),
                                 json.dumps(sorted(e.get("flags") or [])), e.get("comment"), e.get("prompt_sha256"),
                                 seed if isinstance(seed, int) and 0 <= seed < 2**63 else None,
-                                json.dumps(e.get("params") or {}, sort_keys=True), e.get("generated_at"), float(e["at"]), now))
-        db.execute("INSERT INTO feedback_cursor (release, epoch, seq, at) VALUES (?, ?, ?, ?) ON CONFLICT (release) DO UPDATE "
-                   "SET epoch = excluded.epoch, seq = excluded.seq, at = excluded.at", (release, cursor[0], cursor[1], now))
+                                json.dumps(e.get("params") or {}, sort_keys=True), e.get("generated_at"), float(e["at"]), now,
+                                str(e.get("source") or "user")))
+        write_cursor(db, release, cursor)
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
@@ -58,12 +65,12 @@ def feedback_rows(db: sqlite3.Connection, release: str | None = None) -> list[di
     """Stored feedback (of one release, or all), oldest first; [] in a state file from before feedback existed."""
     where, args = ("WHERE release = ?", (release,)) if release else ("", ())
     try:
-        rows = db.execute(f"SELECT release, version, request_id, rating, flags, comment, at FROM feedback {where} ORDER BY at",
-                          args).fetchall()
-    except sqlite3.OperationalError:  # a read-only look at a file at schema 3 or older
+        rows = db.execute(f"SELECT release, version, request_id, rating, flags, comment, at, source FROM feedback {where} "
+                          "ORDER BY at", args).fetchall()
+    except sqlite3.OperationalError:  # a read-only look at a file at schema 5 or older
         return []
     return [{"release": r[0], "version": r[1], "request_id": r[2], "rating": r[3], "flags": json.loads(r[4]), "comment": r[5],
-             "at": r[6]} for r in rows]
+             "at": r[6], "source": r[7]} for r in rows]
 
 
 def feedback_counts(db: sqlite3.Connection) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str, str], int]]:

@@ -109,6 +109,21 @@ CREATE TABLE IF NOT EXISTS feedback_cursor (
 );
 """
 
+# Version 6: sampled outputs (scored by the release's scorer, kept for review up to a bound per version) read from
+# each release's scorer past a cursor; feedback says where it came from (a user through the API, or a reviewer).
+V6_TABLES = """
+CREATE TABLE IF NOT EXISTS samples (
+    release TEXT NOT NULL, request_id TEXT NOT NULL, version TEXT NOT NULL, prompt TEXT NOT NULL, negative_prompt TEXT,
+    seed INTEGER, params TEXT NOT NULL, clip_score REAL, nsfw INTEGER, image TEXT, at REAL NOT NULL, stored_at REAL NOT NULL,
+    PRIMARY KEY (release, request_id)
+);
+CREATE INDEX IF NOT EXISTS samples_by_version ON samples (release, version);
+CREATE TABLE IF NOT EXISTS sample_cursor (
+    release TEXT PRIMARY KEY, epoch TEXT NOT NULL, seq INTEGER NOT NULL, at REAL NOT NULL
+);
+"""
+V6_COLUMNS: dict[str, tuple[str, ...]] = {"feedback": ("source TEXT NOT NULL DEFAULT 'user'",)}
+
 Step = str | Callable[[sqlite3.Connection], None]
 
 
@@ -146,6 +161,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "cost accounting: running totals per version, and samples of them for windows", tuple(_statements(V4_TABLES))),
     Migration(5, "user feedback per answered request, and the cursor of each release's feedback read",
               tuple(_statements(V5_TABLES))),
+    Migration(6, "sampled outputs with their quality scores and review images, and where each feedback came from",
+              (*_statements(V6_TABLES), _add_columns(V6_COLUMNS))),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
