@@ -64,7 +64,8 @@ class LiveDemo:
     def _spawn(self, *flags: str) -> None:
         self.process = subprocess.Popen(
             [DIFFOPS, "controller", "run", "--repo", str(self.repo.path), "--state-dir", str(self.state_dir),
-             "--ray-address", DASHBOARD, "--http-port", str(HTTP_PORT), "--interval", "2", "--metrics-port", "0", *flags],
+             "--ray-address", DASHBOARD, "--http-port", str(HTTP_PORT), "--interval", "2", "--metrics-port", "0", "--review-port", "0",
+             *flags],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 

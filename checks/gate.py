@@ -2,7 +2,7 @@
 
 `run_gate` is what the gate job runs on the release's own resources, and what
 `diffops check` runs locally. Order: artifact (nothing else runs if the files
-are wrong), dependency, cuda, load, golden, performance. An exception inside a
+are wrong), dependency, cuda, load, golden, performance, quality. An exception inside a
 check (a crash, an out-of-memory) becomes an `error` result with the reason;
 a check past its limit becomes an `error` too, and the gate reports anyway.
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from checks import artifact, dependency, golden, performance
+from checks import artifact, dependency, golden, performance, quality
 from checks.job import REFERENCE_MAX_BYTES, reference_refusal
 from checks.report import CheckResult, GateReport
 from serving.artifacts import ModelCache, fetch
@@ -109,7 +109,7 @@ def run_gate(gate_input: dict[str, Any], progress: Callable[[str], None] = lambd
     load_started = time.monotonic()
     runner = attempt("load", load)
     if runner is None:
-        for check in ("golden", "performance"):
+        for check in ("golden", "performance", "quality"):
             results.append(CheckResult(check, "skipped", "not run: the pipeline did not load"))
         return report()
     load_seconds = time.monotonic() - load_started
@@ -129,4 +129,33 @@ def run_gate(gate_input: dict[str, Any], progress: Callable[[str], None] = lambd
     measured = attempt("performance", lambda: performance.run(runner, checks_spec.get("performance"), spec["generation"]))
     if measured is not None:
         results.append(measured)
+    if checks_spec.get("quality") is not None:
+        judged = attempt("quality", lambda: _quality(runner, checks_spec["quality"], gate_input))
+        if judged is not None:
+            results.append(judged[0])
+            artifacts.update(judged[1])
     return report()
+
+
+def _quality(runner: PipelineRunner, check: dict[str, Any], gate_input: dict[str, Any]) -> tuple[CheckResult, dict[str, str]]:
+    """The quality check with the release's pinned CLIP model and safety checker, fetched and verified like the model."""
+    from serving.quality_models import frechet_distance, load_clip, load_safety
+
+    size = gate_input.get("prompt_set_bytes")
+    if size is not None and size > quality.MAX_PROMPT_FILE_BYTES:
+        return CheckResult("quality", "failed", f"prompt set {check['prompts']} is {size:,} bytes; the cap is "
+                           f"{quality.MAX_PROMPT_FILE_BYTES:,} bytes (64 KiB); split it or keep fewer prompts"), {}
+    pins = gate_input.get("quality_models") or {}
+    repo = Path(gate_input["repo"]) if gate_input.get("repo") else None
+    cache = ModelCache(node_cache_dir(gate_input.get("cache_dir")))
+
+    def load(name: str, loader: Callable[[Path, str], Any]) -> Any:
+        pin = pins.get(name)
+        if pin is None:
+            return None
+        fetched = fetch(pin["uri"], pin["digest"], cache, repo=repo, commit=gate_input.get("commit"))
+        return loader(fetched.path, runner.device)
+
+    spec = gate_input["spec"]
+    return quality.run(runner, check, spec["generation"], gate_input.get("prompt_set"), load("clip", load_clip),
+                       load("safety", load_safety), gate_input.get("quality_baseline"), frechet_distance)

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 
 from serving.fields import Duration, SpecModel
 
-__all__ = ["ChecksSpec", "GoldenCheck", "PerformanceCheck"]
+__all__ = ["ChecksSpec", "GoldenCheck", "PerformanceCheck", "QualityCheck"]
 
 
 class GoldenCheck(SpecModel):
@@ -33,12 +33,7 @@ class GoldenCheck(SpecModel):
     @field_validator("reference")
     @classmethod
     def _inside_repo(cls, reference: str) -> str:
-        path = PurePosixPath(reference)
-        if path.is_absolute() or ".." in path.parts:
-            raise ValueError(f"{reference!r}: give a path inside the repo, relative to its root")
-        if path.suffix.lower() != ".png":
-            raise ValueError(f"{reference!r}: the reference must be a .png file")
-        return reference
+        return _repo_path(reference, (".png",))
 
 
 class PerformanceCheck(SpecModel):
@@ -54,10 +49,41 @@ class PerformanceCheck(SpecModel):
     """Smallest acceptable throughput; unset skips it."""
 
 
+def _repo_path(path: str, suffixes: tuple[str, ...]) -> str:
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise ValueError(f"{path!r}: give a path inside the repo, relative to its root")
+    if pure.suffix.lower() not in suffixes:
+        raise ValueError(f"{path!r}: expected a {' or '.join(suffixes)} file")
+    return path
+
+
+class QualityCheck(SpecModel):
+    prompts: str
+    """The prompt set: a text file in the repo (e.g. releases/prompts/demo.txt), one prompt per line, `#` comments;
+    at most 64 prompts (64 KiB)."""
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=8)
+    """Seeds each prompt is drawn with (prompts x seeds images)."""
+    min_clip_score: float | None = Field(default=None, ge=0, le=100)
+    """Smallest mean CLIP score (0-100, quality.clip's model) over the prompt set; needs quality.clip."""
+    max_nsfw_rate: float | None = Field(default=None, ge=0, le=1)
+    """Largest share of the prompt set's images the safety checker flags; needs quality.safety."""
+    max_distance: float | None = Field(default=None, ge=0)
+    """Largest Frechet distance between this version's and the stable version's CLIP image features on the same
+    prompts and seeds: a regression distance, not the published FID; needs quality.clip (skipped for a first version)."""
+
+    @field_validator("prompts")
+    @classmethod
+    def _inside_repo(cls, prompts: str) -> str:
+        return _repo_path(prompts, (".txt",))
+
+
 class ChecksSpec(SpecModel):
     golden: GoldenCheck | None = None
     """Golden-image comparison; unset skips it."""
     performance: PerformanceCheck | None = None
     """Latency / memory / throughput check; unset skips it."""
+    quality: QualityCheck | None = None
+    """CLIP score, NSFW rate and distance to the stable version on a prompt set; unset skips it."""
     timeout: Duration = timedelta(minutes=10)
     """Wall-clock limit of each check."""

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from serving.safety import SafetyFilter
+
 __all__ = ["SHAPE_KEYS", "PipelineRunner", "png", "resolve"]
 
 SHAPE_KEYS = ("steps", "width", "height", "guidance_scale", "num_images")
@@ -37,8 +39,10 @@ def png(image: Any) -> bytes:
 class PipelineRunner:
     """Generates for batches of resolved requests; the pipeline is never used by two threads at once."""
 
-    def __init__(self, pipeline: Any, device: str, on_batch: Callable[[int, float], None] = lambda images, seconds: None):
-        self.pipeline, self.device, self.on_batch = pipeline, device, on_batch
+    def __init__(self, pipeline: Any, device: str, on_batch: Callable[[int, float], None] = lambda images, seconds: None,
+                 safety: SafetyFilter | None = None):
+        """`safety`: the release's NSFW filter on every image (flags, blurs or withholds them; `serving.safety`)."""
+        self.pipeline, self.device, self.on_batch, self.safety = pipeline, device, on_batch, safety
         self.lock = threading.Lock()
 
     def run(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -61,9 +65,16 @@ class PipelineRunner:
                     num_images_per_prompt=count, generator=generators,
                 )
                 seconds = time.monotonic() - started
+                drawn, nsfw = self.safety.apply(output.images) if self.safety else (output.images, [False] * len(output.images))
                 for position, index in enumerate(members):
-                    images = output.images[position * count : (position + 1) * count]
+                    mine = slice(position * count, (position + 1) * count)
                     params = {k: requests[index][k] for k in ("seed", *SHAPE_KEYS)}
-                    results[index] = {"images": [png(i) for i in images], "params": params, "seconds": seconds, "batch_size": len(batch)}
+                    results[index] = {"images": [self._encoded(i, flagged) for i, flagged in zip(drawn[mine], nsfw[mine], strict=True)],
+                                      "params": params, "seconds": seconds, "batch_size": len(batch), "nsfw": nsfw[mine],
+                                      "nsfw_action": self.safety.action if self.safety else None}
                 self.on_batch(len(batch) * count, seconds)
         return [results[index] for index in range(len(requests))]
+
+    def _encoded(self, image: Any, flagged: bool) -> bytes:
+        """The PNG to send; a blocked image is never encoded, so it never leaves the replica."""
+        return b"" if flagged and self.safety is not None and self.safety.action == "block" else png(image)

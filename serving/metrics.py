@@ -35,6 +35,7 @@ LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 IMAGE_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 LOAD_PHASES = ("fetch", "verify", "load", "warmup")
 OUTCOMES = ("ok", "client_error", "overload", "error")
+CLIP_BUCKETS = [float(n) for n in range(5, 100, 5)]  # CLIP score 0-100
 GPU_SAMPLE_S = 5.0  # seconds between NVML samples
 
 
@@ -51,6 +52,8 @@ class ServingMetrics(TypedDict):
     gpu_memory_total: metrics.Gauge
     fetched_bytes: metrics.Counter
     cache_bytes: metrics.Gauge
+    nsfw: metrics.Counter
+    clip_score: metrics.Histogram
 
 
 @cache
@@ -82,6 +85,10 @@ def serving_metrics() -> ServingMetrics:
                                          "by store scheme (file, s3, gs, az, hf).", tag_keys=(*version, "store")),
         "cache_bytes": metrics.Gauge("diffops_cache_bytes", "Bytes of verified models in the node cache a replica uses.",
                                      tag_keys=version),
+        "nsfw": metrics.Counter("diffops_nsfw", "Images the release's safety checker flagged, by the action taken "
+                                "(flag: served, blur: served blurred, block: withheld, 451).", tag_keys=(*version, "action")),
+        "clip_score": metrics.Histogram("diffops_clip_score", "CLIP score (0-100) of sampled outputs against their prompt, "
+                                        "by the release's scorer (quality.clip).", boundaries=CLIP_BUCKETS, tag_keys=version),
     }
 
 

@@ -29,6 +29,7 @@ from serving.generator import PipelineRunner, resolve
 from serving.metrics import Nvml, Ticker, recorder, serving_metrics, set_gpu_gauges, store_of
 from serving.model_cache import node_cache_dir
 from serving.pipeline import load_pipeline, pick_device
+from serving.safety import SafetyFilter, load_filter
 
 __all__ = ["CONSTRUCTOR_RETRIES", "InjectedFault", "ModelServer", "build_model_app", "load_phases"]
 
@@ -47,7 +48,8 @@ class InjectedFault(RuntimeError):
 
 class ModelServer:
     def __init__(self, release: str, version: str, model: dict[str, Any], generation: dict[str, Any], repo: str | None,
-                 commit: str | None, cache_dir: str | None, gpus: float = 0, faults: dict[str, Any] | None = None):
+                 commit: str | None, cache_dir: str | None, gpus: float = 0, faults: dict[str, Any] | None = None,
+                 safety: dict[str, Any] | None = None):
         started = time.monotonic()
         code_pin.check(f"{release}--{version}")  # the serving code the controller pinned, or refuse to start
         self.release, self.version, self.generation = release, version, generation
@@ -70,13 +72,14 @@ class ModelServer:
             log.info("%s--%s: no CUDA device visible (gpus=%s); running on CPU in float32", release, version, gpus)
         loading = time.monotonic()
         self.pipeline = load_pipeline(fetched.path, dtype=model.get("dtype", "float32"), sampler=generation["sampler"], device=self.device)
+        checker = self._safety(safety, repo, commit) if safety else None
         self.runner = PipelineRunner(self.pipeline, self.device)  # the warm-up is no image anyone asked for: not counted
         self.in_flight = self.running = 0
         self.tally: DeploymentHandle[Any] | None = None
         warming = time.monotonic()
         warm_up = resolve({"prompt": "warm-up", "steps": min(2, generation["steps"]), "seed": 0}, generation)
         self.runner.run([warm_up])
-        self.runner.on_batch = self._record
+        self.runner.on_batch, self.runner.safety = self._record, checker
         self.load_seconds = time.monotonic() - started
         phases = load_phases(fetched.cached, fetched.seconds, warming - loading, time.monotonic() - warming)
         self.phases = phases
@@ -111,6 +114,14 @@ class ModelServer:
         finally:
             self.in_flight -= 1
             self._gauge_queue()
+
+    def _safety(self, spec: dict[str, Any], repo: str | None, commit: str | None) -> SafetyFilter:
+        """The release's safety checker (quality.safety), fetched and verified through the node cache like the model."""
+        fetched = fetch(spec["uri"], spec["digest"], self.cache, repo=Path(repo) if repo else None, commit=commit, reverify=True)
+        action = str(spec.get("action") or "flag")
+        tags = {**self.tags, "action": action}
+        log.info("%s--%s: safety checker %s loaded; every image is checked (action %s)", self.release, self.version, spec["uri"], action)
+        return load_filter(fetched.path, action, self.device, lambda count: self.metrics["nsfw"].inc(count, tags=tags))
 
     def _after(self) -> str:
         after = self.faults.get("error_after_requests", 0)

@@ -30,7 +30,7 @@ FIELD_CHARS = 80  # a field name (maybe a client's JSON key) is echoed at most t
 
 ProblemKind = Literal[
     "bad-request", "client-disconnected", "not-found", "unknown-version", "method-not-allowed", "request-too-large",
-    "invalid-request", "generation-failed", "internal-error", "no-version-serving", "overloaded", "version-unavailable",
+    "invalid-request", "content-blocked", "generation-failed", "internal-error", "no-version-serving", "overloaded", "version-unavailable",
 ]
 
 
@@ -47,6 +47,7 @@ PROBLEM_TYPES: dict[ProblemKind, ProblemType] = {
     "method-not-allowed": ProblemType(405, "method not allowed"),
     "request-too-large": ProblemType(413, "request too large"),
     "invalid-request": ProblemType(422, "invalid request"),
+    "content-blocked": ProblemType(451, "content blocked"),
     "generation-failed": ProblemType(500, "generation failed"),
     "internal-error": ProblemType(500, "internal error"),
     "no-version-serving": ProblemType(503, "no version is serving"),

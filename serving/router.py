@@ -43,20 +43,23 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from serving import code_pin, feedback
+from serving import code_pin, feedback, sampling
 from serving.metrics import Ticker, outcome, recorder, serving_metrics
 from serving.problems import PROBLEM_MEDIA_TYPE, ProblemDocument, ProblemKind, echo, problem
 from serving.requests import RequestError, parse_request, read_body
+from serving.scorer import Scorer
 from serving.tally import Answer, Tally
 
-__all__ = ["REQUEST_ID_HEADER", "TALLY_CPUS", "VERSION_HEADER", "Router", "build_router_app", "pick_version"]
+__all__ = ["NSFW_HEADER", "REQUEST_ID_HEADER", "SCORER_CPUS", "TALLY_CPUS", "VERSION_HEADER", "Router", "build_router_app", "pick_version"]
 
 log = logging.getLogger("ray.serve")
 
 VERSION_HEADER = "X-Diffops-Version"
+NSFW_HEADER = "X-Diffops-Nsfw"  # on an answer whose image the safety checker flagged: the action taken (flag, blur)
 REQUEST_ID_HEADER = "X-Request-Id"
 ECHO_CHARS = 80  # a client's header value is echoed in an error at most this long
 TALLY_CPUS = 0.01  # the tally only appends to a deque
+SCORER_CPUS = 0.1  # CLIP on sampled outputs, one at a time; the sample rates bound the work
 
 
 def pick_version(weights: dict[str, int], pinned: str | None, rng: random.Random) -> str | None:
@@ -72,11 +75,13 @@ def pick_version(weights: dict[str, int], pinned: str | None, rng: random.Random
 class Router:
     attach_waits = (0.0, 0.2, 0.5)  # seconds between asking the tally for a request id before answering 404
 
-    def __init__(self, release: str, tally: DeploymentHandle[Any] | None = None):
-        """`tally`: the release's shared `Tally` deployment; None (a router built in-process) keeps one of its own."""
+    def __init__(self, release: str, tally: DeploymentHandle[Any] | None = None, scorer: DeploymentHandle[Any] | None = None):
+        """`tally`: the release's shared `Tally` deployment; None (a router built in-process) keeps one of its own.
+        `scorer`: the release's `serving.scorer.Scorer`, when it samples outputs (quality.clip, quality.review)."""
         code_pin.check(f"{release} router")  # the serving code the controller pinned, or refuse to start
         self.release = release
-        self.tally, self.own_tally = tally, Tally()
+        self.tally, self.own_tally, self.scorer = tally, Tally(), scorer
+        self.review_rate = self.clip_rate = 0.0
         self.weights: dict[str, int] = {}
         self.limits: dict[str, int] = {}
         self.defaults: dict[str, int] = {}
@@ -93,6 +98,8 @@ class Router:
         self.limits = dict(config["limits"])
         self.defaults = dict(config["defaults"])
         self.retry_after_s = int(config.get("retry_after_s", 1))
+        quality = config.get("quality") or {}
+        self.review_rate, self.clip_rate = float(quality.get("review_rate", 0)), float(quality.get("clip_rate", 0))
         self.metrics = recorder(bool(config.get("metrics", True)))
         self.handles = {v: h for v, h in self.handles.items() if v in self.weights}
         log.info("router %s: weights now %s", self.release, self.weights)
@@ -130,6 +137,8 @@ class Router:
             return JSONResponse({"release": self.release, **await self.work()})
         if path.endswith("/feedback"):
             return await self._feedback(request, request_id)
+        if request.method == "GET" and path.endswith(f"/{self.release}/samples"):
+            return await self._samples(request, request_id)
         if not path.endswith("/generate"):
             return self._error("not-found", request_id, None, f"use POST /{self.release}/generate")
         if request.method != "POST":
@@ -156,24 +165,32 @@ class Router:
         try:
             result = await self._generate(version, params, request_id)
         except BackPressureError:
-            self._note((time.time(), version, False, time.monotonic() - started), preview)
+            self._note((time.time(), version, False, time.monotonic() - started, False), preview)
             detail = f"version {version} queue is full; retry after {self.retry_after_s}s"
             return self._error("overloaded", request_id, version, detail, headers=self._retry())
         except DeploymentUnavailableError:
-            self._note((time.time(), version, False, time.monotonic() - started), preview)
+            self._note((time.time(), version, False, time.monotonic() - started, False), preview)
             return self._error("version-unavailable", request_id, version, f"{version} is not running", headers=self._retry())
         except Exception as err:  # the version failed to generate (not the request's fault)
-            self._note((time.time(), version, False, time.monotonic() - started), preview)
+            self._note((time.time(), version, False, time.monotonic() - started, False), preview)
             log.warning("router %s: version %s failed request %s: %s", self.release, version, request_id, err)
             return self._error("generation-failed", request_id, version, f"version {version} failed: {type(err).__name__}")
         seconds = time.monotonic() - started
-        self._note((time.time(), version, True, seconds), preview)
+        nsfw = [bool(flag) for flag in result.get("nsfw") or []]
+        self._note((time.time(), version, True, seconds, any(nsfw)), preview)
         self._remember(request_id, feedback.generation(time.time(), version, params, result["params"]))
         headers = {VERSION_HEADER: version}
+        if any(nsfw):
+            if result.get("nsfw_action") == "block":
+                detail = (f"{sum(nsfw)} of {len(nsfw)} images were withheld: the release's safety checker flagged them "
+                          "(quality.safety.action: block); change the prompt")
+                return self._error("content-blocked", request_id, version, detail)
+            headers[NSFW_HEADER] = str(result.get("nsfw_action") or "flag")
+        self._sample(request_id, version, params, result)
         if "application/json" in request.headers.get("accept", ""):
             images = [base64.b64encode(image).decode() for image in result["images"]]
             meta = {"release": self.release, "version": version, "request_id": request_id, **result["params"],
-                    "seconds": round(seconds, 4), "batch_size": result["batch_size"]}
+                    "seconds": round(seconds, 4), "batch_size": result["batch_size"], "nsfw": nsfw}
             return JSONResponse({"images": images, "metadata": meta}, headers=headers)
         return Response(result["images"][0], media_type="image/png", headers=headers)
 
@@ -196,6 +213,23 @@ class Router:
             self.own_tally.record(answer, preview)
         else:
             self.tally.record.remote(answer, preview)
+
+    def _sample(self, request_id: str, version: str, params: dict[str, Any], result: dict[str, Any]) -> None:
+        """Send a drawn sample of the answer to the release's scorer; never waited on (scoring is off the request path)."""
+        review, score = sampling.draw(self.rng, self.review_rate, self.clip_rate)
+        if self.scorer is not None and (review or score) and result.get("images"):
+            self.scorer.take.remote(sampling.sample(request_id, version, params, result, review, score))
+
+    async def _samples(self, request: Request, request_id: str) -> Response:
+        """The controller's read of the samples the scorer holds (`serving.scorer.SampleBook.since`)."""
+        if self.scorer is None:
+            return self._error("not-found", request_id, None, f"{self.release} samples no outputs (quality.review, quality.clip unset)")
+        try:
+            after, limit = int(request.query_params.get("after") or 0), int(request.query_params.get("limit") or 200)
+        except ValueError:
+            return self._error("invalid-request", request_id, None, "whole numbers expected", [("after", "whole numbers expected")])
+        page: dict[str, Any] = await self.scorer.samples_since.remote(request.query_params.get("epoch"), after, limit)
+        return JSONResponse(page)
 
     def _remember(self, request_id: str, answer: dict[str, Any]) -> None:
         """Keep what answered `request_id`, for feedback on it; never waited on, like `_note`."""
@@ -299,4 +333,7 @@ def build_router_app(args: dict[str, Any]) -> serve.Application:
     ingress, `spec.ingress.replicas` of them) and the release's one tally they all report to."""
     retention = float(args.get("feedback_retention_s") or feedback.RETENTION_S)
     tally = serve.deployment(name="Tally", num_replicas=1, ray_actor_options={"num_cpus": TALLY_CPUS})(Tally).bind(retention)
-    return serve.deployment(name="Router")(Router).bind(args["release"], tally)
+    scorer = None
+    if args.get("scorer"):
+        scorer = serve.deployment(name="Scorer", num_replicas=1, ray_actor_options={"num_cpus": SCORER_CPUS})(Scorer).bind(args["release"])
+    return serve.deployment(name="Router")(Router).bind(args["release"], tally, scorer)

@@ -7,37 +7,39 @@ loader can point each at its line in the release file.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from serving.fields import Digest, ImageRef, SpecModel
 from serving.samplers import SamplerName
 
-__all__ = ["FaultsSpec", "GenerationSpec", "IngressSpec", "LimitsSpec",
-           "MODEL_SCHEMES", "ModelSpec", "ReplicasSpec", "RuntimeSpec", "rules"]
+__all__ = ["ClipSpec", "FaultsSpec", "GenerationSpec", "IngressSpec", "LimitsSpec", "MODEL_SCHEMES", "ModelSpec", "QualitySpec",
+           "ReplicasSpec", "ReviewSpec", "RuntimeSpec", "SafetySpec", "rules"]
 
 MODEL_SCHEMES = ("file://", "s3://", "gs://", "az://", "abfs://", "hf://")
 
 
+def _known_scheme(uri: str) -> str:
+    if not uri.startswith(MODEL_SCHEMES):
+        raise ValueError(f"unsupported model URI {uri!r}; use one of {', '.join(MODEL_SCHEMES)}")
+    if uri.startswith("hf://") and "@" not in uri:
+        raise ValueError(f"{uri!r}: pin a revision, hf://org/name@<commit sha or tag>")
+    return uri
+
+
+ModelUri = Annotated[str, AfterValidator(_known_scheme)]
+
+
 class ModelSpec(SpecModel):
-    uri: str
+    uri: ModelUri
     """Where the model directory lives: file:// (in the repo), s3://, gs://, az://, hf://org/name@revision."""
     digest: Digest
     """sha256 over the model's file manifest; print it with `diffops model digest PATH`."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Weights dtype on GPU replicas; CPU replicas always run float32."""
-
-    @field_validator("uri")
-    @classmethod
-    def _known_scheme(cls, uri: str) -> str:
-        if not uri.startswith(MODEL_SCHEMES):
-            raise ValueError(f"unsupported model URI {uri!r}; use one of {', '.join(MODEL_SCHEMES)}")
-        if uri.startswith("hf://") and "@" not in uri:
-            raise ValueError(f"{uri!r}: pin a revision, hf://org/name@<commit sha or tag>")
-        return uri
 
 
 class GenerationSpec(SpecModel):
@@ -108,6 +110,42 @@ class ReplicasSpec(SpecModel):
 class IngressSpec(SpecModel):
     replicas: int = Field(default=1, ge=1, le=64)
     """Router replicas at `/<release>` (Serve's proxies spread requests over them); canary figures count all of them."""
+
+
+class ReviewSpec(SpecModel):
+    sample_rate: float = Field(default=0, ge=0, le=1)
+    """Fraction of answered generations kept for human review (image, prompt, seed, config, version) in the
+    controller's state dir and shown on the review page; 0 keeps none."""
+    max_samples: int = Field(default=200, ge=1, le=10_000)
+    """Samples kept for review per version at most; past it a version's samples are scored but not kept."""
+
+
+class ClipSpec(SpecModel):
+    uri: ModelUri
+    """The CLIP model (transformers CLIPModel + CLIPProcessor, safetensors) scoring image against prompt."""
+    digest: Digest
+    """sha256 over its file manifest, verified through the same cache as diffusion models."""
+    sample_rate: float = Field(default=0.1, ge=0, le=1)
+    """Fraction of answered generations scored, off the request path (the release's scorer deployment)."""
+
+
+class SafetySpec(SpecModel):
+    uri: ModelUri
+    """The safety checker (diffusers StableDiffusionSafetyChecker + its CLIP image processor config, safetensors)."""
+    digest: Digest
+    """sha256 over its file manifest, verified through the same cache as diffusion models."""
+    action: Literal["flag", "blur", "block"] = "flag"
+    """What an image the checker calls NSFW gets: flag (served, counted, header X-Diffops-Nsfw), blur (served
+    blurred, counted, header) or block (never served: 451 with a JSON reason)."""
+
+
+class QualitySpec(SpecModel):
+    review: ReviewSpec = Field(default_factory=ReviewSpec)
+    """Human review sampling."""
+    clip: ClipSpec | None = None
+    """CLIP score of sampled outputs (the release's scorer); needed by checks.quality.min_clip_score / max_distance."""
+    safety: SafetySpec | None = None
+    """NSFW safety checker on every output, inside the version's replicas (a change makes a new version)."""
 
 
 class FaultsSpec(SpecModel):

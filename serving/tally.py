@@ -28,22 +28,23 @@ __all__ = ["STATS_WINDOW", "Answer", "Tally", "figures", "window_stats"]
 
 STATS_WINDOW = 20_000  # recent answers kept for canary analysis, per kind (judged, pinned)
 
-Answer = tuple[float, str, bool, float]  # (epoch seconds, version, ok, seconds)
+Answer = tuple[float, str, bool, float, bool]  # (epoch seconds, version, ok, seconds, an image flagged NSFW)
 
 
-def figures(answers: list[tuple[bool, float]]) -> dict[str, Any]:
-    """Requests, errors (5xx) and p95 latency of those served."""
-    latencies = sorted(seconds for ok, seconds in answers if ok)
-    return {"requests": len(answers), "errors": sum(1 for ok, _ in answers if not ok), "p95_latency_s": p95(latencies)}
+def figures(answers: list[tuple[bool, float, bool]]) -> dict[str, Any]:
+    """Requests, errors (5xx), p95 latency of those served, and answers with an image the safety checker flagged."""
+    latencies = sorted(seconds for ok, seconds, _ in answers if ok)
+    return {"requests": len(answers), "errors": sum(1 for ok, _, _ in answers if not ok), "p95_latency_s": p95(latencies),
+            "nsfw": sum(1 for _, _, nsfw in answers if nsfw)}
 
 
 def window_stats(judged: Iterable[Answer], pinned: Iterable[Answer], since: float) -> dict[str, dict[str, Any]]:
     """Per version since `since` (epoch seconds): the judged figures at the top level, pinned previews under `pinned`."""
-    per: dict[str, tuple[list[tuple[bool, float]], list[tuple[bool, float]]]] = {}
+    per: dict[str, tuple[list[tuple[bool, float, bool]], list[tuple[bool, float, bool]]]] = {}
     for kind, answers in enumerate((judged, pinned)):
-        for at, version, ok, seconds in answers:
+        for at, version, ok, seconds, nsfw in answers:
             if at >= since:
-                per.setdefault(version, ([], []))[kind].append((ok, seconds))
+                per.setdefault(version, ([], []))[kind].append((ok, seconds, nsfw))
     return {version: {**figures(mine), "pinned": figures(previews)} for version, (mine, previews) in per.items()}
 
 

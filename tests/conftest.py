@@ -169,6 +169,7 @@ def _diffops_logger_restored() -> Iterator[None]:
 CLUSTER_MODULES = {"test_netcluster.py", "test_cluster_e2e.py"}  # clusters of their own, across network namespaces
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under `pytest -n N --dist loadgroup` (`make test`): every test that runs on Ray goes to one worker, in file
     order, on the one session head (a machine has one Serve HTTP port); the other tests spread over the workers."""

@@ -79,6 +79,7 @@ class Controller:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")
         metrics = () if "--metrics-port" in self.extra else ("--metrics-port", "0")  # the default 9464 may be a demo's
+        metrics += () if "--review-port" in self.extra else ("--review-port", "0")  # and 9465 the demo's review page
         self.process = subprocess.Popen(
             [DIFFOPS, "controller", "run", "--repo", str(self.repo), "--state-dir", str(self.state_dir),
              "--ray-address", DASHBOARD, "--http-port", str(HTTP_PORT), "--interval", "2", *metrics, *self.extra],

@@ -91,15 +91,15 @@ def test_judge_with_min_requests_zero_passes_an_empty_interval_instead_of_dividi
     assert judge({"requests": 0, "errors": 0}, Analysis(min_requests=0)).outcome == "passed"
 
 
-# (at, version, ok, seconds) answers the router remembered, judged (assigned by weight) and pinned (X-Diffops-Version)
-JUDGED = [(100.0, "new", True, 0.2), (101.0, "new", False, 0.1), (102.0, "old", True, 0.3), (50.0, "new", False, 9.0)]
-PINNED = [(100.5, "new", True, 0.4), (100.6, "new", True, 0.6), (100.7, "new", False, 0.1), (103.0, "new", True, 0.5)]
-NONE = {"requests": 0, "errors": 0, "p95_latency_s": None}
+# (at, version, ok, seconds, nsfw) answers the router remembered, judged (assigned by weight) and pinned (X-Diffops-Version)
+JUDGED = [(100.0, "new", True, 0.2, True), (101.0, "new", False, 0.1, False), (102.0, "old", True, 0.3, False), (50.0, "new", False, 9.0, True)]
+PINNED = [(100.5, "new", True, 0.4, True), (100.6, "new", True, 0.6, False), (100.7, "new", False, 0.1, False), (103.0, "new", True, 0.5, False)]
+NONE = {"requests": 0, "errors": 0, "p95_latency_s": None, "nsfw": 0}
 WINDOW = [
     ("judged and pinned apart", 60.0, {
-        "new": {"requests": 2, "errors": 1, "p95_latency_s": 0.2, "pinned": {"requests": 4, "errors": 1, "p95_latency_s": 0.6}},
-        "old": {"requests": 1, "errors": 0, "p95_latency_s": 0.3, "pinned": NONE}}),
-    ("only pinned answers since: zero judged", 102.5, {"new": {**NONE, "pinned": {"requests": 1, "errors": 0, "p95_latency_s": 0.5}}}),
+        "new": {"requests": 2, "errors": 1, "p95_latency_s": 0.2, "nsfw": 1, "pinned": {"requests": 4, "errors": 1, "p95_latency_s": 0.6, "nsfw": 1}},
+        "old": {"requests": 1, "errors": 0, "p95_latency_s": 0.3, "nsfw": 0, "pinned": NONE}}),
+    ("only pinned answers since: zero judged", 102.5, {"new": {**NONE, "pinned": {"requests": 1, "errors": 0, "p95_latency_s": 0.5, "nsfw": 0}}}),
     ("nothing since", 200.0, {}),
 ]
 

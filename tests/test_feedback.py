@@ -212,9 +212,9 @@ def test_summary_and_quality_command_show_ratings_and_flags_per_version(tmp_path
     data = json.loads(result.output)
     assert data["release"] == "demo" and {v["version"]: v["feedback"] for v in data["versions"]} == {"v1": 8, "v2": 4}
     text = CliRunner().invoke(main, ["quality", "demo", "--state-dir", str(tmp_path / "state")]).output
-    assert "v2: 4 feedback, 4 rated, mean 3.00" in text and "nsfw 1 (25%)" in text
+    assert "v2: 4 feedback (0 from reviewers), 4 rated, mean 3.00" in text and "nsfw 1 (25%)" in text
     empty = CliRunner().invoke(main, ["quality", "other", "--state-dir", str(tmp_path / "state")])
-    assert empty.exit_code == 0 and "other: no feedback stored yet" in empty.output
+    assert empty.exit_code == 0 and "other: no feedback or samples stored yet" in empty.output
     missing = CliRunner().invoke(main, ["quality", "demo", "--state-dir", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no state file" in missing.output
 

@@ -44,6 +44,7 @@ TYPES = [
     ("method-not-allowed", 405, "/problems/method-not-allowed", "method not allowed"),
     ("request-too-large", 413, "/problems/request-too-large", "request too large"),
     ("invalid-request", 422, "/problems/invalid-request", "invalid request"),
+    ("content-blocked", 451, "/problems/content-blocked", "content blocked"),
     ("generation-failed", 500, "/problems/generation-failed", "generation failed"),
     ("internal-error", 500, "/problems/internal-error", "internal error"),
     ("no-version-serving", 503, "/problems/no-version-serving", "no version is serving"),

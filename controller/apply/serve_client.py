@@ -132,6 +132,15 @@ class ServeClient:
         except (httpx.HTTPError, ValueError):
             return None
 
+    def router_samples(self, release: str, epoch: str | None, after: int, limit: int) -> dict[str, Any] | None:
+        """The sampled outputs the release's scorer holds past (epoch, after), oldest first (`controller.quality.drain_samples`)."""
+        try:
+            response = self.proxy.get(f"/{release}/samples", params={"epoch": epoch or "", "after": after, "limit": limit})
+            page: dict[str, Any] | None = response.json() if response.status_code == 200 else None
+            return page
+        except (httpx.HTTPError, ValueError):
+            return None
+
     def close(self) -> None:
         self.dashboard.close()
         self.proxy.close()

@@ -23,9 +23,11 @@ from typing import Any, Literal
 
 from controller.apply.drift import mark
 from controller.apply.model_store import Placement
+from controller.parse.release import Spec, pinned_models
 from controller.rollout.capacity import effective_replicas
 from controller.state.records import ReleaseRecord, VersionRecord
 from serving.code_pin import PIN_ENV
+from serving.schema import ModelSpec, SafetySpec
 
 __all__ = ["GRACEFUL_SHUTDOWN_S", "MODEL_IMPORT", "ROUTER_CPUS", "ROUTER_IMPORT", "ROUTER_MAX_ONGOING",
            "ContainerRuntime", "ProxyLocation", "RenderSettings", "default_controller_id", "model_app",
@@ -75,11 +77,12 @@ def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any
             "version": version.version,
             "model": placement.for_replicas(spec.model).model_dump(mode="json"),
             "generation": spec.generation.model_dump(mode="json"),
-            "repo": settings.repo if placement.reads_repo(spec.model) else None,
+            "repo": settings.repo if any(placement.reads_repo(m) for what, m in pinned_models(spec) if what != "CLIP model") else None,
             "commit": version.commit,
             "cache_dir": settings.cache_dir if placement.local else None,  # None: the node's own (DIFFOPS_CACHE_DIR)
             "gpus": replicas.gpus,
             "faults": spec.faults.model_dump(mode="json") if spec.faults is not None else None,
+            **({"safety": safety_pin(spec.quality.safety, settings)} if spec.quality.safety is not None else {}),
         },
         "deployments": [
             {
@@ -101,14 +104,35 @@ def model_app(version: VersionRecord, settings: RenderSettings) -> dict[str, Any
     }
 
 
-def router_app(release: ReleaseRecord, versions: list[VersionRecord]) -> dict[str, Any]:
-    """The release's router application: its route, and the weights and limits in its `user_config` (lightweight)."""
+def safety_pin(safety: SafetySpec, settings: RenderSettings) -> dict[str, Any]:
+    """The safety checker as a version's replicas fetch it, and its action."""
+    model = settings.placement.for_replicas(ModelSpec(uri=safety.uri, digest=safety.digest))
+    return {"uri": model.uri, "digest": model.digest, "action": safety.action}
+
+
+def scorer_config(release: ReleaseRecord, spec: Spec, settings: RenderSettings) -> dict[str, Any]:
+    """The scorer's `user_config`: the CLIP pin as its replica fetches it (from the model store when published)."""
+    clip = spec.quality.clip
+    if clip is None:
+        return {"clip": None}
+    model = settings.placement.for_replicas(ModelSpec(uri=clip.uri, digest=clip.digest))
+    return {"clip": {"uri": model.uri, "digest": model.digest},
+            "repo": settings.repo if settings.placement.reads_repo(model) else None, "commit": release.desired_commit,
+            "cache_dir": settings.cache_dir if settings.placement.local else None}
+
+
+def router_app(release: ReleaseRecord, versions: list[VersionRecord], settings: RenderSettings) -> dict[str, Any]:
+    """The release's router application: its route, and the weights and limits in its `user_config` (lightweight);
+    its scorer when the release samples outputs (quality.review, quality.clip)."""
     spec = release.spec or versions[0].spec
+    quality = spec.quality
+    sampled = quality.review.sample_rate > 0 or quality.clip is not None
+    scorer = [{"name": "Scorer", "user_config": scorer_config(release, spec, settings)}] if sampled else []
     return {
         "name": release.name,
         "route_prefix": f"/{release.name}",
         "import_path": ROUTER_IMPORT,
-        "args": {"release": release.name},
+        "args": {"release": release.name, **({"scorer": True} if sampled else {})},
         "deployments": [
             {
                 "name": "Router",
@@ -122,8 +146,11 @@ def router_app(release: ReleaseRecord, versions: list[VersionRecord]) -> dict[st
                     "limits": spec.limits.model_dump(mode="json"),
                     "defaults": {"width": spec.generation.width, "height": spec.generation.height},
                     "retry_after_s": 1,
+                    **({"quality": {"review_rate": quality.review.sample_rate,
+                                    "clip_rate": quality.clip.sample_rate if quality.clip is not None else 0.0}} if sampled else {}),
                 },
-            }
+            },
+            *scorer,
         ],
     }
 
@@ -167,7 +194,7 @@ def render(releases: Iterable[ReleaseRecord], versions: Iterable[VersionRecord],
         live = by_release.get(release.name)
         if not live:
             continue
-        applications.append(_pinned(_recording(mark(router_app(release, live), settings.owner), settings), settings))
+        applications.append(_pinned(_recording(mark(router_app(release, live, settings), settings.owner), settings), settings))
         applications += [_pinned(_recording(mark(model_app(version, settings), settings.owner), settings), settings,
                                  version.spec.runtime.image) for version in live]
     return {

@@ -40,18 +40,21 @@ def report_text(report: GateReport, saved: list[Path]) -> str:
 @output_option("text", "json", "yaml")
 @legacy_format_option("text", "json", "yaml")
 def check(release_name: str, repo: str, state_dir: Path, rev: str | None, output: str, legacy_format: str | None) -> None:
-    """Run the gate locally (artifact, dependency, cuda, load, golden, performance); exit 1 on failure."""
+    """Run the gate locally (artifact, dependency, cuda, load, golden, performance, quality); exit 1 on failure."""
     from controller.gate.runner import LocalGate, gate_input
+    from controller.tick.prepare import latest_features
 
     source = open_source(repo, state_dir)
     release, commit = release_at(source, release_name, rev)
     version = version_id(release)
     fmt = choose(output, legacy_format)
     click.echo(f"{release_name}: checking version {version} at {commit[:12]}; next: artifact, dependency, load, golden, "
-               "performance", err=True)
-    with progress(f"{release_name} {version}: gate running (artifact, dependency, load, golden, performance)"):
+               "performance, quality", err=True)
+    quality = release.spec.checks.quality
+    baseline = latest_features(state_dir / "gate" / release_name, version) if quality and quality.max_distance is not None else None
+    with progress(f"{release_name} {version}: gate running (artifact, dependency, load, golden, performance, quality)"):
         report = LocalGate().run(gate_input(release, version, source, str(state_dir / "models"), model_commit=commit,
-                                            checks_commit=commit))
+                                            checks_commit=commit, quality_baseline=baseline))
     saved = report.save_artifacts(state_dir / "gate" / release_name / version)
     if fmt != "text":
         click.echo(dump({**report.to_dict(with_artifacts=False), "saved": [str(p) for p in saved]}, fmt))

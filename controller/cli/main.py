@@ -20,6 +20,7 @@ from controller.cli import gate as cli_gate
 from controller.cli import monitoring as cli_monitoring
 from controller.cli import operate as cli_operate
 from controller.cli import quality as cli_quality
+from controller.cli import review as cli_review
 from controller.cli.common import fail, open_source, release_at, repo_option, state_dir_option
 from controller.cli.output import Output, choose, dump, legacy_format_option, output_option
 from controller.cli.shell import apply_envvars, completion
@@ -211,6 +212,7 @@ for command in [*cli_gate.COMMANDS, *cli_operate.COMMANDS, cli_cost.cost, comple
     main.add_command(command)
 main.add_command(cli_monitoring.monitoring)
 main.add_command(cli_quality.quality)
+main.add_command(cli_review.review)
 apply_envvars(main)
 
 if __name__ == "__main__":

@@ -21,8 +21,11 @@ from controller.cli.output import choose, dump, output_option
 from controller.cli.status_view import history_rows, history_text, status_json, status_text
 from controller.cli.tables import history_table, status_table
 from controller.cli.terminal import is_terminal, print_rich
+from controller.quality import summarize
 from controller.source.credentials import private_dir
+from controller.state.feedback import feedback_rows
 from controller.state.records import Command
+from controller.state.samples import sample_rows
 from controller.state.store import Store
 
 if TYPE_CHECKING:
@@ -76,6 +79,8 @@ def controller() -> None:
                    "start phases, cache size and GPU samples are kept.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
               help="Address the metrics endpoint listens on (0.0.0.0 in a pod, for probes and Prometheus).")
+@click.option("--review-port", type=click.IntRange(0, 65535), default=9465, show_default=True,
+              help="Serve the review page (rate the sampled outputs, blind to version) on 127.0.0.1:PORT (0: off; never with --once).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--allow-prune-all", is_flag=True, help="Allow a commit that removes every release file to delete every release.")
 @click.option("--gate-python", default=None, metavar="PATH",
@@ -105,7 +110,7 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
                    gate_python: str | None,
                    allow_fault_injection: bool, revert_on_abort: str, require_signed_commits: bool,
                    allowed_signers: Path | None, gnupghome: Path | None, once: bool, controller_id: str | None,
-                   cache_max_bytes: int | None) -> None:
+                   cache_max_bytes: int | None, review_port: int) -> None:
     """Make Ray Serve match the releases at the branch head, continuously."""
     from controller.apply import ray_cluster
     from controller.apply.dashboard import cleartext_warning
@@ -164,6 +169,15 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
         except OSError as err:  # the port is taken (another controller, `make demo` beside a test) or the host is not ours
             fail(f"cannot serve metrics on {metrics_host}:{metrics_port} ({err.strerror}); "
                  "pass another --metrics-port, or 0 to turn them off")
+    review = None
+    if review_port and not once:
+        from controller.review.server import ReviewServer
+
+        try:
+            review = ReviewServer(state_dir, port=review_port).start()
+        except OSError as err:
+            fail(f"cannot serve the review page on 127.0.0.1:{review_port} ({err.strerror}); "
+                 "pass another --review-port, or 0 to turn it off")
     stop, wake = threading.Event(), threading.Event()
     settings = RenderSettings(repo=str(source.path), cache_dir=str(state_dir / "models"), http_host=http_host, http_port=http_port,
                               owner=controller_id or default_controller_id(str(state_dir)), placement=placement,
@@ -194,6 +208,8 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
         git_dir = None if source.url else Path(source.repo.git_dir)
         run_loop(reconciler, interval_s=interval, git_dir=git_dir, stop=stop, wake=wake)
     finally:
+        if review is not None:
+            review.stop()
         reconciler.close()
         lock.release()
 
@@ -212,16 +228,18 @@ def status(state_dir: Path, output: str, as_json: bool, watch: bool) -> None:
     fmt = choose(output, as_json=as_json)
     while True:
         state, gates = store.load(), store.gate_reports()
+        quality = {(name, v["version"]): v for name in state.releases
+                   for v in summarize(feedback_rows(store.db, name), sample_rows(store.db, name))}
         if fmt == "json":
-            click.echo(dump(status_json(state, gates), "json", compact=watch))
+            click.echo(dump(status_json(state, gates, quality), "json", compact=watch))
         elif fmt == "yaml":
-            click.echo(("---\n" if watch else "") + dump(status_json(state, gates), "yaml"))
+            click.echo(("---\n" if watch else "") + dump(status_json(state, gates, quality), "yaml"))
         elif is_terminal(sys.stdout):
             if watch:
                 click.clear()
-            print_rich(status_table(status_json(state, gates)))
+            print_rich(status_table(status_json(state, gates, quality)))
         else:
-            click.echo(status_text(state, gates))
+            click.echo(status_text(state, gates, quality=quality))
         if not watch:
             return
         time.sleep(1)

@@ -54,8 +54,32 @@ def checks_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
             "checks": {c["name"]: {"outcome": c["outcome"], "message": c["message"], "figures": c["figures"]} for c in report["checks"]}}
 
 
-def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
-    gates = gates or {}
+def quality_brief(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A version's quality in `diffops status` (`controller.quality.summarize`'s entry, trimmed); None without any."""
+    if summary is None:
+        return None
+    return {"feedback": summary["feedback"], "reviews": summary["reviews"], "ratings": summary["ratings"]["count"],
+            "mean_rating": summary["ratings"]["mean"], "flagged": summary["flagged"], "samples": summary["samples"]["count"],
+            "mean_clip_score": summary["clip_score"]["mean"], "nsfw_rate": summary["nsfw"]["rate"]}
+
+
+def quality_text(quality: dict[str, Any] | None) -> str:
+    """`  quality 3 rated (mean 4.33), 1 flagged, 2 from reviewers, CLIP 27.1`, or nothing."""
+    if not quality:
+        return ""
+    mean = f" (mean {quality['mean_rating']:.2f})" if quality["mean_rating"] is not None else ""
+    parts = [f"{quality['ratings']} rated{mean}", f"{quality['flagged']} flagged", f"{quality['reviews']} from reviewers"]
+    if quality["mean_clip_score"] is not None:
+        parts.append(f"CLIP {quality['mean_clip_score']:.1f}")
+    if quality["nsfw_rate"] is not None:
+        parts.append(f"NSFW {quality['nsfw_rate']:.0%}")
+    return "  quality " + ", ".join(parts)
+
+
+def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | None = None,
+                quality: dict[tuple[str, str], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`quality`: `controller.quality.summarize` entries by (release, version)."""
+    gates, quality = gates or {}, quality or {}
     releases = []
     for release in state.releases.values():
         versions = sorted((v for v in state.versions if v.release == release.name), key=lambda v: (ROLE_ORDER[v.role], v.version))
@@ -76,6 +100,7 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
                 "commit": version.commit,
                 "image_policy": image_policy(version.spec),
                 "gate": checks_summary(gates.get((release.name, version.version))),
+                "quality": quality_brief(quality.get((release.name, version.version))),
             })
         releases.append({
             "name": release.name,
@@ -160,9 +185,10 @@ def watch_text(watch: dict[str, Any], now: float) -> str:
     return f"post-promotion watch of {watch['version']}: {left}, standby {watch['standby']} warm; {verdict}"
 
 
-def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | None = None, now: float | None = None) -> str:
+def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | None = None, now: float | None = None,
+                quality: dict[tuple[str, str], dict[str, Any]] | None = None) -> str:
     now = now or time.time()
-    data = status_json(state, gates)
+    data = status_json(state, gates, quality)
     commit = (data["commit"] or "none")[:12]
     applied = (data["applied_commit"] or "none")[:12]
     lines = [f"reconciled {commit} (fully live: {applied})", ""]
@@ -189,7 +215,8 @@ def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
             image = "  image unverified" if v["image_policy"] == "unverified" else ""
             nodes = f" on {nodes_text(v['nodes'])}" if v["nodes"] else ""
             lines.append(f"  {v['id']:<12} {v['role']:<8} weight {v['weight']:>3}%{actual}  "
-                         f"replicas {v['ready_replicas']}/{v['replicas']}{nodes}  from {v['commit'][:12]}{image}{checks}")
+                         f"replicas {v['ready_replicas']}/{v['replicas']}{nodes}  from {v['commit'][:12]}{image}{checks}"
+                         f"{quality_text(v['quality'])}")
     return "\n".join(lines)
 
 

@@ -41,16 +41,17 @@ from typing import Any, Protocol
 import git
 
 from checks.job import REFERENCE_MAX_BYTES, REPORT_PREFIX, pack, run_dir
+from checks.quality import MAX_PROMPT_FILE_BYTES
 from checks.report import CheckResult, GateReport
 from controller.apply.dashboard import DashboardClient, DashboardError
 from controller.gate.start import DEFAULT_START_BASE_S, Fail, asked, start_deadline_s, start_verdict
-from controller.parse.release import Release
+from controller.parse.release import Release, pinned_models
 from controller.source.git_source import ReleaseSource
 from serving.code_pin import PIN_ENV
 from serving.schema import ModelSpec
 
 __all__ = ["FINAL", "JOBS_PATH", "PACKAGES_PATH", "PACKAGE_MAX_BYTES", "Gate", "LocalGate", "RayJobGate", "crashed", "gate_input",
-           "gate_key", "job_request", "package_uri", "reference_blob", "settings_from_env"]
+           "gate_key", "job_request", "package_uri", "prompts_blob", "quality_pins", "reference_blob", "settings_from_env"]
 
 log = logging.getLogger("diffops.controller")
 JOBS_PATH = "/api/jobs/"
@@ -71,26 +72,55 @@ def reference_blob(source: ReleaseSource, commit: str, release: Release) -> git.
     return source.blob(commit, golden.reference) if golden is not None else None
 
 
-def gate_key(release: Release, reference: git.Blob | None) -> str:
-    """What a gate result depends on beyond the version: the checks config and the reference image."""
+QUALITY_MODELS = {"safety checker": "safety", "CLIP model": "clip"}  # `pinned_models` names -> the gate input's keys
+
+
+def quality_pins(release: Release) -> dict[str, ModelSpec]:
+    """The release's quality models as the gate input names them, where the release pins them."""
+    return {QUALITY_MODELS[what]: pin for what, pin in pinned_models(release.spec) if what in QUALITY_MODELS}
+
+
+def prompts_blob(source: ReleaseSource, commit: str, release: Release) -> git.Blob | None:
+    """The quality check's prompt set file's blob at a commit (not read), or None."""
+    check = release.spec.checks.quality
+    return source.blob(commit, check.prompts) if check is not None else None
+
+
+def gate_key(release: Release, reference: git.Blob | None, prompts: git.Blob | None = None) -> str:
+    """What a gate result depends on beyond the version: the checks config, the reference image and, with a quality
+    check, its prompt set and the CLIP model that scores it."""
     checks = json.dumps(release.spec.checks.model_dump(mode="json"), sort_keys=True)
     reference_sha = "none" if release.spec.checks.golden is None else reference.hexsha if reference is not None else "missing"
-    return hashlib.sha256(f"{checks}\n{reference_sha}".encode()).hexdigest()[:12]
+    key = f"{checks}\n{reference_sha}"
+    if release.spec.checks.quality is not None:
+        clip = release.spec.quality.clip
+        key += f"\n{prompts.hexsha if prompts is not None else 'missing'}\n{clip.digest if clip is not None else 'no clip'}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def gate_input(release: Release, version: str, source: ReleaseSource, cache_dir: str | None, *, model_commit: str,
-               checks_commit: str, model: ModelSpec | None = None, repo: bool = True) -> dict[str, Any]:
-    """What the gate job needs: the model as replicas fetch it, the checks as the desired commit has them.
-    On a cluster `cache_dir` is None (the node's own cache) and `repo` False: the job never gets a controller path."""
+               checks_commit: str, model: ModelSpec | None = None, repo: bool = True,
+               quality_models: dict[str, ModelSpec] | None = None, quality_baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the gate job needs: the models as replicas fetch them, the checks as the desired commit has them (the
+    golden reference and the quality prompt set, each read only within its cap), and for checks.quality.max_distance
+    the previous version's image features. On a cluster `cache_dir` is None (the node's own cache) and `repo` False:
+    the job never gets a controller path."""
     spec = release.model_dump(mode="json")["spec"]
     blob = reference_blob(source, checks_commit, release)
     size = blob.size if blob is not None else None
     reference = blob.data_stream.read() if blob is not None and blob.size <= REFERENCE_MAX_BYTES else None  # over it: never read
+    prompts = prompts_blob(source, checks_commit, release)
+    prompt_set = (prompts.data_stream.read().decode("utf-8", "replace")
+                  if prompts is not None and prompts.size <= MAX_PROMPT_FILE_BYTES else None)
     return {
         "release": release.name, "version": version, "spec": spec,
         "model": (model or release.spec.model).model_dump(mode="json"),
         "repo": str(source.path) if repo else None, "commit": model_commit, "cache_dir": cache_dir,
         "reference": reference, "reference_bytes": size, "timeout_s": release.spec.checks.timeout.total_seconds(),
+        "prompt_set": prompt_set, "prompt_set_bytes": prompts.size if prompts is not None else None,
+        "quality_models": {name: pin.model_dump(mode="json", include={"uri", "digest"})
+                           for name, pin in (quality_models if quality_models is not None else quality_pins(release)).items()},
+        "quality_baseline": quality_baseline,
     }
 
 

@@ -19,7 +19,7 @@ from serving import schema as serving
 from serving.fields import Duration, ReleaseName, SpecModel, format_duration
 
 __all__ = ["Analysis", "Cost", "Metadata", "PostPromotion", "PrometheusAnalysis", "PrometheusQuery", "Release", "Rollout", "Spec", "Step",
-           "rules"]
+           "pinned_models", "rules"]
 
 
 class Metadata(SpecModel):
@@ -95,6 +95,17 @@ class Analysis(SpecModel):
     on_no_traffic: Literal["wait", "promote"] = "wait"
     """A step whose intervals never reach min_requests judged requests: `wait` holds it and aborts the rollout at
     rollout.progress_deadline with a not-enough-traffic reason; `promote` lets it complete unjudged (logged as such)."""
+    max_nsfw_rate: float | None = Field(default=None, ge=0, le=1)
+    """Largest share of the interval's judged answers whose image the safety checker flagged (needs quality.safety)."""
+    min_mean_rating: float | None = Field(default=None, ge=1, le=5)
+    """Smallest mean user rating (1-5) of the version's feedback so far; judged once it has min_ratings ratings."""
+    max_flag_rate: float | None = Field(default=None, ge=0, le=1)
+    """Largest share of the version's feedback so far that carries a flag; judged once it has min_ratings feedback."""
+    min_ratings: int = Field(default=5, ge=1, le=100_000)
+    """Feedback a version needs before min_mean_rating / max_flag_rate judge it; below it they judge nothing."""
+    min_clip_score: float | None = Field(default=None, ge=0, le=100)
+    """Smallest mean CLIP score of the version's scored samples so far (needs quality.clip); judged once it has
+    min_ratings scores."""
 
 
 class PostPromotion(SpecModel):
@@ -150,8 +161,18 @@ class Spec(SpecModel):
     rollout: Rollout = Field(default_factory=Rollout)
     checks: ChecksSpec = Field(default_factory=ChecksSpec)
     cost: Cost = Field(default_factory=Cost)
+    quality: serving.QualitySpec = Field(default_factory=serving.QualitySpec)
+    """Review sampling, CLIP scoring and the NSFW safety checker."""
     faults: serving.FaultsSpec | None = None
     """Fault injection for rollback drills; refused unless the controller runs with --allow-fault-injection."""
+
+
+def pinned_models(spec: Spec) -> list[tuple[str, serving.ModelSpec]]:
+    """Every model a version needs, named for messages: the diffusion model, then the safety checker and the CLIP model
+    when set (each fetched, verified and, on a cluster, published like the model)."""
+    quality = spec.quality
+    extra = [(what, pin) for what, pin in (("safety checker", quality.safety), ("CLIP model", quality.clip)) if pin is not None]
+    return [("model", spec.model)] + [(what, serving.ModelSpec(uri=pin.uri, digest=pin.digest)) for what, pin in extra]
 
 
 class Release(SpecModel):
@@ -227,12 +248,29 @@ def _step_rules(rollout: Rollout) -> list[tuple[str, str]]:
     return problems
 
 
+def _quality_rules(spec: Spec) -> list[tuple[str, str]]:
+    """Every quality threshold names a model that measures it."""
+    quality, needs = spec.quality, []
+    analyses = [("rollout.analysis", spec.rollout.analysis)]
+    if spec.rollout.post_promotion is not None and spec.rollout.post_promotion.analysis is not None:
+        analyses.append(("rollout.post_promotion.analysis", spec.rollout.post_promotion.analysis))
+    for path, analysis in analyses:
+        needs += [(f"{path}.max_nsfw_rate", analysis.max_nsfw_rate, "safety"), (f"{path}.min_clip_score", analysis.min_clip_score, "clip")]
+    check = spec.checks.quality
+    if check is not None:
+        needs += [("checks.quality.min_clip_score", check.min_clip_score, "clip"),
+                  ("checks.quality.max_distance", check.max_distance, "clip"),
+                  ("checks.quality.max_nsfw_rate", check.max_nsfw_rate, "safety")]
+    return [(path, f"needs quality.{model}: {{uri, digest}} (the model that measures it)")
+            for path, value, model in needs if value is not None and getattr(quality, model) is None]
+
+
 def rules(release: Release, stem: str) -> list[tuple[str, str]]:
     """Every cross-field rule; (field path, message) per violation."""
     spec = release.spec
     problems = []
     if release.metadata.name != stem:
         problems.append(("metadata.name", f"{release.metadata.name!r} must equal the file name stem {stem!r}"))
-    in_spec = serving.rules(spec.generation, spec.limits, spec.replicas) + _rollout_rules(spec.rollout)
+    in_spec = serving.rules(spec.generation, spec.limits, spec.replicas) + _rollout_rules(spec.rollout) + _quality_rules(spec)
     problems += [(f"spec.{path}", message) for path, message in in_spec]
     return problems

@@ -44,9 +44,12 @@ FIELD_CLASSES: tuple[tuple[str, ChangeClass], ...] = (
     ("spec.rollout", "policy"),
     ("spec.checks", "policy"),
     ("spec.cost", "policy"),
+    ("spec.quality.safety", "version"),  # replicas check every image with it: a new checker is a new version, gated
+    ("spec.quality.clip", "light"),  # the release's scorer (beside its routers) reloads it in place
+    ("spec.quality.review", "light"),
     ("spec.faults", "version"),  # a drill makes its own version, so the stable one stays healthy
 )
-HASHED_ONLY_WHEN_SET: dict[str, Any] = {"spec.runtime.image_policy": "verify"}
+HASHED_ONLY_WHEN_SET: dict[str, Any] = {"spec.runtime.image_policy": "verify", "spec.quality.safety": None}
 COST_ORDER: dict[ChangeClass, int] = {"policy": 0, "light": 1, "version": 2}
 
 

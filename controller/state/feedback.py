@@ -61,9 +61,12 @@ def store_page(db: sqlite3.Connection, release: str, entries: Iterable[dict[str,
         raise
 
 
-def feedback_rows(db: sqlite3.Connection, release: str | None = None) -> list[dict[str, Any]]:
-    """Stored feedback (of one release, or all), oldest first; [] in a state file from before feedback existed."""
-    where, args = ("WHERE release = ?", (release,)) if release else ("", ())
+def feedback_rows(db: sqlite3.Connection, release: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
+    """Stored feedback (of one release, or one version of it, or all), oldest first; [] in a state file from before
+    feedback existed."""
+    where = " AND ".join(f"{name} = ?" for name, value in (("release", release), ("version", version)) if value is not None)
+    args = tuple(value for value in (release, version) if value is not None)
+    where = f"WHERE {where}" if where else ""
     try:
         rows = db.execute(f"SELECT release, version, request_id, rating, flags, comment, at, source FROM feedback {where} "
                           "ORDER BY at", args).fetchall()

@@ -22,15 +22,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
+from controller import quality
 from controller.apply import drift
 from controller.apply.serve_client import ServeApi
 from controller.apply.serve_config import ROUTER_CPUS, rendered_versions, router_weights
-from controller.gate.runner import gate_key, reference_blob
+from controller.gate.runner import gate_key, prompts_blob, reference_blob
 from controller.metrics import ControllerMetrics
 from controller.plan.versions import version_id
 from controller.quality import FeedbackSource, drain
 from controller.rollout import capacity
-from controller.rollout.analysis import subject
+from controller.rollout.analysis import judges_quality, subject
 from controller.rollout.capacity import Resources
 from controller.rollout.outcomes import Prepared
 from controller.source.git_source import ReleaseFile, ReleaseSource, Snapshot
@@ -76,6 +77,7 @@ class Observer:
         ours, others = drift.partition(self.serve.observe(), self.owner, recorded_apps(state.versions, applied))
         observed = self._confirm_weights(ours, state.versions)
         self._drain_feedback(observed, store)
+        self._drain_samples(observed, state, store)
         started, now = time.monotonic(), self.clock()
         finished = preparations.collect()
         gates = tuple((*key, result.report) for key, result in finished if result.report is not None)
@@ -92,7 +94,7 @@ class Observer:
                              tuple(v for v in state.versions if v.release == name), observed, self.policy,
                              desired_version=desired.get(name), every_file_gone=every_file_gone,
                              commands=tuple(c for c in commands if c.release == name), free=free)
-            releases.append(self._release(base, others, preparations.prepared))
+            releases.append(self._release(base, others, preparations.prepared, store))
         tick = TickInput(head, now, state.controller, tuple(releases), observed, commands)
         return Observation(started, tick, others, gates, len(finished))
 
@@ -100,7 +102,7 @@ class Observer:
         """Ask this router for its weights again (its app was re-applied)."""
         self.confirmed.pop(release, None)
 
-    def _release(self, base: StepInput, others: dict[str, ObservedApp], prepared: dict[Key, Prepared]) -> StepInput:
+    def _release(self, base: StepInput, others: dict[str, ObservedApp], prepared: dict[Key, Prepared], store: Store) -> StepInput:
         """What this release's step reads beyond the recorded state: from git and from its router."""
         name, file, record = base.name, base.file, base.record
         try:
@@ -109,13 +111,17 @@ class Observer:
                 return replace(base, held_by=held)
             if file is None or file.release is None or (file.release.spec.faults is not None and not self.policy.allow_faults):
                 return base  # gone or invalid: its step reads nothing more
-            key = gate_key(file.release, reference_blob(self.source, base.head, file.release))
+            key = gate_key(file.release, reference_blob(self.source, base.head, file.release),
+                           prompts_blob(self.source, base.head, file.release))
             under = subject(record, base.versions, file.release.spec.rollout, base.now)
             stats = self.serve.router_stats(name, record.analysis_at or base.now) if under and record else None
             prometheus = under.analysis.prometheus if under is not None and under.analysis.provider == "prometheus" else None
             if under is not None and under.due and prometheus is not None:
                 readings = read_queries(prometheus, name, under.version, under.analysis.interval)
                 stats = {**(stats or {}), under.version: {**(stats or {}).get(under.version, {}), "queries": readings}}
+            if under is not None and judges_quality(under.analysis):
+                stats = {**(stats or {}), under.version: {**(stats or {}).get(under.version, {}),
+                                                         "quality": quality.figures(store.db, name, under.version)}}
         except Exception as err:  # decided where every step's error is: this release's phase, never another's
             return replace(base, unobserved=err)
         mine = {version: result for (release, version, gate), result in prepared.items() if release == name and gate == key}
@@ -149,6 +155,20 @@ class Observer:
                 continue
             if self.metrics is not None:
                 self.metrics.count_feedback(name, stored)
+
+    def _drain_samples(self, observed: dict[str, ObservedApp], state: State, store: Store) -> None:
+        """Store the sampled outputs of each release that samples them (a failure is logged; read again next tick)."""
+        if not isinstance(self.serve, quality.SampleSource):
+            return
+        for name in sorted(n for n in observed if "--" not in n):
+            record = state.releases.get(name)
+            spec = record.spec if record is not None else None
+            if spec is None or (spec.quality.review.sample_rate <= 0 and spec.quality.clip is None):
+                continue
+            try:
+                quality.drain_samples(self.serve, name, store.db, store.path.parent / "samples", spec.quality.review.max_samples)
+            except Exception as err:  # never fails the tick: the cursor was not moved, the samples are read again
+                log.warning("%s: reading sampled outputs failed (%s: %s); next: read them again next tick", name, type(err).__name__, err)
 
     def _free_resources(self, versions: list[VersionRecord], preparing: Iterable[Key]) -> Resources | None:
         report = self.serve.cluster_resources()

@@ -8,18 +8,23 @@ loop; `close` cancels what is queued and stops running gate jobs.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from checks.quality import FEATURES_NAME
 from checks.report import GateReport
 from controller.apply.model_store import Placement, publish
 from controller.cost import Fetch
-from controller.gate.runner import Gate, gate_input
+from controller.gate.runner import Gate, gate_input, quality_pins
+from controller.parse.release import pinned_models
 from controller.rollout.outcomes import Desired, Prepared
 from controller.source.git_source import ReleaseSource
 from controller.state.records import VersionRecord
@@ -76,29 +81,35 @@ class Preparations:
         if key in self.preparing or key in self.prepared:
             return
         model, placement = version.spec.model, self.placement
+        models = pinned_models(version.spec)
         passed = self.store.passed_gate(*key)
         local = placement.local
+        quality = {name: placement.for_replicas(pin) for name, pin in quality_pins(desired.release).items()}
+        check = desired.release.spec.checks.quality
+        wants_distance = check is not None and check.max_distance is not None
         gate = gate_input(desired.release, version.version, self.source, self.cache_dir if local else None,
                           model_commit=version.commit, checks_commit=desired.commit, model=placement.for_replicas(model),
-                          repo=placement.reads_repo(model))
+                          repo=any(placement.reads_repo(pin) for _, pin in models), quality_models=quality,
+                          quality_baseline=latest_features(self.gate_dir / version.release, version.version) if wants_distance else None)
         resources = version.spec.replicas
 
         def work() -> Prepared:
             started = time.monotonic()
-            refusal = placement.refusal(model)
-            if refusal is not None:
-                return Prepared(False, f"model unreachable from the cluster: {refusal}", 0.0)
-            try:
-                fetched = fetch(model.uri, model.digest, self.cache, repo=self.source.path, commit=version.commit,
-                                reverify=True, heal=True)  # a damaged cached copy is fetched again, never gated
-                if fetched.bytes_transferred:
-                    self._fetched.put(Fetch(version.release, version.version, store_of(model.uri), fetched.bytes_transferred))
-                if placement.publishes(model):
-                    publish(fetched.path, placement.for_replicas(model).uri)
-            except ArtifactError as err:
-                return Prepared(False, f"model refused: {err}", time.monotonic() - started)
-            except Exception as err:  # network, permissions: the version fails with the reason, the controller goes on
-                return Prepared(False, f"model fetch failed: {type(err).__name__}: {err}", time.monotonic() - started)
+            for what, pinned in models:
+                refusal = placement.refusal(pinned)
+                if refusal is not None:
+                    return Prepared(False, f"{what} unreachable from the cluster: {refusal}", 0.0)
+                try:
+                    fetched = fetch(pinned.uri, pinned.digest, self.cache, repo=self.source.path, commit=version.commit,
+                                    reverify=True, heal=True)  # a damaged cached copy is fetched again, never gated
+                    if fetched.bytes_transferred:
+                        self._fetched.put(Fetch(version.release, version.version, store_of(pinned.uri), fetched.bytes_transferred))
+                    if placement.publishes(pinned):
+                        publish(fetched.path, placement.for_replicas(pinned).uri)
+                except ArtifactError as err:
+                    return Prepared(False, f"{what} refused: {err}", time.monotonic() - started)
+                except Exception as err:  # network, permissions: the version fails with the reason, the controller goes on
+                    return Prepared(False, f"{what} fetch failed: {type(err).__name__}: {err}", time.monotonic() - started)
             if passed is not None:
                 return Prepared(True, "checks passed before for this version and these checks (reused, not run again)",
                                 time.monotonic() - started)
@@ -125,10 +136,26 @@ class Preparations:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def latest_features(release_dir: Path, version: str) -> dict[str, Any] | None:
+    """The newest quality-check image features another version of the release left under the gate dir, or None."""
+    found = sorted((p for p in release_dir.glob(f"*/{FEATURES_NAME}") if p.parent.name != version), key=lambda p: p.stat().st_mtime)
+    for path in reversed(found):
+        try:
+            features: dict[str, Any] = json.loads(path.read_text())
+            return features
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def judge(report: GateReport, seconds: float, gate_dir: Path) -> Prepared:
-    """A gate report as a preparation result; a failure's images are saved under `gate_dir` and named."""
+    """A gate report as a preparation result; a failure's images are saved under `gate_dir` and named. The quality
+    check's image features are saved either way: the next version's gate measures its distance to them."""
+    if FEATURES_NAME in report.artifacts:
+        features = replace(report, artifacts={FEATURES_NAME: report.artifacts[FEATURES_NAME]})
+        features.save_artifacts(gate_dir / report.release / report.version)
     if report.ok:
         return Prepared(True, f"checks passed: {report.summary()}", seconds, report.to_dict(with_artifacts=False))
-    saved = report.save_artifacts(gate_dir / report.release / report.version)
+    saved = [p for p in report.save_artifacts(gate_dir / report.release / report.version) if p.name != FEATURES_NAME]
     where = f" (images: {', '.join(str(p) for p in saved)})" if saved else ""
     return Prepared(False, f"checks failed: {report.summary()}{where}", seconds, report.to_dict(with_artifacts=False))
