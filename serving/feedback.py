@@ -24,7 +24,7 @@ from typing import Any
 from serving.requests import RequestError
 
 __all__ = ["CLIENT_HEADER", "FEEDBACK_KEPT", "FLAGS", "MAX_COMMENT_CHARS", "MAX_FEEDBACK_BYTES", "REMEMBERED", "REQUEST_ID",
-           "RETENTION_S", "FeedbackBook", "client_key", "generation", "parse_feedback"]
+           "RETENTION_S", "FeedbackBook", "client_key", "generation", "json_body", "parse_feedback"]
 
 FLAGS = ("nsfw", "artifact", "prompt_mismatch", "other")
 FIELDS = ("request_id", "rating", "flags", "comment")
@@ -39,7 +39,8 @@ FEEDBACK_KEPT = 100_000  # feedback entries the tally holds for the controller t
 Entry = dict[str, Any]
 
 
-def _json(body: bytes | bytearray) -> Any:
+def json_body(body: bytes | bytearray) -> Any:
+    """A JSON request body, strictly (no NaN/Infinity); a RequestError (422 on `body`) otherwise."""
     def constant(token: str) -> float:
         raise ValueError(f"{token} is not a number JSON allows")
 
@@ -61,7 +62,7 @@ def _text_problem(text: str) -> str | None:
 
 def parse_feedback(body: bytes | bytearray) -> Entry:
     """Body bytes -> {request_id, rating, flags, comment} (absent fields None, flags a sorted list); raise RequestError."""
-    data = _json(body)
+    data = json_body(body)
     if not isinstance(data, dict):
         raise RequestError([("body", 'expected a JSON object like {"request_id": "…", "rating": 4}')])
     problems = [(str(key) or "body", f"unknown field; send {', '.join(FIELDS)}") for key in data if key not in FIELDS]

@@ -9,6 +9,8 @@ shape, one pipeline call at a time (diffusers schedulers are not thread-safe).
 Each batch is measured (`serving.metrics`: images, seconds per image) and
 reported to the release's tally (busy seconds, for the controller's cost
 accounting); start phases, queue, node cache and NVML figures are gauges.
+With `quality.safety` set, the release's safety checker (fetched and verified
+like the model) checks every image of a batch (`serving.safety`).
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ every response; the router reads it for bodies and logs.
 `POST /<release>/feedback` rates an answer by its request id (`serving.feedback`): 202 naming the version that
 drew it, 422 naming the field, 404 for an id the release never answered or answered past the retention window;
 `GET /<release>/feedback?epoch=&after=` is the controller's read of the feedback held in the tally.
+An answer whose image the safety checker flagged carries `X-Diffops-Nsfw` (or is a 451 under `block`); a drawn
+sample of the answers goes to the release's scorer (`serving.sampling`, `serving.scorer`), read by the controller
+with `GET /<release>/samples?epoch=&after=`.
 """
 
 from __future__ import annotations

@@ -101,6 +101,8 @@ def check_exports(controller: Controller, version: str, temp_dir: str) -> None:
         lack = [f for f in FAMILIES if not any(n.startswith(f) for n in names)]
         if total(samples, "ray_diffops_images_generated_total", release="demo", version=version) < REQUESTS:
             lack.append(f"{REQUESTS} images of {version}")
+        if total(samples, "ray_diffops_requests_total", code="200", release="demo", version=version) < REQUESTS:
+            lack.append(f"{REQUESTS} answers of {version} counted")  # the router's export may lag the replica's
         return lack + ([] if total(samples, "ray_diffops_requests_total", code="422") >= 1 else ["a 422 counted"])
 
     def complete() -> list[Sample] | None:

@@ -22,6 +22,7 @@ import pytest
 from serving.manifest import manifest_of
 from tests.conftest import ROOT, ReleaseRepo, free_port
 from tests.live import DIFFOPS, SERVE_URL, Load, generate, running_controller, stable_version, wait_for
+from tests.test_metrics_e2e import export_urls, scrape, total
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -66,7 +67,16 @@ def quality_report(state_dir: Path) -> dict[str, Any]:
     return {v["version"]: v for v in json.loads(result.stdout)["versions"]}
 
 
-def test_a_canary_whose_checker_flags_every_image_is_blocked_and_rolled_back_on_its_nsfw_rate(quality_repo, serve, tmp_path):
+def exported(temp_dir: str, name: str, least: float, **labels: str) -> float:
+    """A ray_diffops_* series' total in Ray's metrics export, once it reaches `least`."""
+    def reached() -> float | None:
+        value = total(scrape(export_urls(temp_dir)), name, **labels)
+        return value if value >= least else None
+
+    return wait_for(reached, 90, f"{name} {labels} >= {least} in Ray's metrics export", every=2)
+
+
+def test_a_canary_whose_checker_flags_every_image_is_blocked_and_rolled_back_on_its_nsfw_rate(quality_repo, serve, ray_head, tmp_path):
     release_with(quality_repo, f"    safety: {pin(quality_repo, 'tiny-safety-none')}\n")
     with running_controller(quality_repo.path, tmp_path / "state") as (controller, healthy):
         stable = stable_version(healthy)
@@ -91,9 +101,10 @@ def test_a_canary_whose_checker_flags_every_image_is_blocked_and_rolled_back_on_
         problem = json.loads(blocked)
         assert problem["type"] == "/problems/content-blocked" and "safety checker" in problem["detail"]
         assert generate().headers["X-Diffops-Version"] == stable
+        assert exported(ray_head.temp_dir, "ray_diffops_nsfw_total", 1, release="demo", version=canary, action="block") >= 1
 
 
-def test_sampled_outputs_reach_the_review_page_and_a_canary_users_rate_1_is_rolled_back(quality_repo, serve, tmp_path):
+def test_sampled_outputs_reach_the_review_page_and_a_canary_users_rate_1_is_rolled_back(quality_repo, serve, ray_head, tmp_path):
     sampling = f"    review:\n      sample_rate: 1\n      max_samples: 4\n    clip:\n      uri: file://models/tiny-clip\n" \
                f"      digest: \"{manifest_of(quality_repo.path / 'models/tiny-clip').digest}\"\n      sample_rate: 1\n"
     release_with(quality_repo, sampling)
@@ -110,6 +121,7 @@ def test_sampled_outputs_reach_the_review_page_and_a_canary_users_rate_1_is_roll
         mine = wait_for(sampled, 60, "six sampled outputs, scored, in the controller's state")
         assert mine["samples"]["kept_for_review"] == 4  # quality.review.max_samples per version
         assert 0 <= mine["clip_score"]["mean"] <= 100
+        assert exported(ray_head.temp_dir, "ray_diffops_clip_score_count", 6, release="demo", version=stable) >= 6
         page = f"http://127.0.0.1:{review_port}"
         queue = httpx.get(f"{page}/api/queue", params={"release": "demo", "reviewer": "ana"}, timeout=10).json()
         shown = [s for group in queue["groups"] for s in group["samples"]]

@@ -166,9 +166,10 @@ def test_a_reviewer_rates_three_images_blind_and_quality_counts_them_per_version
         third = rate(page, "A", 1, flag="nsfw")
         expect(progress).to_have_text("Reviewed 3 · 3 remaining")
         assert {first, second, third}.isdisjoint(card_ids(page))
-        reviews = page.locator("#counts tbody td:nth-child(3)")
-        expect(reviews).to_have_count(2)
-        assert sum(int(text) for text in reviews.all_inner_texts()) == 3
+        expect(page.locator("#counts tbody td:nth-child(3)")).to_have_count(2)
+        # the counts table is fetched again after each review: wait until it shows all three
+        page.wait_for_function("() => [...document.querySelectorAll('#counts tbody td:nth-child(3)')]"
+                               ".reduce((sum, cell) => sum + Number(cell.textContent), 0) === 3", timeout=10_000)
 
         page.reload()
         page.wait_for_selector("body[data-ready]", state="attached", timeout=10_000)

@@ -173,8 +173,9 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     if review_port and not once:
         from controller.review.server import ReviewServer
 
-        try:
-            review = ReviewServer(state_dir, port=review_port).start()
+        try:  # each review counts in diffops_feedback_total like a user's feedback
+            review = ReviewServer(state_dir, port=review_port,
+                                  on_review=lambda release, entry: metrics.count_feedback(release, [entry])).start()
         except OSError as err:
             fail(f"cannot serve the review page on 127.0.0.1:{review_port} ({err.strerror}); "
                  "pass another --review-port, or 0 to turn it off")

@@ -15,7 +15,7 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from serving.feedback import FIELDS, FLAGS, parse_feedback
+from serving.feedback import FIELDS, FLAGS, json_body, parse_feedback
 from serving.requests import RequestError
 
 __all__ = ["GROUPS_SHOWN", "MAX_REVIEWER_CHARS", "REVIEW_FIELDS", "blind_flag", "host_allowed", "label", "parse_review",
@@ -54,21 +54,9 @@ def require_release(value: str | None) -> str:
     return value
 
 
-def _json(body: bytes | bytearray) -> Any:
-    def constant(token: str) -> float:
-        raise ValueError(f"{token} is not a number JSON allows")
-
-    try:
-        return json.loads(body, parse_constant=constant)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise RequestError([("body", f"not valid JSON: {err}")]) from None
-    except RecursionError:
-        raise RequestError([("body", "JSON nested too deeply")]) from None
-
-
 def parse_review(body: bytes | bytearray) -> tuple[str, str, dict[str, Any]]:
     """A review body -> (release, reviewer, feedback as `parse_feedback` answers it); raise RequestError (422)."""
-    data = _json(body)
+    data = json_body(body)
     if not isinstance(data, dict):
         raise RequestError([("body", 'expected a JSON object like {"release": "demo", "reviewer": "ana", "request_id": "…", '
                                      '"rating": 4}')])

@@ -175,7 +175,8 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, state_dir: Path, host: str, port: int):
+    def __init__(self, state_dir: Path, host: str, port: int, on_review: Callable[[str, dict[str, Any]], None]):
+        self.on_review = on_review
         self.state = Path(state_dir) / STATE_FILE
         self.samples = (Path(state_dir) / SAMPLES_DIR).resolve()
         self.bound = host
@@ -253,15 +254,18 @@ class _Server(ThreadingHTTPServer):
         if stored is None:
             raise _Problem("not-found", f"no sample {feedback['request_id']!r} kept for review in {release!r}; "
                            "GET /api/queue lists the ones to review", [("request_id", "no such sample kept")])
+        self.on_review(release, stored)
         return {**stored, "reviewer": reviewer}
 
 
 class ReviewServer:
-    """The review page on `host:port` (port 0: any free one), served from a daemon thread until `stop()`."""
+    """The review page on `host:port` (port 0: any free one), served from a daemon thread until `stop()`; `on_review`
+    hears each stored review (the controller counts it in `diffops_feedback_total`)."""
 
-    def __init__(self, state_dir: Path, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, state_dir: Path, host: str = "127.0.0.1", port: int = 0,
+                 on_review: Callable[[str, dict[str, Any]], None] = lambda release, entry: None):
         self.state_dir = Path(state_dir)
-        self._server = _Server(self.state_dir, host, port)
+        self._server = _Server(self.state_dir, host, port, on_review)
         self._thread: threading.Thread | None = None
 
     @property
