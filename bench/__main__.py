@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import batching, cluster, gate, model_load, reconcile, rollout, router
+from bench import batching, cluster, gate, model_load, quality, reconcile, rollout, router
 from bench.context import Context, Shared
 from bench.progress import Progress
 from bench.report import Figure, document, markdown, table
@@ -34,6 +34,7 @@ FAMILIES: dict[str, Callable[[Context], list[Figure]]] = {
     "batching": batching.bench,
     "rollout": rollout.bench,
     "cluster": cluster.bench,
+    "quality": quality.bench,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
