@@ -63,9 +63,10 @@ system-packages:
 	  && command -v chromium >/dev/null && test -d /usr/share/fonts/truetype/dejavu \
 	  || (apt-get update && apt-get install -y --no-install-recommends iproute2 util-linux chromium fonts-dejavu-core)
 
-# Two workers: the tests on Ray run in order on one of them (one session head), the rest spread over both.
+# Two workers (pytest-xdist): the tests on Ray run in order on one of them (tests/conftest.py, RAY_MODULES), the rest
+# spread over both.
 test: setup system-packages code-check
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -n 2 --durations=25
 
 # The code itself: ruff (rules in pyproject.toml) and mypy --strict on controller/, serving/, checks/ and bench/.
 code-check: setup

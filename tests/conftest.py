@@ -166,13 +166,31 @@ def _diffops_logger_restored() -> Iterator[None]:
     logger.propagate = saved[2]
 
 
-CLUSTER_MODULES = {"test_netcluster.py", "test_cluster_e2e.py"}  # clusters of their own, across network namespaces
+
+# Modules whose tests run on Ray: the session head (`ray_head`), a head of their own, or the multi-node cluster.
+RAY_MODULES = frozenset({
+    "test_canary_e2e.py", "test_cluster_e2e.py", "test_drift_e2e.py", "test_faults_e2e.py", "test_feedback_e2e.py",
+    "test_garbage_e2e.py", "test_gate_e2e.py", "test_metrics_e2e.py", "test_netcluster.py", "test_post_promotion_e2e.py",
+    "test_quality_e2e.py", "test_served_demo_e2e.py", "test_serving_e2e.py", "test_untested_promises_e2e.py",
+})
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the markers
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`make test` runs `pytest -n 2`: the tests of RAY_MODULES go to one worker as one unit, in file order, so one
+    Ray head (or cluster) at a time shares the 2 cores (a second head beside the first starves both); every other
+    test is scheduled on its own to whichever worker is free."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTogether(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if nodeid.split("::")[0].rsplit("/", 1)[-1] in RAY_MODULES else nodeid
+
+    return RayTogether(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under `pytest -n N --dist loadgroup` (`make test`): every test that runs on Ray goes to one worker, in file
-    order, on the one session head (a machine has one Serve HTTP port); the other tests spread over the workers."""
-    for item in items:
-        if "ray_head" in getattr(item, "fixturenames", ()) or item.path.name in CLUSTER_MODULES:
-            item.add_marker(pytest.mark.xdist_group("ray"))
+    """A test on the session's Ray head in a module missing from RAY_MODULES would start a second head on the other
+    worker: refused at collection, naming the module."""
+    strays = sorted({item.path.name for item in items if "ray_head" in getattr(item, "fixturenames", ())} - RAY_MODULES)
+    if strays:
+        raise pytest.UsageError(f"{', '.join(strays)} run on Ray: add them to RAY_MODULES in tests/conftest.py")
