@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import click
@@ -26,7 +26,7 @@ from controller.source.credentials import private_dir
 from controller.state.feedback import feedback_rows
 from controller.state.records import Command
 from controller.state.samples import sample_rows
-from controller.state.store import Store
+from controller.state.store import State, Store
 
 if TYPE_CHECKING:
     from controller.apply.serve_config import ContainerRuntime, ProxyLocation
@@ -215,6 +215,14 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
         lock.release()
 
 
+def status_inputs(store: Store) -> tuple[State, dict[tuple[str, str], dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
+    """What `diffops status` shows, read from the state file: the state, each version's gate report and quality."""
+    state, gates = store.load(), store.gate_reports()
+    quality = {(name, v["version"]): v for name in state.releases
+               for v in summarize(feedback_rows(store.db, name), sample_rows(store.db, name))}
+    return state, gates, quality
+
+
 @click.command()
 @state_dir_option
 @output_option("text", "json", "yaml")
@@ -228,9 +236,7 @@ def status(state_dir: Path, output: str, as_json: bool, watch: bool) -> None:
     store = open_store(state_dir)
     fmt = choose(output, as_json=as_json)
     while True:
-        state, gates = store.load(), store.gate_reports()
-        quality = {(name, v["version"]): v for name in state.releases
-                   for v in summarize(feedback_rows(store.db, name), sample_rows(store.db, name))}
+        state, gates, quality = status_inputs(store)
         if fmt == "json":
             click.echo(dump(status_json(state, gates, quality), "json", compact=watch))
         elif fmt == "yaml":
