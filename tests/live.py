@@ -146,7 +146,7 @@ def running_controller(repo: Path, state_dir: Path, *flags: str) -> Iterator[tup
     """A controller on `repo` until its release is Healthy: (controller, its status entry); stopped on exit."""
     controller = Controller(repo, state_dir, *flags).start()
     try:
-        yield controller, controller.wait_release(healthy_on())
+        yield controller, controller.wait_release(healthy_on(), timeout=240)  # gate + start: minutes on a busy box
     finally:
         if controller.process and controller.process.poll() is None:
             controller.stop()

@@ -183,7 +183,7 @@ def test_capacity_waits_for_blue_green_and_auto_surges(model_repo: ReleaseRepo, 
     model_repo.commit("two GPU replicas")
     controller = Controller(model_repo.path, tmp_path / "state").start()
     try:
-        stable = stable_version(controller.wait_release(healthy_on(), timeout=150))
+        stable = stable_version(controller.wait_release(healthy_on(), timeout=300))
         model_repo.release(**{"gpus: 0": "gpus: 1", "count: 1": "count: 2", "steps: 4": "steps: 7"})
         model_repo.commit("new version, no room for blue/green")
         release = controller.wait_release(lambda r: "waiting for capacity" in r["message"], timeout=60)
