@@ -125,17 +125,16 @@ class ServeClient:
 
     def router_feedback(self, release: str, epoch: str | None, after: int, limit: int) -> dict[str, Any] | None:
         """The feedback the release's tally holds past (epoch, after), oldest first (`controller.quality.drain`)."""
-        try:
-            response = self.proxy.get(f"/{release}/feedback", params={"epoch": epoch or "", "after": after, "limit": limit})
-            page: dict[str, Any] | None = response.json() if response.status_code == 200 else None
-            return page
-        except (httpx.HTTPError, ValueError):
-            return None
+        return self._page(f"/{release}/feedback", epoch, after, limit)
 
     def router_samples(self, release: str, epoch: str | None, after: int, limit: int) -> dict[str, Any] | None:
         """The sampled outputs the release's scorer holds past (epoch, after), oldest first (`controller.quality.drain_samples`)."""
+        return self._page(f"/{release}/samples", epoch, after, limit)
+
+    def _page(self, path: str, epoch: str | None, after: int, limit: int) -> dict[str, Any] | None:
+        """One page of a router's cursor read, or None when the router does not answer it."""
         try:
-            response = self.proxy.get(f"/{release}/samples", params={"epoch": epoch or "", "after": after, "limit": limit})
+            response = self.proxy.get(path, params={"epoch": epoch or "", "after": after, "limit": limit})
             page: dict[str, Any] | None = response.json() if response.status_code == 200 else None
             return page
         except (httpx.HTTPError, ValueError):
