@@ -247,3 +247,12 @@ def test_weights_missing_entirely_are_named(tmp_path: Path) -> None:
 def test_a_missing_directory_is_named(tmp_path: Path) -> None:
     with pytest.raises(QualityModelError, match=rf"{tmp_path / 'absent'}: not a directory; fetch"):
         load_clip(tmp_path / "absent")
+
+
+def test_production_sized_images_are_scored_and_checked(clip: ClipScorer, checkers: dict[str, SafetyChecker]) -> None:
+    """1024 px outputs (what production models draw) go through the processors' resize, not only the demo's 64 px."""
+    big = [noise(seed, size=1024) for seed in range(2)]
+    scores = clip.score(big, ["a red cube", "a cat"])
+    assert len(scores) == 2 and all(0 <= s <= 100 for s in scores)
+    assert clip.image_features(big).shape[0] == 2
+    assert checkers["all"].check(big) == [True, True] and checkers["none"].check(big) == [False, False]

@@ -61,3 +61,16 @@ def test_the_safety_filter_flags_blurs_or_withholds_only_the_flagged_images() ->
     assert out == images and flags == [False, True, False]
     out, flags = SafetyFilter(lambda batch: [False] * len(batch), "block", on_flagged=counted.append).apply(images)
     assert flags == [False] * 3 and counted == [1]  # nothing flagged: nothing counted
+
+
+def test_the_book_at_its_real_caps_holds_256_mib_and_pages_8_mib_of_1024px_sized_images() -> None:
+    from serving.scorer import KEPT_BYTES, PAGE_BYTES
+
+    png = b"\x89PNG" + b"x" * (1_500_000 - 4)  # a 1024 px PNG's size
+    book = SampleBook(epoch="e")
+    for n in range(200):
+        book.add({"request_id": f"r{n}", "version": "v1", "png": png})
+    assert book.bytes <= KEPT_BYTES and len(book.samples) == KEPT_BYTES // len(png)
+    page = book.since("e", 0)
+    assert len(page["samples"]) == PAGE_BYTES // len(png)  # 5 images in one page, the rest on the next reads
+    assert page["samples"][0]["seq"] == page["first"] == 200 - len(book.samples) + 1
