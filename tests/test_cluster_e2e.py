@@ -176,12 +176,17 @@ def test_a_failing_canary_is_aborted_on_the_cluster(cluster: NetCluster, deploye
     with Load(url=cluster.serve_url, timeout=120) as load:
         repo.release(**ON_THE_WORKER, **{"    strategy: bluegreen\n": CANARY.format(pause="60s"), "  cost:\n": "  faults:\n    error_rate: 1.0\n  cost:\n"})
         failing = repo.commit("a canary that fails every request")
-        release = controller.wait_release(lambda r: r["phase"] == "Degraded", timeout=TIMEOUT)
+        try:
+            release = controller.wait_release(lambda r: r["phase"] == "Degraded", timeout=TIMEOUT)
+            # `weight` is what the controller set; `live_weight` what the router draws with, once Serve reconfigured it
+            confirmed = controller.wait_release(lambda r: stable(r)["live_weight"] == 100, timeout=60)
+            answered = generate(cluster.serve_url).headers["X-Diffops-Version"]
+        finally:
+            repo.repo.git.revert("--no-edit", failing)  # what the message asks: git agrees with what serves again
     assert "rolled back" in release["message"] and "error rate" in release["message"], release["message"]
     assert stable(release)["id"] == serving and stable(release)["weight"] == 100
+    assert stable(confirmed)["id"] == serving and answered == serving
     assert load.codes[200] > 0 and load.codes[500] > 0, load.codes  # the canary took traffic and failed it
-    assert generate(cluster.serve_url).headers["X-Diffops-Version"] == serving
-    repo.repo.git.revert("--no-edit", failing)  # what the message asks: git agrees with what serves again
     controller.wait_release(lambda r: healthy(r) and stable(r)["id"] == serving, timeout=60)
 
 
