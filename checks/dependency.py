@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -104,10 +105,24 @@ def run(requires: dict[str, str], image: str, image_policy: str = "verify", envi
     return CheckResult("dependency", "passed", f"{len(thresholds)} requirement(s) met; {verdict.message}", figures, thresholds)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's machine type: where a CPU-only gate ran."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def _gpu_facts() -> dict[str, object]:
     import torch
 
-    facts: dict[str, object] = {"cuda_available": torch.cuda.is_available(), "cuda": torch.version.cuda, "cudnn": None}
+    facts: dict[str, object] = {"cuda_available": torch.cuda.is_available(), "cuda": torch.version.cuda, "cudnn": None,
+                                "cpu": cpu_model()}
     if not facts["cuda_available"]:
         return facts
     cudnn: int | None = torch.backends.cudnn.version()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
