@@ -13,8 +13,10 @@ from controller.parse.release import Release
 from controller.source.credentials import private_dir, redact
 from controller.source.git_source import ReleaseSource, SourceError
 from controller.state.store import StateFileError, Store
+from controller.tracking.mlflow_store import Tracker
 
-__all__ = ["default_state_dir", "fail", "open_source", "release_at", "repo_option", "state_dir_option", "store_at"]
+__all__ = ["default_state_dir", "fail", "open_source", "release_at", "repo_option", "state_dir_option", "store_at", "tracker_at",
+           "tracking_option"]
 
 
 def default_state_dir() -> Path:
@@ -41,6 +43,17 @@ state_dir_option = click.option(
     help="Controller state: SQLite store, model cache, mirrors of remote repos (kept 0700).",
     callback=_private_state_dir,
 )
+
+
+tracking_option = click.option(
+    "--tracking-uri", default=None, metavar="URI",
+    help="MLflow tracking and registry store (default: sqlite:///<state-dir>/mlflow.db, artifacts beside it).",
+)
+
+
+def tracker_at(state_dir: Path, uri: str | None) -> Tracker:
+    """The tracking store: `uri` (an MLflow server or store URI), else the state dir's embedded SQLite store."""
+    return Tracker.for_state_dir(state_dir, uri)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -108,25 +108,27 @@ class Tracker:
                 raise
             return str(again.experiment_id)
 
-    def log(self, record: RunRecord, experiment: str) -> LoggedRun:
-        """Log one finished run; its id and link. A failure raises TrackingError naming the store."""
+    def log(self, record: RunRecord, experiment: str, parent: str | None = None) -> LoggedRun:
+        """Log one finished run (a child of run `parent` when given); its id and link. A failure raises TrackingError
+        naming the store."""
         try:
-            return self._log(record, experiment)
+            return self._log(record, experiment, parent)
         except TrackingError:
             raise
         except Exception as err:
             raise TrackingError(f"tracking store {self.uri}: logging {record.name!r} failed: {type(err).__name__}: "
                                 f"{_first_line(err)}") from err
 
-    def _log(self, record: RunRecord, experiment: str) -> LoggedRun:
+    def _log(self, record: RunRecord, experiment: str, parent: str | None) -> LoggedRun:
         from mlflow.entities import Metric, Param, RunTag
 
         client = self.client
         experiment_id = self.experiment(experiment)
-        run = client.create_run(experiment_id, run_name=record.name, tags={k: v for k, v in list(record.tags.items())[:_BATCH]})
+        first = dict(list(record.tags.items())[:_BATCH - 1])
+        run = client.create_run(experiment_id, run_name=record.name, tags={**first, **({"mlflow.parentRunId": parent} if parent else {})})
         run_id = run.info.run_id
         now = int(time.time() * 1000)
-        tags = [RunTag(k, v) for k, v in list(record.tags.items())[_BATCH:]]
+        tags = [RunTag(k, v) for k, v in list(record.tags.items())[_BATCH - 1:]]
         params = [Param(k, v) for k, v in record.params.items()]
         metrics = [Metric(k, v, now, 0) for k, v in record.metrics.items()]
         for start in range(0, max(len(params), len(tags), len(metrics)), _BATCH):
