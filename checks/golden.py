@@ -2,9 +2,9 @@
 
 Renders with the version's own generation config and compares with the
 reference PNG committed in the repo by pHash distance, SSIM and PSNR
-(`checks.imagecompare`), each against the release's threshold. On failure the
-produced image and a side-by-side comparison travel back as artifacts for the
-controller to save.
+(`checks.imagecompare`), each against the release's threshold. The produced
+image and a side-by-side comparison travel back as artifacts, pass or fail: the
+tracking run logs them, and the controller saves them on failure.
 
 Both PNGs are untrusted bytes: `decode_png` reads them only within
 `MAX_PNG_BYTES` and `MAX_PNG_PIXELS` (dimensions read from the PNG header
@@ -131,8 +131,8 @@ def run(runner: PipelineRunner, golden: dict[str, Any] | None, generation: dict[
     seconds = time.monotonic() - started
     psnr_shown = figures["psnr_db"] if figures["psnr_db"] is not None else "inf"
     summary = f"phash distance {figures['phash_distance']}, SSIM {figures['ssim']:.3f}, PSNR {psnr_shown} dB"
-    if not problems:
-        return CheckResult("golden", "passed", summary, figures, thresholds, seconds), {}
     comparison = png(imagecompare.side_by_side(expected, produced))
-    artifacts = {**produced_b64, "golden-compare.png": base64.b64encode(comparison).decode()}
+    artifacts = {**produced_b64, "golden-compare.png": base64.b64encode(comparison).decode()}  # tracked either way
+    if not problems:
+        return CheckResult("golden", "passed", summary, figures, thresholds, seconds), artifacts
     return CheckResult("golden", "failed", "; ".join(problems) + f" ({summary})", figures, thresholds, seconds), artifacts

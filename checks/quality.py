@@ -24,13 +24,14 @@ from PIL import Image
 from checks.report import CheckResult
 from serving.generator import PipelineRunner, resolve
 
-__all__ = ["FEATURES_NAME", "MAX_PROMPTS", "MAX_PROMPT_FILE_BYTES", "PromptSetError", "parse_prompts", "run"]
+__all__ = ["FEATURES_NAME", "MAX_PROMPTS", "SAMPLE_ARTIFACTS", "MAX_PROMPT_FILE_BYTES", "PromptSetError", "parse_prompts", "run"]
 
 MAX_PROMPT_FILE_BYTES = 64 * 1024
 MAX_PROMPTS = 64
 MAX_PROMPT_CHARS = 2000
 FEATURES_NAME = "quality-features.json"
 BATCH = 8  # images per pipeline and scorer call
+SAMPLE_ARTIFACTS = 4  # the first images of the prompt set travel back with the report (tracking logs them)
 
 
 class PromptSetError(ValueError):
@@ -63,6 +64,12 @@ def _key(prompts: list[str], seeds: list[int], generation: dict[str, Any]) -> st
     return hashlib.sha256(json.dumps([prompts, seeds, shape], sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def _draw(runner: PipelineRunner, requests: list[dict[str, Any]]) -> list[Image.Image]:
     images = []
     for start in range(0, len(requests), BATCH):
@@ -92,7 +99,8 @@ def run(runner: PipelineRunner, check: dict[str, Any] | None, generation: dict[s
     texts = [prompt for prompt, _ in pairs]
     figures: dict[str, Any] = {"images": len(images), "prompts": len(prompts), "seeds": len(seeds)}
     thresholds = {k: check.get(k) for k in ("min_clip_score", "max_nsfw_rate", "max_distance") if check.get(k) is not None}
-    reasons, artifacts, notes = [], {}, []
+    reasons, notes = [], []
+    artifacts = {f"quality-sample-{i}.png": _png_b64(image) for i, image in enumerate(images[:SAMPLE_ARTIFACTS])}
     if clip is not None:
         scores = [float(s) for start in range(0, len(images), BATCH)
                   for s in clip.score(images[start:start + BATCH], texts[start:start + BATCH])]

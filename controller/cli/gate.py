@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from checks.report import GateReport
-from controller.cli.common import fail, open_source, release_at, repo_option, state_dir_option
+from controller.cli.common import fail, open_source, release_at, repo_option, state_dir_option, tracker_at, tracking_option
 from controller.cli.output import choose, dump, legacy_format_option, output_option
 from controller.cli.terminal import progress
 from controller.plan.versions import version_id
@@ -37,9 +37,12 @@ def report_text(report: GateReport, saved: list[Path]) -> str:
 @repo_option
 @state_dir_option
 @click.option("--rev", default=None, help="Revision to check (default: HEAD).")
+@click.option("--track", is_flag=True, help="Log the gate as a tracking run (kind gate, tag diffops.where=local).")
+@tracking_option
 @output_option("text", "json", "yaml")
 @legacy_format_option("text", "json", "yaml")
-def check(release_name: str, repo: str, state_dir: Path, rev: str | None, output: str, legacy_format: str | None) -> None:
+def check(release_name: str, repo: str, state_dir: Path, rev: str | None, track: bool, tracking_uri: str | None, output: str,
+          legacy_format: str | None) -> None:
     """Run the gate locally (artifact, dependency, cuda, load, golden, performance, quality); exit 1 on failure."""
     from controller.gate.runner import LocalGate, gate_input
     from controller.tick.prepare import latest_features
@@ -56,10 +59,24 @@ def check(release_name: str, repo: str, state_dir: Path, rev: str | None, output
         report = LocalGate().run(gate_input(release, version, source, str(state_dir / "models"), model_commit=commit,
                                             checks_commit=commit, quality_baseline=baseline))
     saved = report.save_artifacts(state_dir / "gate" / release_name / version)
+    run, untracked = None, None
+    if track:
+        from controller.tracking.gate_runs import GateRuns
+        from controller.tracking.mlflow_store import TrackingError
+        from serving.code_pin import fingerprint
+
+        try:
+            with progress(f"{release_name} {version}: logging the gate to the tracking store"):
+                run = GateRuns(tracker_at(state_dir, tracking_uri), fingerprint()).record(
+                    report, release.spec, commit, tags={"diffops.where": "local"}, strict=True)
+        except TrackingError as err:
+            untracked = err
     if fmt != "text":
-        click.echo(dump({**report.to_dict(with_artifacts=False), "saved": [str(p) for p in saved]}, fmt))
+        click.echo(dump({**report.to_dict(with_artifacts=False), "saved": [str(p) for p in saved], "run": run}, fmt))
     else:
-        click.echo(report_text(report, saved))
+        click.echo(report_text(report, saved) + (f"\n  tracked: {run['link']}" if run else ""))
+    if untracked is not None:
+        fail(f"{release_name}: the gate ran (report above) but was not tracked: {untracked}")
     sys.exit(0 if report.ok else 1)
 
 

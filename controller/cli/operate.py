@@ -16,13 +16,13 @@ import click
 import httpx
 
 from controller import logs
-from controller.cli.common import fail, open_source, repo_option, state_dir_option, store_at
+from controller.cli.common import fail, open_source, repo_option, state_dir_option, store_at, tracker_at, tracking_option
 from controller.cli.output import choose, dump, output_option
-from controller.cli.status_view import history_rows, history_text, status_json, status_text
+from controller.cli.status_view import history_rows, history_text, status_json, status_text, with_runs
 from controller.cli.tables import history_table, status_table
 from controller.cli.terminal import is_terminal, print_rich
 from controller.quality import summarize
-from controller.source.credentials import private_dir
+from controller.source.credentials import private_dir, redact
 from controller.state.feedback import feedback_rows
 from controller.state.records import Command
 from controller.state.samples import sample_rows
@@ -96,6 +96,8 @@ def controller() -> None:
                    "Without it or --gnupghome, the OpenPGP keys in $GNUPGHOME (else ~/.gnupg) are trusted.")
 @click.option("--gnupghome", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Trust the OpenPGP keys in this GnuPG home (with --allowed-signers: both kinds are trusted).")
+@tracking_option
+@click.option("--no-tracking", is_flag=True, help="Log no gate runs to the tracking store.")
 @click.option("--once", is_flag=True, help="Reconcile once and exit (exit 1 if that failed or the head was refused).")
 @click.option("--controller-id", default=None, metavar="ID",
               help="Owner mark on every Serve app this controller deploys; apps of other ids are never touched "
@@ -109,7 +111,8 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
                    log_format: str, allow_prune_all: bool,
                    gate_python: str | None,
                    allow_fault_injection: bool, revert_on_abort: str, require_signed_commits: bool,
-                   allowed_signers: Path | None, gnupghome: Path | None, once: bool, controller_id: str | None,
+                   allowed_signers: Path | None, gnupghome: Path | None, tracking_uri: str | None, no_tracking: bool, once: bool,
+                   controller_id: str | None,
                    cache_max_bytes: int | None, review_port: int) -> None:
     """Make Ray Serve match the releases at the branch head, continuously."""
     from controller.apply import ray_cluster
@@ -122,6 +125,8 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     from controller.metrics import ControllerMetrics
     from controller.reconciler import Reconciler
     from controller.source.signatures import SignatureGate, Trust, TrustError, check_trust
+    from controller.tracking.gate_runs import GateRuns
+    from controller.tracking.mlflow_store import default_uri
     from serving.code_pin import fingerprint
 
     logs.configure(log_format)
@@ -193,11 +198,13 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
                             gate=gate, gate_dir=state_dir / "gate",
                             allow_faults=allow_fault_injection, revert_on_abort=revert_on_abort,
                             signatures=SignatureGate(Path(source.repo.git_dir), trust) if trust is not None else None,
-                            cache_max_bytes=cache_max_bytes)
+                            cache_max_bytes=cache_max_bytes,
+                            gate_runs=None if no_tracking else GateRuns(tracker_at(state_dir, tracking_uri), fingerprint()))
     where = "this machine" if local else f"the cluster at {dashboard}"
     published = f"; file:// models published to {model_store}" if model_store else ""
+    tracked = "off" if no_tracking else redact(tracking_uri or default_uri(state_dir))
     click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}, id {settings.owner}); Ray on {where}{published}; "
-               f"serving at {serve_url}/<release>/generate", err=True)
+               f"serving at {serve_url}/<release>/generate; gate runs tracked in {tracked}", err=True)
     if trust is not None:
         click.echo(f"diffops: reconciling only a branch head signed by one of {trusted}; an unsigned or unknown-key head is refused",
                    err=True)
@@ -259,7 +266,9 @@ def status(state_dir: Path, output: str, as_json: bool, watch: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Same as -o json.")
 def history(release: str, state_dir: Path, output: str, as_json: bool) -> None:
     """A release's rollouts: commit, version, outcome and duration, each with its timeline."""
-    rows = history_rows(open_store(state_dir).events(release))
+    store = open_store(state_dir)
+    gates = {version: report for (name, version), report in store.gate_reports(release).items() if name == release}
+    rows = with_runs(history_rows(store.events(release)), gates)
     fmt = choose(output, as_json=as_json)
     if fmt != "text":
         click.echo(dump(rows, fmt))

@@ -17,7 +17,7 @@ from controller.parse.release import Spec
 from controller.state.records import Event, ReleaseRecord, app_name
 from controller.state.store import State
 
-__all__ = ["HistoryRow", "TimelineItem", "age", "analysis_summary", "checks_summary", "history_rows", "history_text",
+__all__ = ["HistoryRow", "TimelineItem", "age", "analysis_summary", "checks_summary", "history_rows", "history_text", "with_runs",
            "image_policy", "nodes_count", "nodes_text", "status_json", "status_text", "step_text", "watch_json", "watch_text"]
 
 ROLE_ORDER = {"stable": 0, "canary": 1, "standby": 2}
@@ -45,12 +45,13 @@ class HistoryRow(_HistoryRequired, total=False):
     """One rollout in `diffops history -o json` (`checks`: what the gate said when the version was prepared)."""
 
     checks: str
+    run: str  # the gate's tracking run (its link), when it was tracked
 
 
 def checks_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
     if report is None:
         return None
-    return {"ok": report["ok"], "job": report.get("job"),
+    return {"ok": report["ok"], "job": report.get("job"), "run": report.get("run"),
             "checks": {c["name"]: {"outcome": c["outcome"], "message": c["message"], "figures": c["figures"]} for c in report["checks"]}}
 
 
@@ -211,6 +212,7 @@ def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
             gate = v["gate"]
             checks = "" if gate is None else "  checks " + " ".join(
                 f"{name}:{'ok' if c['outcome'] == 'passed' else c['outcome']}" for name, c in gate["checks"].items())
+            checks += f"  run {gate['run']['id']}" if gate is not None and gate.get("run") else ""
             actual = "" if v["live_weight"] in (None, v["weight"]) else f" (router: {v['live_weight']}%)"
             image = "  image unverified" if v["image_policy"] == "unverified" else ""
             nodes = f" on {nodes_text(v['nodes'])}" if v["nodes"] else ""
@@ -255,6 +257,15 @@ def history_rows(events: list[Event]) -> list[HistoryRow]:
     return rows
 
 
+def with_runs(rows: list[HistoryRow], gates: dict[str, dict[str, Any]]) -> list[HistoryRow]:
+    """Each row with its version's tracked gate run (`gates`: the latest gate report per version)."""
+    for row in rows:
+        run = (gates.get(row["version"] or "") or {}).get("run")
+        if run:
+            row["run"] = run["link"]
+    return rows
+
+
 def history_text(release: str, rows: list[HistoryRow]) -> str:
     if not rows:
         return f"{release}: no rollouts recorded"
@@ -265,4 +276,6 @@ def history_text(release: str, rows: list[HistoryRow]) -> str:
         commit = (row["commit"] or "")[:12]
         lines.append(f"{started:<20} {row['version'] or '':<12} {commit:<12} {row['outcome']:<12} {took:>7}  {row['message']}")
         lines += [f"{'':<20}   +{item['after_s']:>6.1f}s  {item['event']}: {item['message']}" for item in row["timeline"]]
+        if row.get("run"):
+            lines.append(f"{'':<20}   gate tracked: {row['run']}")
     return "\n".join(lines)

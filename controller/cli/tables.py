@@ -85,4 +85,6 @@ def history_table(release: str, rows: list[HistoryRow]) -> Table:
         table.add_row(started, row["version"] or "", (row["commit"] or "")[:12], outcome, took, row["message"])
         for item in row["timeline"]:
             table.add_row("", "", "", "", f"+{item['after_s']:.1f}s", f"{item['event']}: {item['message']}")
+        if row.get("run"):
+            table.add_row("", "", "", "", "", f"gate tracked: {row['run']}")
     return table

@@ -29,6 +29,7 @@ from controller.rollout.outcomes import Desired, Prepared
 from controller.source.git_source import ReleaseSource
 from controller.state.records import VersionRecord
 from controller.state.store import Store
+from controller.tracking.gate_runs import GateRuns
 from serving.artifacts import ModelCache, fetch
 from serving.manifest import ArtifactError
 from serving.metrics import store_of
@@ -44,8 +45,10 @@ class Preparations:
     """Model fetches and gate runs in a thread pool, keyed by (release, version, gate key)."""
 
     def __init__(self, source: ReleaseSource, store: Store, gate: Gate, cache: ModelCache, cache_dir: str, gate_dir: Path,
-                 on_prepared: Callable[[], None] = lambda: None, placement: Placement | None = None):
+                 on_prepared: Callable[[], None] = lambda: None, placement: Placement | None = None,
+                 gate_runs: GateRuns | None = None):
         self.source, self.store, self.gate, self.cache = source, store, gate, cache
+        self.gate_runs = gate_runs  # each gate report is logged as a tracking run, here in the preparation thread
         self.placement = placement or Placement()
         self.cache_dir, self.gate_dir, self.on_prepared = cache_dir, gate_dir, on_prepared
         self.prepared: dict[Key, Prepared] = {}  # finished, not yet seen by a tick that went through
@@ -114,7 +117,8 @@ class Preparations:
                 return Prepared(True, "checks passed before for this version and these checks (reused, not run again)",
                                 time.monotonic() - started)
             report = self.gate.run(gate, resources.cpus, resources.gpus)
-            return judge(report, time.monotonic() - started, self.gate_dir)
+            run = self.gate_runs.record(report, version.spec, desired.commit, gate_key=desired.gate_key) if self.gate_runs else None
+            return judge(report, time.monotonic() - started, self.gate_dir, run)
 
         def done(future: Future[Prepared]) -> None:
             if not future.cancelled():
@@ -148,14 +152,17 @@ def latest_features(release_dir: Path, version: str) -> dict[str, Any] | None:
     return None
 
 
-def judge(report: GateReport, seconds: float, gate_dir: Path) -> Prepared:
+def judge(report: GateReport, seconds: float, gate_dir: Path, run: dict[str, Any] | None = None) -> Prepared:
     """A gate report as a preparation result; a failure's images are saved under `gate_dir` and named. The quality
-    check's image features are saved either way: the next version's gate measures its distance to them."""
+    check's image features are saved either way: the next version's gate measures its distance to them. `run`: the
+    tracking run that logged it, kept with the report (status and history link it)."""
+    kept = {**report.to_dict(with_artifacts=False), **({"run": run} if run else {})}
+    tracked = f" (tracked: MLflow run {run['id']})" if run else ""
     if FEATURES_NAME in report.artifacts:
         features = replace(report, artifacts={FEATURES_NAME: report.artifacts[FEATURES_NAME]})
         features.save_artifacts(gate_dir / report.release / report.version)
     if report.ok:
-        return Prepared(True, f"checks passed: {report.summary()}", seconds, report.to_dict(with_artifacts=False))
+        return Prepared(True, f"checks passed: {report.summary()}{tracked}", seconds, kept)
     saved = [p for p in report.save_artifacts(gate_dir / report.release / report.version) if p.name != FEATURES_NAME]
     where = f" (images: {', '.join(str(p) for p in saved)})" if saved else ""
-    return Prepared(False, f"checks failed: {report.summary()}{where}", seconds, report.to_dict(with_artifacts=False))
+    return Prepared(False, f"checks failed: {report.summary()}{where}{tracked}", seconds, kept)

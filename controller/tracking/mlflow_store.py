@@ -26,12 +26,17 @@ from controller.tracking.runs import RunRecord
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-__all__ = ["DB_NAME", "TELEMETRY_OFF", "Tracker", "TrackingError", "default_uri", "run_link"]
+__all__ = ["DB_NAME", "DEFAULT_ENV", "Tracker", "TrackingError", "default_uri", "run_link"]
 
 log = logging.getLogger("diffops.controller")
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlflow-artifacts"
-TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+DEFAULT_ENV = {  # each only where the environment does not set it
+    "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",  # no telemetry
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # stdout is the CLI's (-o json); diffops prints the link itself
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # a server that is down: ~5 s, not minutes
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 _BATCH = 100  # MLflow's per-call limit on params and tags (metrics: 1000)
 
 
@@ -78,11 +83,14 @@ class Tracker:
     def client(self) -> MlflowClient:
         with self._lock:
             if self._client is None:
-                for key, value in TELEMETRY_OFF.items():
+                for key, value in DEFAULT_ENV.items():
                     os.environ.setdefault(key, value)
                 started = time.monotonic()
                 try:
                     from mlflow import MlflowClient
+
+                    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store migrations log at INFO on first use
+                    logging.getLogger("alembic").setLevel(logging.WARNING)
 
                     client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
                     client.search_experiments(max_results=1)  # creates (migrates) a local store, or reaches a server
@@ -155,4 +163,4 @@ class Tracker:
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
+    return text.splitlines()[0][:500] if text else type(err).__name__

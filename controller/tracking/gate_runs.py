@@ -1,0 +1,59 @@
+"""Every gate the controller runs becomes an MLflow run, logged from the preparation thread that ran it.
+
+Called by `controller.tick.prepare` right after a gate report arrives (off the
+reconcile loop) and by `diffops check`. The run lands in the release's
+experiment `diffops/<release>`, tagged `diffops.release`, `diffops.version`,
+`diffops.commit`, `diffops.kind=gate`; its id and link travel on with the gate
+report into the state file, so `diffops status` and `history` show them. A
+tracking store that cannot be reached never fails a gate: one warning says so
+and the gate's verdict stands.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from checks.report import GateReport
+from controller.parse.release import Spec
+from controller.tracking.mlflow_store import Tracker, TrackingError
+from controller.tracking.runs import gate_record
+
+__all__ = ["GateRuns", "experiment_name"]
+
+log = logging.getLogger("diffops.controller")
+
+
+def experiment_name(release: str) -> str:
+    """The MLflow experiment holding a release's gate runs."""
+    return f"diffops/{release}"
+
+
+class GateRuns:
+    """Logs gate reports to a tracking store; thread-safe (the store's client is)."""
+
+    def __init__(self, tracker: Tracker, controller_version: str):
+        self.tracker, self.controller_version = tracker, controller_version
+
+    def record(self, report: GateReport, spec: Spec, commit: str, *, gate_key: str | None = None,
+               tags: dict[str, str] | None = None, strict: bool = False) -> dict[str, Any] | None:
+        """Log the gate as a run; `{"id", "experiment_id", "link"}`, or None (logged) when the store refused it
+        (`strict`: raise its TrackingError instead)."""
+        started = time.monotonic()
+        record = gate_record(report.release, report.version, commit, spec, report,
+                             controller_version=self.controller_version, gate_key=gate_key)
+        if tags:
+            record.tags.update(tags)
+        try:
+            logged = self.tracker.log(record, experiment_name(report.release))
+        except TrackingError as err:
+            if strict:
+                raise
+            log.warning("%s: gate of %s not tracked (%s); next: the gate's verdict stands, its report is in the state "
+                        "file (%.1fs)", report.release, report.version, err, time.monotonic() - started)
+            return None
+        log.info("%s: gate of %s tracked as MLflow run %s (%d params, %d metrics, %d artifacts) in %.1fs; next: %s",
+                 report.release, report.version, logged.run_id, len(record.params), len(record.metrics), len(record.artifacts),
+                 time.monotonic() - started, "start replicas" if report.ok else "the version fails with the report")
+        return {"id": logged.run_id, "experiment_id": logged.experiment_id, "link": logged.link}
