@@ -2,8 +2,10 @@
 
 Used where diffops writes a release change for a pull request (`diffops model
 pin`, `diffops experiment promote`): `set_fields(text, {"spec.model.digest":
-"sha256:..."})` replaces each value on its own line (a trailing comment stays),
-adds a missing key at the end of its block mapping, and proves the result: the
+"sha256:..."})` replaces each value on its own line (a trailing comment stays;
+a string keeps its plain or quoted style where it reads back as itself), adds a
+missing key (and the mappings on its way) after the last line of its block
+mapping, refuses block scalars and flow collections, and proves the result: the
 edited text parses (`safe_yaml.load`) to the original data with exactly those
 values changed, or `EditError` says which field to edit by hand.
 """
@@ -11,6 +13,7 @@ values changed, or `EditError` says which field to edit by hand.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -33,7 +36,13 @@ def _yaml(value: Scalar) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text  # YAML 1.1 reads 1e+20 as a string
+    if isinstance(value, int):
         return repr(value)
     return json.dumps(value)  # a double-quoted YAML scalar
 
@@ -49,31 +58,47 @@ def _plain_safe(value: str) -> bool:
 def _comment_start(line: str, start: int) -> int:
     """Index of a trailing ` #` comment after `start` (outside quotes), else the line's length."""
     quote: str | None = None
-    for i in range(start, len(line)):
+    i = start
+    while i < len(line):
         ch = line[i]
         if quote:
             if ch == "\\" and quote == '"':
-                continue
-            if ch == quote:
+                i += 1  # the escaped character, a quote included
+            elif ch == quote and quote == "'" and line[i + 1:i + 2] == "'":
+                i += 1  # '' is a quote inside a single-quoted string
+            elif ch == quote:
                 quote = None
         elif ch in "\"'" and i == start:
             quote = ch
         elif ch == "#" and i > start and line[i - 1] in " \t":
             return i
+        i += 1
     return len(line)
+
+
+def _in_flow(lines: list[str], doc: Document, container: tuple[str, ...]) -> bool:
+    """Whether the mapping at `container` is written in flow style (`{a: 1}`): its value starts with a bracket."""
+    line_no, column = doc.values.get(container, (1, 1))
+    return lines[line_no - 1][column - 1:column] in ("{", "[")
 
 
 def _replace(lines: list[str], doc: Document, path: tuple[str, ...], value: Scalar) -> None:
     line_no, column = doc.values[path]
     key_line, _ = doc.keys[path]
     line = lines[line_no - 1]
-    if line_no != key_line or isinstance(doc_value(doc, path), (dict, list)):
+    if line_no != key_line or isinstance(doc_value(doc, path), (dict, list)) or line[column - 1:column] in ("|", ">"):
         raise EditError(f"{'.'.join(path)}: not a one-line scalar; edit it by hand")
+    if _in_flow(lines, doc, path[:-1]):
+        raise EditError(f"{'.'.join(path)}: inside a flow mapping ({{...}}); edit it by hand")
     end = _comment_start(line, column - 1)
     old = line[column - 1:end].rstrip()
     plain = not old.startswith(("'", '"'))
-    text = value if plain and isinstance(value, str) and _plain_safe(value) else _yaml(value)
-    lines[line_no - 1] = line[:column - 1] + text + line[column - 1 + len(old):]
+    lines[line_no - 1] = line[:column - 1] + _written(value, plain) + line[column - 1 + len(old):]
+
+
+def _written(value: Scalar, plain: bool) -> str:
+    """`value` as YAML: a string plain when asked and it reads back as itself, else double-quoted."""
+    return value if plain and isinstance(value, str) and _plain_safe(value) else _yaml(value)
 
 
 def doc_value(doc: Document, path: tuple[str, ...]) -> Any:
@@ -83,18 +108,41 @@ def doc_value(doc: Document, path: tuple[str, ...]) -> Any:
     return data
 
 
+def _subtree_end(lines: list[str], line_no: int, indent: int) -> int:
+    """The last line (1-based) of what starts on `line_no`: the lines after it indented deeper than `indent`
+    (a block scalar, a list, a flow collection over several lines), blank lines inside included."""
+    end = line_no
+    for index in range(line_no, len(lines)):
+        text = lines[index]
+        if not text.strip():
+            continue
+        if len(text) - len(text.lstrip(" ")) <= indent:
+            break
+        end = index + 1
+    return end
+
+
 def _insert(lines: list[str], doc: Document, path: tuple[str, ...], value: Scalar) -> None:
+    """Add `path` after the last key of its mapping; mappings on the way that do not exist yet are added too."""
     parent = path[:-1]
-    try:
-        mapping = doc_value(doc, parent)
-    except (KeyError, TypeError):
-        raise EditError(f"{'.'.join(parent)}: no such mapping to add {path[-1]} to; add it by hand") from None
-    if not isinstance(mapping, dict) or not mapping:
-        raise EditError(f"{'.'.join(parent)}: not a block mapping with keys; add {path[-1]} by hand")
+    while parent:  # the deepest mapping on the way that exists
+        try:
+            doc_value(doc, parent)
+            break
+        except (KeyError, TypeError):
+            parent = parent[:-1]
+    mapping = doc_value(doc, parent)
+    missing = path[len(parent):]
+    if not isinstance(mapping, dict) or not mapping or _in_flow(lines, doc, parent):
+        raise EditError(f"{'.'.join(parent) or 'the document'}: not a block mapping with keys; add {'.'.join(path)} by hand")
     children = [doc.keys[(*parent, key)] for key in mapping]
     indent = children[0][1] - 1
+    step = indent - (doc.keys[parent][1] - 1) if parent else 2
     last = max(line for p, (line, _) in [*doc.keys.items(), *doc.values.items()] if p[:len(parent)] == parent and len(p) > len(parent))
-    lines.insert(last, " " * indent + f"{path[-1]}: {_yaml(value)}")
+    added = [" " * (indent + step * depth) + f"{key}:" for depth, key in enumerate(missing[:-1])]
+    added.append(" " * (indent + step * (len(missing) - 1)) + f"{missing[-1]}: {_written(value, plain=True)}")
+    at = _subtree_end(lines, last, indent)
+    lines[at:at] = added
 
 
 def set_fields(text: str, changes: Mapping[str, Scalar]) -> str:
