@@ -16,7 +16,7 @@ import click
 import httpx
 
 from controller import logs
-from controller.cli.common import fail, open_source, repo_option, state_dir_option, store_at
+from controller.cli.common import fail, open_source, repo_option, state_dir_option, store_at, tracking_option
 from controller.cli.output import choose, dump, output_option
 from controller.cli.status_view import history_rows, history_text, status_json, status_text
 from controller.cli.tables import history_table, status_table
@@ -96,6 +96,9 @@ def controller() -> None:
                    "Without it or --gnupghome, the OpenPGP keys in $GNUPGHOME (else ~/.gnupg) are trusted.")
 @click.option("--gnupghome", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Trust the OpenPGP keys in this GnuPG home (with --allowed-signers: both kinds are trusted).")
+@tracking_option
+@click.option("--registry-interval", type=click.FloatRange(min=1), default=60.0, show_default=True, metavar="SECONDS",
+              help="How often the models:/ URIs of serving releases are resolved again to report registry drift.")
 @click.option("--once", is_flag=True, help="Reconcile once and exit (exit 1 if that failed or the head was refused).")
 @click.option("--controller-id", default=None, metavar="ID",
               help="Owner mark on every Serve app this controller deploys; apps of other ids are never touched "
@@ -109,7 +112,8 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
                    log_format: str, allow_prune_all: bool,
                    gate_python: str | None,
                    allow_fault_injection: bool, revert_on_abort: str, require_signed_commits: bool,
-                   allowed_signers: Path | None, gnupghome: Path | None, once: bool, controller_id: str | None,
+                   allowed_signers: Path | None, gnupghome: Path | None, tracking_uri: str | None, registry_interval: float,
+                   once: bool, controller_id: str | None,
                    cache_max_bytes: int | None, review_port: int) -> None:
     """Make Ray Serve match the releases at the branch head, continuously."""
     from controller.apply import ray_cluster
@@ -122,6 +126,7 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     from controller.metrics import ControllerMetrics
     from controller.reconciler import Reconciler
     from controller.source.signatures import SignatureGate, Trust, TrustError, check_trust
+    from controller.tick.registry import RegistryLink
     from serving.code_pin import fingerprint
 
     logs.configure(log_format)
@@ -194,6 +199,7 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
                             allow_faults=allow_fault_injection, revert_on_abort=revert_on_abort,
                             signatures=SignatureGate(Path(source.repo.git_dir), trust) if trust is not None else None,
                             cache_max_bytes=cache_max_bytes)
+    reconciler.preparations.registry = RegistryLink.for_state_dir(state_dir, tracking_uri, registry_interval)
     where = "this machine" if local else f"the cluster at {dashboard}"
     published = f"; file:// models published to {model_store}" if model_store else ""
     click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}, id {settings.owner}); Ray on {where}{published}; "
