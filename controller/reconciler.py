@@ -47,6 +47,7 @@ from controller.tick import annotate, apply, decide, record
 from controller.tick.costs import CostBook, WorkReader
 from controller.tick.observe import Observer
 from controller.tick.prepare import Preparations
+from controller.tick.registry import RegistryLink
 from controller.tracking.gate_runs import GateRuns
 from serving.artifacts import ModelCache
 
@@ -70,7 +71,7 @@ class Reconciler:
                  gate: Gate | None = None, gate_dir: Path | None = None, allow_faults: bool = False,
                  revert_on_abort: str = "off", signatures: SignatureGate | None = None,
                  rand: Callable[[], float] = random.random, cache_max_bytes: int | None = None,
-                 gate_runs: GateRuns | None = None):
+                 gate_runs: GateRuns | None = None, registry: RegistryLink | None = None):
         self.source, self.store, self.serve, self.settings = source, store, serve, settings
         self.signatures = signatures  # --require-signed-commits: only a HEAD signed by a trusted key is reconciled
         self.gate = gate or LocalGate()
@@ -88,7 +89,7 @@ class Reconciler:
         self.cache = apply.CacheKeeper(cache, cache_max_bytes, metrics)  # --cache-max-bytes: evict unused models past it
         self.preparations = Preparations(source, store, self.gate, cache, settings.cache_dir,
                                          gate_dir or Path(settings.cache_dir).parent / "gate", on_prepared, settings.placement,
-                                         gate_runs)
+                                         gate_runs, registry)
         self.costs = CostBook(store, cache, serve if isinstance(serve, WorkReader) else None, metrics, clock)
 
     def reconcile(self) -> TickResult:

@@ -7,6 +7,7 @@ loader can point each at its line in the release file.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from packaging.requirements import InvalidRequirement, Requirement
@@ -16,10 +17,13 @@ from pydantic import AfterValidator, Field, field_validator
 from serving.fields import Digest, ImageRef, SpecModel
 from serving.samplers import SamplerName
 
-__all__ = ["ClipSpec", "FaultsSpec", "GenerationSpec", "IngressSpec", "LimitsSpec", "MODEL_SCHEMES", "ModelSpec", "QualitySpec",
-           "ReplicasSpec", "ReviewSpec", "RuntimeSpec", "SafetySpec", "rules"]
+__all__ = ["REGISTRY_SCHEME", "REGISTRY_URI", "ClipSpec", "FaultsSpec", "GenerationSpec", "IngressSpec", "LimitsSpec", "MODEL_SCHEMES",
+           "ModelSpec", "QualitySpec", "ReplicasSpec", "ReviewSpec", "RuntimeSpec", "SafetySpec", "rules"]
 
 MODEL_SCHEMES = ("file://", "s3://", "gs://", "az://", "abfs://", "hf://")
+REGISTRY_SCHEME = "models:/"  # a registered model version, resolved by the controller (never by replicas)
+REGISTRY_URI = re.compile(r"models:/(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,255})"
+                          r"(?:@(?P<alias>[A-Za-z_][A-Za-z0-9_-]{0,254})|/(?P<version>[1-9][0-9]{0,9}))")
 
 
 def _known_scheme(uri: str) -> str:
@@ -33,11 +37,23 @@ def _known_scheme(uri: str) -> str:
 ModelUri = Annotated[str, AfterValidator(_known_scheme)]
 
 
+def _model_or_registry(uri: str) -> str:
+    if not uri.startswith(REGISTRY_SCHEME):
+        return _known_scheme(uri)
+    if not REGISTRY_URI.fullmatch(uri):
+        raise ValueError(f"{uri!r}: a registered model is models:/NAME@ALIAS (e.g. models:/tiny@production) or "
+                         "models:/NAME/VERSION (e.g. models:/tiny/3)")
+    return uri
+
+
+RegistryOrModelUri = Annotated[str, AfterValidator(_model_or_registry)]
+
+
 class ModelSpec(SpecModel):
-    uri: ModelUri
-    """Where the model directory lives: file:// (in the repo), s3://, gs://, az://, hf://org/name@revision."""
+    uri: RegistryOrModelUri
+    """Where the model directory lives: file:// (in the repo), s3://, gs://, az://, hf://org/name@revision, or a registered version: models:/NAME@ALIAS, models:/NAME/VERSION (resolved by the controller; a registered digest other than `digest` is refused)."""  # noqa: E501 (one line of the JSON schema)
     digest: Digest
-    """sha256 over the model's file manifest; print it with `diffops model digest PATH`."""
+    """sha256 over the model's file manifest; print it with `diffops model digest PATH` (or `diffops model pin RELEASE` for a models:/ URI)."""  # noqa: E501
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Weights dtype on GPU replicas; CPU replicas always run float32."""
 

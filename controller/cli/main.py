@@ -1,5 +1,5 @@
 """The `diffops` command line: the group (its `--no-color`, every option's DIFFOPS_ variable, `completion`,
-`version`) and the authoring side: lint, diff, schema, model artifacts.
+`version`) and the authoring side: lint, diff, schema; `model` (artifacts and the registry) is `controller.cli.model`.
 
 Each command parses its options, calls the pure or I/O module that does the
 work, prints, and maps failures to an exit code and a message saying what to do.
@@ -10,30 +10,29 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
 
 from controller.cli import cost as cli_cost
 from controller.cli import gate as cli_gate
+from controller.cli import model as cli_model
 from controller.cli import monitoring as cli_monitoring
 from controller.cli import operate as cli_operate
 from controller.cli import quality as cli_quality
 from controller.cli import review as cli_review
-from controller.cli.common import fail, open_source, release_at, repo_option, state_dir_option
+from controller.cli.common import fail, open_source, repo_option, state_dir_option
 from controller.cli.output import Output, choose, dump, legacy_format_option, output_option
 from controller.cli.shell import apply_envvars, completion
-from controller.cli.terminal import color_wanted, progress
+from controller.cli.terminal import color_wanted
 from controller.cli.version import version
 from controller.parse.loader import ReleaseError
 from controller.parse.release import Release
 from controller.plan import report as diff_report
 from controller.plan.changes import ReleaseChange, diff_releases
 from controller.source.git_source import ReleaseSource, SourceError
-from serving.manifest import MANIFEST_NAME, ArtifactError, manifest_of
 
-__all__ = ["diff", "diff_exit_code", "diff_output", "lint", "main", "model", "release_schema_text", "resolve_range", "schema"]
+__all__ = ["diff", "diff_exit_code", "diff_output", "lint", "main", "release_schema_text", "resolve_range", "schema"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -160,56 +159,9 @@ def release_schema_text() -> str:
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
-@main.group()
-def model() -> None:
-    """Model artifacts: digests to pin, and fetching into the verified cache."""
-
-
-@model.command("digest")
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--write", is_flag=True, help=f"Also write {MANIFEST_NAME} into PATH so a mismatch can name the file.")
-def model_digest(path: Path, write: bool) -> None:
-    """Print the digest of a model directory, to pin as spec.model.digest."""
-    try:
-        with progress(f"hashing {path}"):
-            manifest = manifest_of(path)
-    except ArtifactError as err:
-        fail(f"{path}: {err}")
-    if write:
-        (path / MANIFEST_NAME).write_text(manifest.text())
-        click.echo(f"wrote {path / MANIFEST_NAME} ({len(manifest.files)} files)", err=True)
-    click.echo(manifest.digest)
-
-
-@model.command("fetch")
-@click.argument("release_name", metavar="RELEASE")
-@repo_option
-@state_dir_option
-@click.option("--rev", default=None, help="Revision to read the release at (default: HEAD).")
-@click.option("--reverify", is_flag=True, help="Re-hash a cached copy instead of trusting the cache.")
-def model_fetch(release_name: str, repo: str, state_dir: Path, rev: str | None, reverify: bool) -> None:
-    """Fetch and verify a release's model into the cache (what a replica does before loading)."""
-    from serving.artifacts import ModelCache, fetch
-
-    source = open_source(repo, state_dir)
-    release, commit = release_at(source, release_name, rev)
-    started = time.monotonic()
-    click.echo(f"{release_name}: fetching {release.spec.model.uri} ({release.spec.model.digest[:19]}…)", err=True)
-    try:
-        with progress(f"{release_name}: fetching and verifying {release.spec.model.uri}"):
-            result = fetch(
-                release.spec.model.uri, release.spec.model.digest, ModelCache(state_dir / "models"),
-                repo=source.path, commit=commit, reverify=reverify,
-            )
-    except ArtifactError as err:
-        fail(f"{release_name}: model refused: {err}; the model is not cached and nothing will load it")
-    how = "cache hit, nothing transferred" if result.cached else f"transferred {result.bytes_transferred} bytes"
-    click.echo(f"{release_name}: verified {result.files} files, {how}, in {time.monotonic() - started:.2f}s", err=True)
-    click.echo(str(result.path))
-
-
 for command in [*cli_gate.COMMANDS, *cli_operate.COMMANDS, cli_cost.cost, completion, version]:
     main.add_command(command)
+main.add_command(cli_model.model)
 main.add_command(cli_monitoring.monitoring)
 main.add_command(cli_quality.quality)
 main.add_command(cli_review.review)

@@ -98,6 +98,8 @@ def controller() -> None:
               help="Trust the OpenPGP keys in this GnuPG home (with --allowed-signers: both kinds are trusted).")
 @tracking_option
 @click.option("--no-tracking", is_flag=True, help="Log no gate runs to the tracking store.")
+@click.option("--registry-interval", type=click.FloatRange(min=1), default=60.0, show_default=True, metavar="SECONDS",
+              help="How often the models:/ URIs of serving releases are resolved again to report registry drift.")
 @click.option("--once", is_flag=True, help="Reconcile once and exit (exit 1 if that failed or the head was refused).")
 @click.option("--controller-id", default=None, metavar="ID",
               help="Owner mark on every Serve app this controller deploys; apps of other ids are never touched "
@@ -111,8 +113,8 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
                    log_format: str, allow_prune_all: bool,
                    gate_python: str | None,
                    allow_fault_injection: bool, revert_on_abort: str, require_signed_commits: bool,
-                   allowed_signers: Path | None, gnupghome: Path | None, tracking_uri: str | None, no_tracking: bool, once: bool,
-                   controller_id: str | None,
+                   allowed_signers: Path | None, gnupghome: Path | None, tracking_uri: str | None, no_tracking: bool,
+                   registry_interval: float, once: bool, controller_id: str | None,
                    cache_max_bytes: int | None, review_port: int) -> None:
     """Make Ray Serve match the releases at the branch head, continuously."""
     from controller.apply import ray_cluster
@@ -125,8 +127,10 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     from controller.metrics import ControllerMetrics
     from controller.reconciler import Reconciler
     from controller.source.signatures import SignatureGate, Trust, TrustError, check_trust
+    from controller.tick.registry import RegistryLink
     from controller.tracking.gate_runs import GateRuns
     from controller.tracking.mlflow_store import default_uri
+    from controller.tracking.registry import ModelRegistry
     from serving.code_pin import fingerprint
 
     logs.configure(log_format)
@@ -193,13 +197,15 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
         gate = RayJobGate(dashboard, ray_cluster.ensure_token(), python=gate_python, serving_code=fingerprint())
     except ValueError as err:  # DIFFOPS_GATE_START_DEADLINE_S / DIFFOPS_GATE_RESOURCES malformed
         fail(str(err))
+    tracker = tracker_at(state_dir, tracking_uri)  # gate runs and models:/ URIs: opened on first use, off the loop
     reconciler = Reconciler(source, store, serve, settings, branch=branch,
                             allow_prune_all=allow_prune_all, on_prepared=wake.set, metrics=metrics,
                             gate=gate, gate_dir=state_dir / "gate",
                             allow_faults=allow_fault_injection, revert_on_abort=revert_on_abort,
                             signatures=SignatureGate(Path(source.repo.git_dir), trust) if trust is not None else None,
                             cache_max_bytes=cache_max_bytes,
-                            gate_runs=None if no_tracking else GateRuns(tracker_at(state_dir, tracking_uri), fingerprint()))
+                            gate_runs=None if no_tracking else GateRuns(tracker, fingerprint()),
+                            registry=RegistryLink(ModelRegistry(tracker), registry_interval))
     where = "this machine" if local else f"the cluster at {dashboard}"
     published = f"; file:// models published to {model_store}" if model_store else ""
     tracked = "off" if no_tracking else redact(tracking_uri or default_uri(state_dir))

@@ -113,6 +113,7 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
             "step": step_text(release),
             "analysis": release.analysis,
             "watch": watch_json(release),
+            "registry_drift": state.registry_drift.get(release.name),
             "versions": rows,
         })
     return {
@@ -205,6 +206,8 @@ def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
             lines.append(f"  canary step {release['step']}")
         if release["watch"]:
             lines.append(f"  {watch_text(release['watch'], now)}")
+        if release["registry_drift"]:
+            lines.append(f"  registry drift ({age(now - release['registry_drift']['since'])}): {release['registry_drift']['message']}")
         analysis = release["analysis"]
         if analysis:
             lines.append(f"  analysis: {analysis_summary(analysis)}")

@@ -124,6 +124,14 @@ CREATE TABLE IF NOT EXISTS sample_cursor (
 """
 V6_COLUMNS: dict[str, tuple[str, ...]] = {"feedback": ("source TEXT NOT NULL DEFAULT 'user'",)}
 
+# Version 7: registry drift per release: its models:/ URI resolves to another digest than the pin (or cannot be
+# checked), recorded by the controller's registry watch for `diffops status`.
+V7_TABLES = """
+CREATE TABLE IF NOT EXISTS registry_drift (
+    release TEXT PRIMARY KEY, uri TEXT NOT NULL, message TEXT NOT NULL, since REAL NOT NULL, checked_at REAL NOT NULL
+)
+"""
+
 Step = str | Callable[[sqlite3.Connection], None]
 
 
@@ -163,6 +171,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               tuple(_statements(V5_TABLES))),
     Migration(6, "sampled outputs with their quality scores and review images, and where each feedback came from",
               (*_statements(V6_TABLES), _add_columns(V6_COLUMNS))),
+    Migration(7, "registry drift per release (a models:/ alias that moved away from the pinned digest)",
+              tuple(_statements(V7_TABLES))),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

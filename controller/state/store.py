@@ -68,6 +68,7 @@ class State:
     releases: dict[str, ReleaseRecord] = field(default_factory=dict)
     versions: list[VersionRecord] = field(default_factory=list)
     apps: dict[str, ObservedApp] = field(default_factory=dict)  # what Ray Serve last reported, for `status`
+    registry_drift: dict[str, dict[str, Any]] = field(default_factory=dict)  # release -> {uri, message, since, checked_at}
 
 
 def _encode(name: str, value: Any) -> Any:
@@ -150,7 +151,7 @@ class Store:
         apps = {r["name"]: ObservedApp(**{**dict(r), "weights": json.loads(r["weights"]) if r["weights"] else None,
                                           "nodes": tuple(json.loads(r["nodes"]) if r["nodes"] else ())})
                 for r in self.db.execute("SELECT * FROM apps")}
-        return State(controller, releases, versions, apps)
+        return State(controller, releases, versions, apps, self.registry_drift())
 
     def save(self, state: State, events: Sequence[Event] = (), gates: Sequence[GateRecord] = (),
              consumed: Sequence[Command] = ()) -> None:
@@ -196,6 +197,22 @@ class Store:
         except sqlite3.OperationalError:  # a read-only look at a state file written before the table existed
             return None
         return RefusedCommit(**dict(row)) if row else None
+
+    def registry_drift(self) -> dict[str, dict[str, Any]]:
+        """Per release, its registry drift as the registry watch last recorded it (none in an older state file)."""
+        try:
+            rows = self.db.execute("SELECT release, uri, message, since, checked_at FROM registry_drift ORDER BY release").fetchall()
+        except sqlite3.OperationalError:  # a read-only look at a file written before the table existed
+            return {}
+        return {r[0]: {"uri": r[1], "message": r[2], "since": r[3], "checked_at": r[4]} for r in rows}
+
+    def set_registry_drift(self, release: str, entry: dict[str, Any] | None) -> None:
+        """Record a release's registry drift (None: it ended)."""
+        if entry is None:
+            self.db.execute("DELETE FROM registry_drift WHERE release = ?", (release,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO registry_drift VALUES (?, ?, ?, ?, ?)",
+                            (release, entry["uri"], entry["message"], entry["since"], entry["checked_at"]))
 
     def events(self, release: str | None = None, limit: int = 1000) -> list[Event]:
         where, args = ("WHERE release = ?", (release,)) if release else ("", ())

@@ -4,7 +4,8 @@ The first phase of a reconcile (`controller.tick`). Reads what Ray Serve runs
 and splits it into our applications and other owners' (`controller.apply.drift`),
 asks each router for its live weights until it confirms the recorded ones, asks
 Ray for free resources only while something must start, collects finished model
-preparations and pending manual commands, and reads per release what its step
+preparations and pending manual commands (a `models:/` URI resolved since: its
+source, `controller.tick.registry`; the registry drift check when due), and reads per release what its step
 needs: the checks' golden reference in git (the gate key) and, for a version
 under analysis (a walking canary, or a promoted version under its
 post-promotion watch), its router's figures, plus, once an interval is due with
@@ -38,6 +39,7 @@ from controller.source.git_source import ReleaseFile, ReleaseSource, Snapshot
 from controller.state.feedback import feedback_counts
 from controller.state.records import ObservedApp, VersionRecord
 from controller.state.store import GateRecord, State, Store
+from controller.tick import registry
 from controller.tick.decide import Policy, StepInput, TickInput
 from controller.tick.prepare import Key, Preparations
 from controller.tick.prometheus import read_queries
@@ -80,6 +82,9 @@ class Observer:
         self._drain_samples(observed, state, store)
         started, now = time.monotonic(), self.clock()
         finished = preparations.collect()
+        link = preparations.registry_link()
+        versions = registry.attach(state.versions, link.resolved)  # models:/ URIs resolved since: their source, recorded
+        registry.watch(link, state.releases.values(), versions, store, self.metrics, now)
         gates = tuple((*key, result.report) for key, result in finished if result.report is not None)
         files = {PurePosixPath(path).stem: f for path, f in snapshot.files.items()}
         commands = tuple(store.pending_commands())
@@ -91,7 +96,7 @@ class Observer:
         releases = []
         for name in sorted(set(state.releases) | set(files)):
             base = StepInput(name, now, head, files.get(name), state.releases.get(name),
-                             tuple(v for v in state.versions if v.release == name), observed, self.policy,
+                             tuple(v for v in versions if v.release == name), observed, self.policy,
                              desired_version=desired.get(name), every_file_gone=every_file_gone,
                              commands=tuple(c for c in commands if c.release == name), free=free)
             releases.append(self._release(base, others, preparations.prepared, store))

@@ -29,7 +29,9 @@ from controller.rollout.outcomes import Desired, Prepared
 from controller.source.git_source import ReleaseSource
 from controller.state.records import VersionRecord
 from controller.state.store import Store
+from controller.tick.registry import RegistryLink
 from controller.tracking.gate_runs import GateRuns
+from controller.tracking.registry import registry_ref
 from serving.artifacts import ModelCache, fetch
 from serving.manifest import ArtifactError
 from serving.metrics import store_of
@@ -46,9 +48,10 @@ class Preparations:
 
     def __init__(self, source: ReleaseSource, store: Store, gate: Gate, cache: ModelCache, cache_dir: str, gate_dir: Path,
                  on_prepared: Callable[[], None] = lambda: None, placement: Placement | None = None,
-                 gate_runs: GateRuns | None = None):
+                 gate_runs: GateRuns | None = None, registry: RegistryLink | None = None):
         self.source, self.store, self.gate, self.cache = source, store, gate, cache
         self.gate_runs = gate_runs  # each gate report is logged as a tracking run, here in the preparation thread
+        self.registry = registry  # where models:/ URIs resolve (`controller run --tracking-uri`); None: the state dir's store
         self.placement = placement or Placement()
         self.cache_dir, self.gate_dir, self.on_prepared = cache_dir, gate_dir, on_prepared
         self.prepared: dict[Key, Prepared] = {}  # finished, not yet seen by a tick that went through
@@ -83,6 +86,9 @@ class Preparations:
         key = (version.release, version.version, desired.gate_key)
         if key in self.preparing or key in self.prepared:
             return
+        if registry_ref(version.spec.model.uri) is not None:  # resolved first; the observe phase attaches the source
+            self.registry_link().resolve(version, key, self._pool, self._finish, self.on_prepared)
+            return
         model, placement = version.spec.model, self.placement
         models = pinned_models(version.spec)
         passed = self.store.passed_gate(*key)
@@ -104,7 +110,8 @@ class Preparations:
                     return Prepared(False, f"{what} unreachable from the cluster: {refusal}", 0.0)
                 try:
                     fetched = fetch(pinned.uri, pinned.digest, self.cache, repo=self.source.path, commit=version.commit,
-                                    reverify=True, heal=True)  # a damaged cached copy is fetched again, never gated
+                                    reverify=True, heal=True,  # a damaged cached copy is fetched again, never gated
+                                    allowed_roots=self.registry_link().roots(pinned.uri))  # a registered local source
                     if fetched.bytes_transferred:
                         self._fetched.put(Fetch(version.release, version.version, store_of(pinned.uri), fetched.bytes_transferred))
                     if placement.publishes(pinned):
@@ -131,6 +138,17 @@ class Preparations:
         future = self._pool.submit(work)
         self.preparing[key] = future
         future.add_done_callback(done)
+
+    def registry_link(self) -> RegistryLink:
+        """The model registry this controller resolves models:/ URIs through (default: the state dir's MLflow store)."""
+        if self.registry is None:
+            self.registry = RegistryLink.for_state_dir(self.store.path.parent)
+        return self.registry
+
+    def _finish(self, key: Key, result: Prepared) -> None:
+        """A preparation that ended before its fetch (a refused models:/ URI), handed to the next tick."""
+        self._finished.put((key, result))
+        self.on_prepared()
 
     def close(self) -> None:
         """Cancel queued preparations and stop running gate jobs so the process can exit now."""
