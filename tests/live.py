@@ -289,3 +289,16 @@ def send_in_background(path: str, body: dict[str, Any], timeout: float = 300) ->
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
     return thread, answers
+
+
+MLFLOW_QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def gate_runs(uri: str, release: str, version: str) -> list[Any]:
+    """The gate runs of a release's version in a tracking store, read with MLflow's own client."""
+    import mlflow
+
+    os.environ.update(MLFLOW_QUIET)
+    mlflow.set_tracking_uri(uri)
+    where = f"tags.`diffops.release` = '{release}' and tags.`diffops.version` = '{version}' and tags.`diffops.kind` = 'gate'"
+    return mlflow.search_runs(experiment_names=[f"diffops/{release}"], filter_string=where, output_format="list")

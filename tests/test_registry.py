@@ -19,6 +19,7 @@ from controller.tracking.registry import RegisteredVersion, RegistryRef, drift, 
 from serving.manifest import MANIFEST_NAME, manifest_of
 from serving.schema import ModelSpec
 from tests.conftest import DEMO_MODEL, DEMO_RELEASE, ReleaseRepo, edit, make_release
+from tests.live import gate_runs
 
 D1, D2 = "sha256:" + "a1" * 32, "sha256:" + "b2" * 32
 
@@ -218,3 +219,18 @@ def test_fetch_resolves_a_registry_uri_and_refuses_a_digest_the_registry_does_no
     release_repo.commit("demo on tiny/2 with tiny/1's digest")
     code, out, err = cli("model", "fetch", "demo", "--repo", str(release_repo.path), "--state-dir", str(store))
     assert code == 1 and "models:/tiny/2 is models:/tiny/2 with digest sha256:" in err and "diffops model pin demo" in err
+
+
+def test_check_gates_a_registered_model_and_tracks_the_release_uri(store, model_repo: ReleaseRepo):
+    model_repo.release(**{"uri: file://models/tiny-sd": "uri: models:/tiny/1"})
+    model_repo.commit("demo on tiny/1")
+    code, out, err = cli("check", "demo", "--repo", str(model_repo.path), "--state-dir", str(store), "--track", "-o", "json")
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["ok"] and "models:/tiny/1 is models:/tiny/1 at file://" in err
+    [run] = gate_runs(f"sqlite:///{store / 'mlflow.db'}", "demo", report["version"])
+    assert run.data.params["model.uri"] == "models:/tiny/1" and run.data.tags["diffops.where"] == "local"
+    model_repo.release(**{"uri: file://models/tiny-sd": "uri: models:/tiny/2"})
+    model_repo.commit("tiny/2 with tiny/1's digest")
+    code, out, err = cli("check", "demo", "--repo", str(model_repo.path), "--state-dir", str(store))
+    assert code == 1 and "model refused: models:/tiny/2 is models:/tiny/2 with digest sha256:" in err

@@ -9,8 +9,7 @@ import subprocess
 import pytest
 
 from tests.conftest import ReleaseRepo
-from tests.live import DIFFOPS
-from tests.test_tracking_e2e import gate_runs
+from tests.live import DIFFOPS, gate_runs
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -16,10 +16,10 @@ from PIL import Image
 
 from controller.parse.loader import parse_release
 from tests.conftest import DEMO_RELEASE, ReleaseRepo
-from tests.live import DIFFOPS, running_controller, stable_version, wait_for
+from tests.live import DIFFOPS, MLFLOW_QUIET, gate_runs, running_controller, stable_version, wait_for
 
 pytestmark = pytest.mark.timeout(600)
-QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
 
 
 def free_port() -> int:
@@ -37,7 +37,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
          "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **QUIET, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **MLFLOW_QUIET, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -53,15 +53,6 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=30)
-
-
-def gate_runs(uri: str, release: str, version: str) -> list:
-    import mlflow
-
-    os.environ.update(QUIET)
-    mlflow.set_tracking_uri(uri)
-    where = f"tags.`diffops.release` = '{release}' and tags.`diffops.version` = '{version}' and tags.`diffops.kind` = 'gate'"
-    return mlflow.search_runs(experiment_names=[f"diffops/{release}"], filter_string=where, output_format="list")
 
 
 def test_a_rollout_logs_its_gate_on_a_tracking_server_and_status_and_history_link_it(model_repo: ReleaseRepo, serve, tmp_path,

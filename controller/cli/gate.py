@@ -10,6 +10,7 @@ import click
 
 from checks.report import GateReport
 from controller.cli.common import fail, open_source, release_at, repo_option, state_dir_option, tracker_at, tracking_option
+from controller.cli.model import resolved_model
 from controller.cli.output import choose, dump, legacy_format_option, output_option
 from controller.cli.terminal import progress
 from controller.plan.versions import version_id
@@ -55,9 +56,20 @@ def check(release_name: str, repo: str, state_dir: Path, rev: str | None, track:
                "performance, quality", err=True)
     quality = release.spec.checks.quality
     baseline = latest_features(state_dir / "gate" / release_name, version) if quality and quality.max_distance is not None else None
+    model = release.spec.model
+    uri, roots = resolved_model(release_name, model, state_dir, tracking_uri)
+    if uri != model.uri:  # a registered model: fetched (and verified) here first, so the gate finds it in the cache
+        from serving.artifacts import ModelCache, fetch
+        from serving.manifest import ArtifactError
+
+        try:
+            fetch(uri, model.digest, ModelCache(state_dir / "models"), allowed_roots=roots)
+        except ArtifactError as err:
+            fail(f"{release_name}: model refused: {err}")
+        model = model.model_copy(update={"uri": uri})
     with progress(f"{release_name} {version}: gate running (artifact, dependency, load, golden, performance, quality)"):
         report = LocalGate().run(gate_input(release, version, source, str(state_dir / "models"), model_commit=commit,
-                                            checks_commit=commit, quality_baseline=baseline))
+                                            checks_commit=commit, model=model, quality_baseline=baseline))
     saved = report.save_artifacts(state_dir / "gate" / release_name / version)
     run, untracked = None, None
     if track:

@@ -22,8 +22,9 @@ from controller.cli.output import choose, dump, output_option
 from controller.cli.terminal import progress
 from controller.tracking.registry import ModelRegistry, RegisteredVersion, RegistryError, provenance_tags, refusal, registry_ref
 from serving.manifest import MANIFEST_NAME, ArtifactError, Manifest, manifest_of
+from serving.schema import ModelSpec
 
-__all__ = ["model"]
+__all__ = ["model", "resolved_model"]
 
 
 @click.group()
@@ -65,17 +66,8 @@ def model_fetch(release_name: str, repo: str, state_dir: Path, tracking_uri: str
 
     source = open_source(repo, state_dir)
     release, commit = release_at(source, release_name, rev)
-    uri, digest = release.spec.model.uri, release.spec.model.digest
-    roots: tuple[Path, ...] = ()
-    ref = registry_ref(uri)
-    if ref is not None:
-        found = _lookup(_registry(state_dir, tracking_uri), ref.uri)
-        problem = refusal(ref, digest, found, release_name)
-        if problem is not None:
-            fail(f"{release_name}: model refused: {problem}")
-        uri = found.source
-        roots = (Path(uri.removeprefix("file://")),) if uri.startswith("file:///") else ()
-        click.echo(f"{release_name}: {ref.uri} is {found.uri} at {uri}", err=True)
+    digest = release.spec.model.digest
+    uri, roots = resolved_model(release_name, release.spec.model, state_dir, tracking_uri)
     started = time.monotonic()
     click.echo(f"{release_name}: fetching {uri} ({digest[:19]}…)", err=True)
     try:
@@ -87,6 +79,21 @@ def model_fetch(release_name: str, repo: str, state_dir: Path, tracking_uri: str
     how = "cache hit, nothing transferred" if result.cached else f"transferred {result.bytes_transferred} bytes"
     click.echo(f"{release_name}: verified {result.files} files, {how}, in {time.monotonic() - started:.2f}s", err=True)
     click.echo(str(result.path))
+
+
+def resolved_model(release_name: str, model: ModelSpec, state_dir: Path, tracking_uri: str | None) -> tuple[str, tuple[Path, ...]]:
+    """Where a release's model is fetched from, and the local root that fetch may read: a `models:/` URI resolved
+    through the registry (exit 1 when its digest is not the pinned one), any other URI as it is."""
+    ref = registry_ref(model.uri)
+    if ref is None:
+        return model.uri, ()
+    found = _lookup(_registry(state_dir, tracking_uri), ref.uri)
+    problem = refusal(ref, model.digest, found, release_name)
+    if problem is not None:
+        fail(f"{release_name}: model refused: {problem}")
+    click.echo(f"{release_name}: {ref.uri} is {found.uri} at {found.source}", err=True)
+    roots = (Path(found.source.removeprefix("file://")),) if found.source.startswith("file:///") else ()
+    return found.source, roots
 
 
 def _lookup(registry: ModelRegistry, uri: str) -> RegisteredVersion:
