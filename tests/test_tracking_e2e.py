@@ -21,7 +21,6 @@ from tests.live import DIFFOPS, MLFLOW_QUIET, gate_runs, running_controller, sta
 pytestmark = pytest.mark.timeout(600)
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
