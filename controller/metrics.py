@@ -39,6 +39,9 @@ class ControllerMetrics:
                             registry=self.registry)
         self.drift_healed = Counter("diffops_drift_healed_total", "Applications re-applied because Ray Serve no longer ran "
                                     "them as applied (missing, deleted, changed).", ["release"], registry=self.registry)
+        self.registry_drift = Gauge("diffops_registry_drift", "1 while a release's models:/ URI resolves to a digest other "
+                                    "than its pin (or the registry cannot be reached); serving is unchanged.", ["release"],
+                                    registry=self.registry)
         self.cache_bytes = Gauge("diffops_cache_bytes", "Bytes of verified models in the controller's model cache.",
                                  registry=self.registry)
         self.feedback = Counter("diffops_feedback", "User feedback answers stored, by rating (none: flags or a comment only).",
@@ -119,6 +122,9 @@ class ControllerMetrics:
 
     def observe_drift(self, release: str) -> None:
         self.drift_healed.labels(release).inc()
+
+    def set_registry_drift(self, release: str, drifting: bool) -> None:
+        self.registry_drift.labels(release).set(1 if drifting else 0)
 
     def observe_state(self, state: State) -> None:
         self.phase.clear()

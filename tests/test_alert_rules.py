@@ -38,6 +38,7 @@ CONTRACT = {
     "ray_diffops_gpu_utilization_ratio": "gauge", "ray_diffops_gpu_memory_used_bytes": "gauge",
     "ray_diffops_gpu_memory_total_bytes": "gauge",
     "up": "gauge",  # Prometheus's own, per target
+    "diffops_registry_drift": "gauge",  # beyond DESIGN.md's list: the registry's drift (README, "Metrics and monitoring")
 }
 SERIES = {f"{name}{suffix}" for name, kind in CONTRACT.items()
           for suffix in (("_bucket", "_sum", "_count") if kind == "histogram" else ("",))}
@@ -88,7 +89,7 @@ def test_the_alerts_the_issue_asks_for_are_there():
     assert {r["alert"] for r in rules()} == {
         "DiffopsControllerDown", "DiffopsNoReconcile", "DiffopsReconcileErrors", "DiffopsReleaseFailed", "DiffopsReleaseDegraded",
         "DiffopsReleaseInvalid", "DiffopsDriftHealedRepeatedly", "DiffopsServingErrors", "DiffopsServingSlow",
-        "DiffopsGpuMemoryHigh", "DiffopsQueueGrowing", "DiffopsCostPerImageOverBudget",
+        "DiffopsGpuMemoryHigh", "DiffopsQueueGrowing", "DiffopsCostPerImageOverBudget", "DiffopsRegistryDrift",
     }
 
 

@@ -90,7 +90,7 @@ def test_promtool_accepts_the_committed_and_the_rendered_config(tmp_path):
     config = write_config(Settings(tmp_path / "state", str(tmp_path / "ray"), controller="127.0.0.1:19464"))
     rendered = promtool("check", "config", str(config))
     assert rendered.returncode == 0, rendered.stdout + rendered.stderr
-    assert "SUCCESS: 12 rules found" in rendered.stdout and "127.0.0.1:19464" in config.read_text()
+    assert "SUCCESS: 13 rules found" in rendered.stdout and "127.0.0.1:19464" in config.read_text()
 
 
 @pytest.mark.parametrize(("old", "new", "message"), [

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from controller.metrics import ControllerMetrics
 from controller.rollout.outcomes import Prepared
 from controller.state.records import ReleaseRecord, VersionRecord
 from controller.state.store import Store
@@ -143,7 +144,6 @@ class DriftWatch:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
         self._check: Future[dict[str, tuple[str, str | None]]] | None = None
         self._next_at = 0.0
-        self._gauge: Any = None
 
     def poll(self, releases: Iterable[ReleaseRecord], versions: Iterable[VersionRecord], recorded: dict[str, dict[str, Any]],
              now: float) -> tuple[dict[str, dict[str, Any]], list[str]] | None:
@@ -173,24 +173,13 @@ class DriftWatch:
             out[release] = (ref.uri, drift(ref, pinned, found, error, release))
         return out
 
-    def gauge(self, metrics: Any) -> Any:
-        """`diffops_registry_drift{release}` on the controller's metrics registry (created once)."""
-        if self._gauge is None and metrics is not None:
-            from prometheus_client import Gauge
-
-            self._gauge = Gauge("diffops_registry_drift", "1 while a release's models:/ URI resolves to a digest other than "
-                                "its pin (or the registry cannot be reached); serving is unchanged.", ["release"],
-                                registry=metrics.registry)
-        return self._gauge
-
 
 def watch(link: RegistryLink, releases: Iterable[ReleaseRecord], versions: Iterable[VersionRecord], store: Store,
-          metrics: Any, now: float) -> None:
+          metrics: ControllerMetrics | None, now: float) -> None:
     """The observe phase's registry check: a finished check's drift recorded (`diffops status`), logged once when it
     starts or changes and once when it ends, and counted; the next check started when due. Nothing else changes."""
     recorded = store.registry_drift()
     changes = link.watch.poll(releases, versions, recorded, now)
-    gauge = link.watch.gauge(metrics)
     if changes is None:
         return
     started, ended = changes
@@ -198,12 +187,12 @@ def watch(link: RegistryLink, releases: Iterable[ReleaseRecord], versions: Itera
         store.set_registry_drift(name, entry)
         log.warning("%s: registry drift: %s; next: check again in %.0fs", name, entry["message"], link.watch.interval_s,
                     extra={"subject": name, "event": "registry-drift"})
-        if gauge is not None:
-            gauge.labels(release=name).set(1)
+        if metrics is not None:
+            metrics.set_registry_drift(name, True)
     for name in ended:
         since = recorded[name]["since"]
         store.set_registry_drift(name, None)
         log.info("%s: registry drift over: %s agrees with the release again after %.0fs; next: nothing to do", name,
                  recorded[name]["uri"], now - since, extra={"subject": name, "event": "registry-drift-over"})
-        if gauge is not None:
-            gauge.labels(release=name).set(0)
+        if metrics is not None:
+            metrics.set_registry_drift(name, False)
