@@ -87,6 +87,7 @@ lint: setup code-check
 
 schema: setup
 	$(BIN)/diffops schema -o releases/release.schema.json
+	$(BIN)/diffops experiment schema -o experiments/experiment.schema.json
 
 # Re-pin every dependency from the current environment.
 lock: setup

@@ -22,7 +22,8 @@ def run(*args: str, cwd: Path, state: Path | None = None) -> subprocess.Complete
 
 COMMANDS = [[], ["lint"], ["diff"], ["schema"], ["model"], ["model", "digest"], ["model", "fetch"], ["check"], ["golden"],
             ["controller"], ["controller", "run"], ["status"], ["history"], ["generate"], ["promote"], ["abort"], ["retry"],
-            ["ray"], ["ray", "start"], ["ray", "stop"]]
+            ["ray"], ["ray", "start"], ["ray", "stop"], ["model", "register"], ["model", "promote"], ["model", "pin"],
+            ["experiment"], ["experiment", "run"], ["experiment", "reproduce"], ["experiment", "promote"], ["experiment", "schema"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "diffops")

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from controller.cli import cost as cli_cost
+from controller.cli import experiment as cli_experiment
 from controller.cli import gate as cli_gate
 from controller.cli import model as cli_model
 from controller.cli import monitoring as cli_monitoring
@@ -162,6 +163,7 @@ def release_schema_text() -> str:
 for command in [*cli_gate.COMMANDS, *cli_operate.COMMANDS, cli_cost.cost, completion, version]:
     main.add_command(command)
 main.add_command(cli_model.model)
+main.add_command(cli_experiment.experiment)
 main.add_command(cli_monitoring.monitoring)
 main.add_command(cli_quality.quality)
 main.add_command(cli_review.review)
