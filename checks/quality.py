@@ -38,8 +38,9 @@ class PromptSetError(ValueError):
     """A prompt set the check will not use; the message names the cause and what to do."""
 
 
-def parse_prompts(text: str | bytes) -> list[str]:
-    """Prompts from the prompt set file: one per line, blank lines and `#` comments skipped."""
+def parse_prompts(text: str | bytes, max_prompts: int = MAX_PROMPTS) -> list[str]:
+    """Prompts from the prompt set file: one per line, blank lines and `#` comments skipped (an experiment's prompts file
+    has the same format with its own cap on the count)."""
     data = text.encode() if isinstance(text, str) else text
     if len(data) > MAX_PROMPT_FILE_BYTES:
         raise PromptSetError(f"is {len(data):,} bytes; the cap is {MAX_PROMPT_FILE_BYTES:,} bytes (64 KiB)")
@@ -50,8 +51,8 @@ def parse_prompts(text: str | bytes) -> list[str]:
     prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     if not prompts:
         raise PromptSetError("holds no prompt; write one prompt per line")
-    if len(prompts) > MAX_PROMPTS:
-        raise PromptSetError(f"holds {len(prompts)} prompts; the cap is {MAX_PROMPTS}")
+    if len(prompts) > max_prompts:
+        raise PromptSetError(f"holds {len(prompts)} prompts; the cap is {max_prompts}")
     long = [n for n, p in enumerate(prompts, 1) if len(p) > MAX_PROMPT_CHARS]
     if long:
         raise PromptSetError(f"prompt {long[0]} is longer than {MAX_PROMPT_CHARS} characters")

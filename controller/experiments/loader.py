@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from controller.experiments.schema import MAX_PROMPT_CHARS, MAX_PROMPT_FILE_BYTES, MAX_PROMPTS, Experiment
+from checks.quality import PromptSetError
+from checks.quality import parse_prompts as quality_prompts
+from controller.experiments.schema import MAX_PROMPT_FILE_BYTES, MAX_PROMPTS, Experiment
 from controller.parse import safe_yaml
-from controller.parse.loader import ReleaseError
+from controller.parse.loader import ReleaseError, schema_message
 from controller.parse.safe_yaml import shown
 
 __all__ = ["ExperimentFile", "InvalidExperiment", "parse_experiment", "parse_prompts", "read_experiment"]
@@ -46,58 +48,23 @@ class ExperimentFile:
         return ReleaseError(self.file, *self.document.locate(loc, at_key=True), message, field)
 
 
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] = Experiment
-    for part in path:
-        if isinstance(part, int):
-            continue
-        info = model.model_fields.get(part)
-        if info is None:
-            return None
-        annotation = info.annotation
-        candidates = (annotation, *getattr(annotation, "__args__", ()))
-        found = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if found is None:
-            return None
-        model = found
-    return model
-
-
 def _message(error: ErrorDetails) -> str:
     loc, kind = error["loc"], error["type"]
-    if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
-        allowed = ", ".join(model.model_fields) if model else ""
-        return f"unknown field {loc[-1]!r}" + (f" (allowed: {allowed})" if allowed else "")
-    if kind == "missing":
-        return f"missing required field {loc[-1]!r}"
-    message = error["msg"].removeprefix("Value error, ")
     if kind == "too_short" and loc and loc[-1] in ("sampler", "steps", "guidance_scale", "seed"):
+        message = error["msg"].removeprefix("Value error, ")
         return f"{message}: an empty axis sweeps nothing; list values or remove the axis to keep the release's value"
-    if kind in ("literal_error", "enum", "string_pattern_mismatch"):
-        return f"{message}, got {shown(error['input'])}"
-    if kind.endswith("_type") or kind.endswith("_parsing"):
-        return f"{message}, got {type(error['input']).__name__} {shown(error['input'])}"
-    return message
+    if kind == "string_pattern_mismatch":
+        return f"{error['msg']}, got {shown(error['input'])}"
+    return schema_message(error, Experiment)
 
 
 def parse_prompts(text: bytes, where: str) -> tuple[str, ...]:
-    """Prompts from a prompts file: one per line, blank lines and `#` comments skipped; a ValueError says what is wrong."""
-    if len(text) > MAX_PROMPT_FILE_BYTES:
-        raise ValueError(f"{where} is {len(text):,} bytes; the cap is {MAX_PROMPT_FILE_BYTES:,} bytes; keep fewer prompts")
+    """Prompts from a prompts file (the quality check's format, at most MAX_PROMPTS); a ValueError says what is wrong."""
     try:
-        lines = text.decode("utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"{where} is not UTF-8 text; save it as UTF-8") from None
-    prompts = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
-    if not prompts:
-        raise ValueError(f"{where} holds no prompt; write one prompt per line")
-    if len(prompts) > MAX_PROMPTS:
-        raise ValueError(f"{where} holds {len(prompts)} prompts; the cap is {MAX_PROMPTS}")
-    long = [n for n, p in enumerate(prompts, 1) if len(p) > MAX_PROMPT_CHARS]
-    if long:
-        raise ValueError(f"{where}: prompt {long[0]} is longer than {MAX_PROMPT_CHARS} characters")
-    return prompts
+        return tuple(quality_prompts(text, max_prompts=MAX_PROMPTS))
+    except PromptSetError as err:
+        raise ValueError(f"{where} {err}") from None
+
 
 
 def parse_experiment(raw: bytes, file: str, read: Any = None) -> ExperimentFile:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
+from checks import quality
 from serving.fields import Digest, ReleaseName, SpecModel
 from serving.samplers import SamplerName
 from serving.schema import ModelUri
@@ -28,9 +29,9 @@ MAX_CELLS = 64
 """Cells (models x samplers x steps x guidance scales x seeds) per experiment: each is an MLflow run."""
 MAX_PROMPTS = 32
 """Prompts per experiment, inline or in prompts_file."""
-MAX_PROMPT_CHARS = 2000
+MAX_PROMPT_CHARS = quality.MAX_PROMPT_CHARS
 """Characters per prompt."""
-MAX_PROMPT_FILE_BYTES = 64 * 1024
+MAX_PROMPT_FILE_BYTES = quality.MAX_PROMPT_FILE_BYTES
 """Size of a prompts_file (the quality check's cap)."""
 MAX_IMAGES = 512
 """Images per experiment (cells x prompts)."""

@@ -21,7 +21,7 @@ from controller.parse import safe_yaml
 from controller.parse.release import Release, rules
 from controller.parse.safe_yaml import shown
 
-__all__ = ["InvalidRelease", "ReleaseError", "parse_release"]
+__all__ = ["InvalidRelease", "ReleaseError", "parse_release", "schema_message"]
 
 log = logging.getLogger("diffops.loader")
 log.addHandler(logging.NullHandler())  # the controller's handler gets the traceback; `diffops lint` prints none
@@ -50,9 +50,9 @@ def _dotted(path: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The schema model class found by walking field names from `Release`."""
-    model: type[BaseModel] = Release
+def _model_at(path: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
+    """The schema model class found by walking field names from `root`."""
+    model: type[BaseModel] = root
     for part in path:
         if isinstance(part, int):
             continue
@@ -69,10 +69,11 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _message(error: ErrorDetails) -> str:
+def schema_message(error: ErrorDetails, root: type[BaseModel] = Release) -> str:
+    """A pydantic error as a release (or experiment) file's reader wants it: the field's allowed names, the value read."""
     loc, kind = error["loc"], error["type"]
     if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
+        model = _model_at(loc[:-1], root)
         allowed = ", ".join(model.model_fields) if model else ""
         return f"unknown field {loc[-1]!r}" + (f" (allowed: {allowed})" if allowed else "")
     if kind == "missing":
@@ -112,7 +113,7 @@ def _parse(raw: bytes, file: str) -> Release:
         for item in err.errors():
             loc = tuple(item["loc"])
             line, column = doc.locate(loc, at_key=item["type"] == "extra_forbidden")
-            errors.append(ReleaseError(file, line, column, _message(item), _dotted(loc)))
+            errors.append(ReleaseError(file, line, column, schema_message(item), _dotted(loc)))
         raise InvalidRelease(errors) from None
     stem = PurePosixPath(file).stem
     problems = rules(release, stem)
