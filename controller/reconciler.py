@@ -49,6 +49,7 @@ from controller.tick.observe import Observer
 from controller.tick.prepare import Preparations
 from controller.tick.registry import RegistryLink
 from controller.tracking.gate_runs import GateRuns
+from controller.tracking.live_quality import QualityLog
 from serving.artifacts import ModelCache
 
 __all__ = ["Reconciler", "TickResult"]
@@ -71,7 +72,8 @@ class Reconciler:
                  gate: Gate | None = None, gate_dir: Path | None = None, allow_faults: bool = False,
                  revert_on_abort: str = "off", signatures: SignatureGate | None = None,
                  rand: Callable[[], float] = random.random, cache_max_bytes: int | None = None,
-                 gate_runs: GateRuns | None = None, registry: RegistryLink | None = None):
+                 gate_runs: GateRuns | None = None, registry: RegistryLink | None = None,
+                 quality_log: QualityLog | None = None):
         self.source, self.store, self.serve, self.settings = source, store, serve, settings
         self.signatures = signatures  # --require-signed-commits: only a HEAD signed by a trusted key is reconciled
         self.gate = gate or LocalGate()
@@ -90,6 +92,7 @@ class Reconciler:
         self.preparations = Preparations(source, store, self.gate, cache, settings.cache_dir,
                                          gate_dir or Path(settings.cache_dir).parent / "gate", on_prepared, settings.placement,
                                          gate_runs, registry)
+        self.quality_log = quality_log  # each version's quality in serving, onto its gate's tracking run
         self.costs = CostBook(store, cache, serve if isinstance(serve, WorkReader) else None, metrics, clock)
 
     def reconcile(self) -> TickResult:
@@ -154,6 +157,8 @@ class Reconciler:
         self.costs.gated(self.state, seen.gates)
         self.costs.fetched(self.preparations.fetched())
         self.costs.tick(self.state)
+        if self.quality_log is not None:
+            self.quality_log.tick(self.store, self.clock())
         return plan.busy
 
     def _say(self, notes: Iterable[decide.Note]) -> None:
@@ -184,3 +189,5 @@ class Reconciler:
     def close(self) -> None:
         """Stop: cancel queued preparations and stop running gate jobs so the process can exit now."""
         self.preparations.close()
+        if self.quality_log is not None:
+            self.quality_log.close()

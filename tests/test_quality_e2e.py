@@ -21,7 +21,7 @@ import pytest
 
 from serving.manifest import manifest_of
 from tests.conftest import ROOT, ReleaseRepo, free_port
-from tests.live import DIFFOPS, SERVE_URL, Load, generate, running_controller, stable_version, wait_for
+from tests.live import DIFFOPS, SERVE_URL, Load, gate_runs, generate, running_controller, stable_version, wait_for
 from tests.test_metrics_e2e import export_urls, scrape, total
 
 pytestmark = pytest.mark.timeout(600)
@@ -109,7 +109,8 @@ def test_sampled_outputs_reach_the_review_page_and_a_canary_users_rate_1_is_roll
                f"      digest: \"{manifest_of(quality_repo.path / 'models/tiny-clip').digest}\"\n      sample_rate: 1\n"
     release_with(quality_repo, sampling)
     review_port = free_port()
-    with running_controller(quality_repo.path, tmp_path / "state", "--review-port", str(review_port)) as (controller, healthy):
+    with running_controller(quality_repo.path, tmp_path / "state", "--review-port", str(review_port), "--live-quality-interval", "2") \
+            as (controller, healthy):
         stable = stable_version(healthy)
         for n in range(6):
             assert generate(body={"prompt": f"a red cube {n}", "steps": 2, "seed": n}).status_code == 200
@@ -135,6 +136,14 @@ def test_sampled_outputs_reach_the_review_page_and_a_canary_users_rate_1_is_roll
                                            capture_output=True, text=True).stdout)
         [version] = [v for v in status["releases"][0]["versions"] if v["id"] == stable]
         assert version["quality"]["reviews"] == 1 and version["quality"]["mean_rating"] == 2.0
+
+        def reviewed() -> dict[str, float] | None:  # the version's quality lands on its gate's tracking run too
+            [run] = gate_runs(f"sqlite:///{controller.state_dir / 'mlflow.db'}", "demo", stable)
+            return dict(run.data.metrics) if run.data.metrics.get("live.mean_rating") == 2.0 else None
+
+        live = wait_for(reviewed, 30, "the review on the version's gate run")
+        assert live["live.samples"] >= 6 and live["live.reviews"] == 1 and 0 <= live["live.mean_clip_score"] <= 100
+        assert live["gate.ok"] == 1
 
         rollout = CANARY.format(min_requests=1000, quality="      min_mean_rating: 3\n      min_ratings: 3")
         release_with(quality_repo, sampling, rollout, steps=3)

@@ -97,7 +97,9 @@ def controller() -> None:
 @click.option("--gnupghome", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Trust the OpenPGP keys in this GnuPG home (with --allowed-signers: both kinds are trusted).")
 @tracking_option
-@click.option("--no-tracking", is_flag=True, help="Log no gate runs to the tracking store.")
+@click.option("--no-tracking", is_flag=True, help="Log no gate runs and no live quality to the tracking store.")
+@click.option("--live-quality-interval", type=click.FloatRange(min=1), default=300.0, show_default=True, metavar="SECONDS",
+              help="How often each version's feedback, ratings, CLIP score and NSFW rate are logged on its gate's tracking run.")
 @click.option("--registry-interval", type=click.FloatRange(min=1), default=60.0, show_default=True, metavar="SECONDS",
               help="How often the models:/ URIs of serving releases are resolved again to report registry drift.")
 @click.option("--once", is_flag=True, help="Reconcile once and exit (exit 1 if that failed or the head was refused).")
@@ -114,7 +116,7 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
                    gate_python: str | None,
                    allow_fault_injection: bool, revert_on_abort: str, require_signed_commits: bool,
                    allowed_signers: Path | None, gnupghome: Path | None, tracking_uri: str | None, no_tracking: bool,
-                   registry_interval: float, once: bool, controller_id: str | None,
+                   live_quality_interval: float, registry_interval: float, once: bool, controller_id: str | None,
                    cache_max_bytes: int | None, review_port: int) -> None:
     """Make Ray Serve match the releases at the branch head, continuously."""
     from controller.apply import ray_cluster
@@ -129,6 +131,7 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     from controller.source.signatures import SignatureGate, Trust, TrustError, check_trust
     from controller.tick.registry import RegistryLink
     from controller.tracking.gate_runs import GateRuns
+    from controller.tracking.live_quality import QualityLog
     from controller.tracking.mlflow_store import default_uri
     from controller.tracking.registry import ModelRegistry
     from serving.code_pin import fingerprint
@@ -205,7 +208,8 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
                             signatures=SignatureGate(Path(source.repo.git_dir), trust) if trust is not None else None,
                             cache_max_bytes=cache_max_bytes,
                             gate_runs=None if no_tracking else GateRuns(tracker, fingerprint()),
-                            registry=RegistryLink(ModelRegistry(tracker), registry_interval))
+                            registry=RegistryLink(ModelRegistry(tracker), registry_interval),
+                            quality_log=None if no_tracking else QualityLog(tracker, live_quality_interval))
     where = "this machine" if local else f"the cluster at {dashboard}"
     published = f"; file:// models published to {model_store}" if model_store else ""
     tracked = "off" if no_tracking else redact(tracking_uri or default_uri(state_dir))

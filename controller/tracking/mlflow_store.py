@@ -152,6 +152,19 @@ class Tracker:
         client.set_terminated(run_id, "FINISHED")
         return LoggedRun(run_id, experiment_id, run_link(self.uri, experiment_id, run_id))
 
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """Add one point per metric to a run's history (`step`: where it sits on the chart); TrackingError on failure."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        try:
+            self.client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        except TrackingError:
+            raise
+        except Exception as err:
+            raise TrackingError(f"tracking store {self.uri}: logging metrics on run {run_id} failed: {type(err).__name__}: "
+                                f"{_first_line(err)}") from err
+
     def runs(self, experiment: str, where: str = "", max_results: int = 1000) -> list[Any]:
         """The runs of an experiment matching an MLflow filter string, newest first ([] for an unknown experiment)."""
         client = self.client
