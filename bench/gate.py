@@ -8,12 +8,18 @@ imports torch and diffusers first. Baseline: `serving.pipeline.load_pipeline`
 plus one golden image with the release's generation config, in this process
 (median of three). Imports are warmed up before either in-process figure; the
 model is in the cache for all of them.
+
+Tracking: the in-process gate's report logged as an MLflow run into a new
+embedded store (what the controller does after each gate), first and again,
+and with production-size images, against the gate's own time.
 """
 
 from __future__ import annotations
 
+import base64
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +33,11 @@ from checks.gate import run_gate
 from checks.report import GateReport
 from controller.apply.ray_cluster import ensure_token
 from controller.gate.runner import RayJobGate, gate_input
+from controller.parse.release import Spec
 from controller.plan.versions import version_id
 from controller.source.git_source import ReleaseSource
+from controller.tracking.gate_runs import GateRuns
+from controller.tracking.mlflow_store import Tracker
 
 BASELINE_RUNS = 3
 
@@ -69,6 +78,8 @@ def run(workdir: Path, say: Say, head: BenchHead | None) -> list[Figure]:
     detail: dict[str, object] = {"baseline_s": [round(s, 3) for s in baselines], "in_process_check_s": checks}
     out = [Figure("gate", "gate wall time, in-process (diffops check)", local_s, "s", "load + 1 image", baseline,
                   ratio(local_s, baseline), detail=detail)]
+    say("tracking the gate as an MLflow run (embedded SQLite store): first, again, with 1024 px images")
+    out += tracking(workdir / "tracking", report, release.spec, commit, local_s)
     if head is not None:
         say("running the same gate as a Ray job (what the controller does)")
         resources = spec["replicas"]
@@ -82,6 +93,35 @@ def run(workdir: Path, say: Say, head: BenchHead | None) -> list[Figure]:
         out.append(Figure("gate", "gate wall time, as a Ray job (controller)", job_s, "s", "load + 1 image", baseline,
                           ratio(job_s, baseline), detail=detail))
     return out
+
+
+def tracking(state_dir: Path, report: GateReport, spec: Spec, commit: str, gate_s: float) -> list[Figure]:
+    """Logging a gate run, against the gate it records: the first into a new store (MLflow's import and the store's
+    schema), the next one, and one carrying production-size images (two 1024x1024 noise PNGs, ~3 MB each)."""
+    runs = GateRuns(Tracker.for_state_dir(state_dir), "bench")
+    timed = []
+    noise = {name: base64.b64encode(png_noise(1024)).decode() for name in ("golden-produced.png", "golden-compare.png")}
+    for which in (report, report, replace(report, artifacts={**report.artifacts, **noise})):
+        started = time.perf_counter()
+        if runs.record(which, spec, commit, strict=True) is None:
+            raise RuntimeError("the gate run was not tracked")
+        timed.append(time.perf_counter() - started)
+    first, again, large = timed
+    baseline = "gate in-process"
+    return [Figure("gate", "tracking a gate run, first in a new store", first, "s", baseline, gate_s, ratio(first, gate_s)),
+            Figure("gate", "tracking a gate run", again, "s", baseline, gate_s, ratio(again, gate_s)),
+            Figure("gate", "tracking a gate run with 1024 px images", large, "s", baseline, gate_s, ratio(large, gate_s),
+                   detail={"artifact_bytes": sum(len(base64.b64decode(v)) for v in noise.values())})]
+
+
+def png_noise(side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.effect_noise((side, side), 64).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def bench(ctx: Context) -> list[Figure]:
