@@ -5,18 +5,20 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Literal, NoReturn, overload
 
 import click
+from click.core import ParameterSource
 
 from controller.parse.release import Release
 from controller.source.credentials import private_dir, redact
 from controller.source.git_source import ReleaseSource, SourceError
 from controller.state.store import StateFileError, Store
 from controller.tracking.mlflow_store import Tracker
+from controller.tracking.tracker import TRACKERS, RunTracker, open_tracker
 
-__all__ = ["default_state_dir", "fail", "open_source", "release_at", "repo_option", "state_dir_option", "store_at", "tracker_at",
-           "tracking_option"]
+__all__ = ["default_state_dir", "fail", "open_source", "registry_tracker_option", "release_at", "repo_option", "state_dir_option",
+           "store_at", "tracker_at", "tracker_option", "tracking_option"]
 
 
 def default_state_dir() -> Path:
@@ -51,9 +53,45 @@ tracking_option = click.option(
 )
 
 
-def tracker_at(state_dir: Path, uri: str | None) -> Tracker:
-    """The tracking store: `uri` (an MLflow server or store URI), else the state dir's embedded SQLite store."""
-    return Tracker.for_state_dir(state_dir, uri)
+tracker_option = click.option(
+    "--tracker", type=click.Choice(TRACKERS), default="mlflow", show_default=True,
+    help="Where runs are logged: MLflow (at --tracking-uri), or W&B / Neptune configured by their own environment "
+         "(WANDB_MODE, NEPTUNE_MODE...; offline under the state dir unless it says otherwise). models:/ URIs always "
+         "resolve through the MLflow registry at --tracking-uri.",
+)
+
+
+def _mlflow_only(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """A non-MLflow --tracker given on the command line is refused; DIFFOPS_TRACKER (for the commands that log runs) is not."""
+    if value not in (None, "mlflow") and ctx.get_parameter_source("tracker") == ParameterSource.COMMANDLINE:
+        fail(f"{ctx.command_path}: the models:/ registry is MLflow only (at --tracking-uri); --tracker {value} names where "
+             "`controller run` and `check --track` log gate runs. Run this without --tracker.", 2)
+
+
+registry_tracker_option = click.option(
+    "--tracker", type=click.Choice(TRACKERS), default=None, expose_value=False, callback=_mlflow_only,
+    help="Only mlflow: the models:/ registry lives in MLflow (at --tracking-uri) whichever tracker logs gate runs.",
+)
+
+
+@overload
+def tracker_at(state_dir: Path, uri: str | None) -> Tracker: ...
+
+
+@overload
+def tracker_at(state_dir: Path, uri: str | None, kind: Literal["mlflow"]) -> Tracker: ...
+
+
+@overload
+def tracker_at(state_dir: Path, uri: str | None, kind: str) -> RunTracker: ...
+
+
+def tracker_at(state_dir: Path, uri: str | None, kind: str = "mlflow") -> Tracker | RunTracker:
+    """The tracking backend `kind` (--tracker): MLflow at `uri` (an MLflow server or store URI, else the state dir's
+    embedded SQLite store), or W&B / Neptune writing under the state dir unless their environment says otherwise."""
+    if kind == "mlflow":
+        return Tracker.for_state_dir(state_dir, uri)
+    return open_tracker(kind, state_dir, uri)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from checks.report import GateReport
-from controller.cli.common import fail, open_source, release_at, repo_option, state_dir_option, tracker_at, tracking_option
+from controller.cli.common import fail, open_source, release_at, repo_option, state_dir_option, tracker_at, tracker_option, tracking_option
 from controller.cli.model import resolved_model
 from controller.cli.output import choose, dump, legacy_format_option, output_option
 from controller.cli.terminal import progress
@@ -40,10 +40,11 @@ def report_text(report: GateReport, saved: list[Path]) -> str:
 @click.option("--rev", default=None, help="Revision to check (default: HEAD).")
 @click.option("--track", is_flag=True, help="Log the gate as a tracking run (kind gate, tag diffops.where=local).")
 @tracking_option
+@tracker_option
 @output_option("text", "json", "yaml")
 @legacy_format_option("text", "json", "yaml")
-def check(release_name: str, repo: str, state_dir: Path, rev: str | None, track: bool, tracking_uri: str | None, output: str,
-          legacy_format: str | None) -> None:
+def check(release_name: str, repo: str, state_dir: Path, rev: str | None, track: bool, tracking_uri: str | None, tracker: str,
+          output: str, legacy_format: str | None) -> None:
     """Run the gate locally (artifact, dependency, cuda, load, golden, performance, quality); exit 1 on failure."""
     from controller.gate.runner import LocalGate, gate_input
     from controller.tick.prepare import latest_features
@@ -74,12 +75,12 @@ def check(release_name: str, repo: str, state_dir: Path, rev: str | None, track:
     run, untracked = None, None
     if track:
         from controller.tracking.gate_runs import GateRuns
-        from controller.tracking.mlflow_store import TrackingError
+        from controller.tracking.tracker import NAMES, TrackingError
         from serving.code_pin import fingerprint
 
         try:
-            with progress(f"{release_name} {version}: logging the gate to the tracking store"):
-                run = GateRuns(tracker_at(state_dir, tracking_uri), fingerprint()).record(
+            with progress(f"{release_name} {version}: logging the gate to {NAMES[tracker]}"):
+                run = GateRuns(tracker_at(state_dir, tracking_uri, tracker), fingerprint()).record(
                     report, release.spec, commit, tags={"diffops.where": "local"}, strict=True)
         except TrackingError as err:
             untracked = err

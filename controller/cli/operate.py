@@ -16,7 +16,7 @@ import click
 import httpx
 
 from controller import logs
-from controller.cli.common import fail, open_source, repo_option, state_dir_option, store_at, tracker_at, tracking_option
+from controller.cli.common import fail, open_source, repo_option, state_dir_option, store_at, tracker_at, tracker_option, tracking_option
 from controller.cli.output import choose, dump, output_option
 from controller.cli.status_view import history_rows, history_text, status_json, status_text, with_runs
 from controller.cli.tables import history_table, status_table
@@ -97,6 +97,7 @@ def controller() -> None:
 @click.option("--gnupghome", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Trust the OpenPGP keys in this GnuPG home (with --allowed-signers: both kinds are trusted).")
 @tracking_option
+@tracker_option
 @click.option("--no-tracking", is_flag=True, help="Log no gate runs and no live quality to the tracking store.")
 @click.option("--live-quality-interval", type=click.FloatRange(min=1), default=300.0, show_default=True, metavar="SECONDS",
               help="How often each version's feedback, ratings, CLIP score and NSFW rate are logged on its gate's tracking run.")
@@ -115,7 +116,7 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
                    log_format: str, allow_prune_all: bool,
                    gate_python: str | None,
                    allow_fault_injection: bool, revert_on_abort: str, require_signed_commits: bool,
-                   allowed_signers: Path | None, gnupghome: Path | None, tracking_uri: str | None, no_tracking: bool,
+                   allowed_signers: Path | None, gnupghome: Path | None, tracking_uri: str | None, tracker: str, no_tracking: bool,
                    live_quality_interval: float, registry_interval: float, once: bool, controller_id: str | None,
                    cache_max_bytes: int | None, review_port: int) -> None:
     """Make Ray Serve match the releases at the branch head, continuously."""
@@ -200,19 +201,22 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
         gate = RayJobGate(dashboard, ray_cluster.ensure_token(), python=gate_python, serving_code=fingerprint())
     except ValueError as err:  # DIFFOPS_GATE_START_DEADLINE_S / DIFFOPS_GATE_RESOURCES malformed
         fail(str(err))
-    tracker = tracker_at(state_dir, tracking_uri)  # gate runs and models:/ URIs: opened on first use, off the loop
+    mlflow = tracker_at(state_dir, tracking_uri)  # models:/ URIs (and by default gate runs): opened on first use, off the loop
+    runs = mlflow if tracker == "mlflow" else tracker_at(state_dir, tracking_uri, tracker)
+    live = not no_tracking and tracker == "mlflow"  # live quality adds points to a logged run: MLflow's client only
     reconciler = Reconciler(source, store, serve, settings, branch=branch,
                             allow_prune_all=allow_prune_all, on_prepared=wake.set, metrics=metrics,
                             gate=gate, gate_dir=state_dir / "gate",
                             allow_faults=allow_fault_injection, revert_on_abort=revert_on_abort,
                             signatures=SignatureGate(Path(source.repo.git_dir), trust) if trust is not None else None,
                             cache_max_bytes=cache_max_bytes,
-                            gate_runs=None if no_tracking else GateRuns(tracker, fingerprint()),
-                            registry=RegistryLink(ModelRegistry(tracker), registry_interval),
-                            quality_log=None if no_tracking else QualityLog(tracker, live_quality_interval))
+                            gate_runs=None if no_tracking else GateRuns(runs, fingerprint()),
+                            registry=RegistryLink(ModelRegistry(mlflow), registry_interval),
+                            quality_log=QualityLog(mlflow, live_quality_interval) if live else None)
     where = "this machine" if local else f"the cluster at {dashboard}"
     published = f"; file:// models published to {model_store}" if model_store else ""
-    tracked = "off" if no_tracking else redact(tracking_uri or default_uri(state_dir))
+    tracked = "off" if no_tracking else redact(tracking_uri or default_uri(state_dir)) if tracker == "mlflow" else \
+        f"{runs.where} (live quality not logged: MLflow only)"
     click.echo(f"diffops: controller on {source.url or source.path} (state {state_dir}, id {settings.owner}); Ray on {where}{published}; "
                f"serving at {serve_url}/<release>/generate; gate runs tracked in {tracked}", err=True)
     if trust is not None:

@@ -1,4 +1,4 @@
-"""Every gate the controller runs becomes an MLflow run, logged from the preparation thread that ran it.
+"""Every gate the controller runs becomes a tracking run (MLflow, W&B or Neptune), logged from the thread that ran it.
 
 Called by `controller.tick.prepare` right after a gate report arrives (off the
 reconcile loop) and by `diffops check`. The run lands in the release's
@@ -17,8 +17,8 @@ from typing import Any
 
 from checks.report import GateReport
 from controller.parse.release import Spec
-from controller.tracking.mlflow_store import Tracker, TrackingError
 from controller.tracking.runs import gate_record
+from controller.tracking.tracker import NAMES, RunTracker, TrackingError
 
 __all__ = ["GateRuns", "experiment_name"]
 
@@ -26,19 +26,19 @@ log = logging.getLogger("diffops.controller")
 
 
 def experiment_name(release: str) -> str:
-    """The MLflow experiment holding a release's gate runs."""
+    """The MLflow experiment holding a release's gate runs (W&B: the project `diffops-<release>`)."""
     return f"diffops/{release}"
 
 
 class GateRuns:
     """Logs gate reports to a tracking store; thread-safe (the store's client is)."""
 
-    def __init__(self, tracker: Tracker, controller_version: str):
+    def __init__(self, tracker: RunTracker, controller_version: str):
         self.tracker, self.controller_version = tracker, controller_version
 
     def record(self, report: GateReport, spec: Spec, commit: str, *, gate_key: str | None = None,
                tags: dict[str, str] | None = None, strict: bool = False) -> dict[str, Any] | None:
-        """Log the gate as a run; `{"id", "experiment_id", "link"}`, or None (logged) when the store refused it
+        """Log the gate as a run; `{"id", "experiment_id", "link", "tracker"}`, or None (logged) when the store refused it
         (`strict`: raise its TrackingError instead)."""
         started = time.monotonic()
         record = gate_record(report.release, report.version, commit, spec, report,
@@ -53,7 +53,8 @@ class GateRuns:
             log.warning("%s: gate of %s not tracked (%s); next: the gate's verdict stands, its report is in the state "
                         "file (%.1fs)", report.release, report.version, err, time.monotonic() - started)
             return None
-        log.info("%s: gate of %s tracked as MLflow run %s (%d params, %d metrics, %d artifacts) in %.1fs; next: %s",
-                 report.release, report.version, logged.run_id, len(record.params), len(record.metrics), len(record.artifacts),
+        log.info("%s: gate of %s tracked as %s run %s (%d params, %d metrics, %d artifacts) in %.1fs; next: %s",
+                 report.release, report.version, NAMES[self.tracker.kind], logged.run_id, len(record.params), len(record.metrics),
+                 len(record.artifacts),
                  time.monotonic() - started, "start replicas" if report.ok else "the version fails with the report")
-        return {"id": logged.run_id, "experiment_id": logged.experiment_id, "link": logged.link}
+        return {"id": logged.run_id, "experiment_id": logged.experiment_id, "link": logged.link, "tracker": self.tracker.kind}

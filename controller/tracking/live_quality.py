@@ -59,7 +59,8 @@ class QualityLog:
         if now < self._due or (self._running is not None and not self._running.done()):
             return
         self._due = now + self.interval_s
-        runs = {key: report["run"]["id"] for key, report in store.gate_reports().items() if report.get("run")}
+        runs = {key: report["run"]["id"] for key, report in store.gate_reports().items()
+                if report.get("run") and report["run"].get("tracker", "mlflow") == "mlflow"}  # W&B, Neptune runs: not reopened
         batch = []
         for release in sorted({release for release, _ in runs}):
             for summary in summarize(feedback_rows(store.db, release), sample_rows(store.db, release)):

@@ -7,7 +7,8 @@ default `sqlite:///<state-dir>/mlflow.db` with artifacts under
 `<state-dir>/mlflow-artifacts`, and any MLflow tracking server (`http://...`)
 works the same. MLflow is imported on first use (about 2 s), never by replicas,
 with its telemetry off. One experiment per release (`diffops/<release>`) holds
-its gate runs; experiments name their own.
+its gate runs; experiments name their own. The default `RunTracker`
+(`controller.tracking.tracker`), and the only one that reads runs back.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controller.tracking.runs import RunRecord
+from controller.tracking.tracker import LoggedRun, TrackingError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-__all__ = ["DB_NAME", "DEFAULT_ENV", "Tracker", "TrackingError", "default_uri", "run_link"]
+__all__ = ["DB_NAME", "DEFAULT_ENV", "LoggedRun", "Tracker", "TrackingError", "default_uri", "run_link"]
 
 log = logging.getLogger("diffops.controller")
 DB_NAME = "mlflow.db"
@@ -38,10 +39,6 @@ DEFAULT_ENV = {  # each only where the environment does not set it
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 _BATCH = 100  # MLflow's per-call limit on params and tags (metrics: 1000)
-
-
-class TrackingError(Exception):
-    """The tracking store refused or could not be reached; the message names the URI and what to do."""
 
 
 def default_uri(state_dir: Path) -> str:
@@ -56,15 +53,10 @@ def run_link(uri: str, experiment_id: str, run_id: str) -> str:
     return f"run {run_id} (experiment {experiment_id}; see it with: mlflow ui --backend-store-uri {uri})"
 
 
-@dataclass(frozen=True)
-class LoggedRun:
-    run_id: str
-    experiment_id: str
-    link: str
-
-
 class Tracker:
-    """An MLflow tracking and registry store. Thread-safe: the client is created once, under a lock."""
+    """An MLflow tracking and registry store (a `RunTracker`). Thread-safe: the client is created once, under a lock."""
+
+    kind = "mlflow"
 
     def __init__(self, uri: str, artifact_root: Path | None = None):
         self.uri = uri
@@ -78,6 +70,10 @@ class Tracker:
         if uri:
             return cls(uri, state_dir / ARTIFACTS_DIR if not uri.startswith(("http://", "https://")) else None)
         return cls(default_uri(state_dir), state_dir / ARTIFACTS_DIR)
+
+    @property
+    def where(self) -> str:
+        return self.uri
 
     @property
     def client(self) -> MlflowClient:
