@@ -58,10 +58,11 @@ monitoring-down: setup
 
 # The multi-node tests build hosts from network namespaces: iproute2's ip, util-linux's unshare/nsenter/setpriv.
 # The dashboard screenshots: Debian's Chromium (driven by Playwright, never a browser download) and a font.
+# strace: the offline trackers' test proves W&B and Neptune open no network connection.
 system-packages:
 	@command -v ip >/dev/null && command -v unshare >/dev/null && command -v nsenter >/dev/null && command -v setpriv >/dev/null \
-	  && command -v chromium >/dev/null && test -d /usr/share/fonts/truetype/dejavu \
-	  || (apt-get update && apt-get install -y --no-install-recommends iproute2 util-linux chromium fonts-dejavu-core)
+	  && command -v chromium >/dev/null && test -d /usr/share/fonts/truetype/dejavu && command -v strace >/dev/null \
+	  || (apt-get update && apt-get install -y --no-install-recommends iproute2 util-linux chromium fonts-dejavu-core strace)
 
 # Two workers (pytest-xdist): the tests on Ray run in order on one of them (tests/conftest.py, RAY_MODULES), the rest
 # spread over both.

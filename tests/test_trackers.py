@@ -21,12 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import click
 import pytest
-from click.testing import CliRunner
 
 from checks.report import CheckResult, GateReport
-from controller.cli.common import registry_tracker_option
 from controller.parse.loader import parse_release
 from controller.tracking.gate_runs import experiment_name
 from controller.tracking.runs import RunRecord, gate_record, numeric_figures, spec_params
@@ -183,19 +180,6 @@ def test_short_tags(tags, chips):
     ("diffops/demo", "diffops-demo"), ("diffops/my release", "diffops-my-release"), ("sweep.v2_a", "sweep.v2_a")])
 def test_project_name(experiment, project):
     assert project_name(experiment) == project
-
-
-def test_the_registry_refuses_another_tracker_named_on_the_command_line(monkeypatch):
-    @click.command()
-    @registry_tracker_option
-    def register() -> None:
-        click.echo("registered")
-
-    refused = CliRunner().invoke(register, ["--tracker", "wandb"])
-    assert refused.exit_code == 2 and "the models:/ registry is MLflow only" in refused.output
-    assert CliRunner().invoke(register, ["--tracker", "mlflow"]).output == "registered\n"
-    monkeypatch.setenv("DIFFOPS_TRACKER", "neptune")  # where gate runs go, from the environment: not this command's concern
-    assert CliRunner().invoke(register, [], auto_envvar_prefix="DIFFOPS").output == "registered\n"
 
 
 @pytest.mark.parametrize("kind", ["wandb", "neptune"])

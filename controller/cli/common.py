@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Literal, NoReturn, overload
 
 import click
-from click.core import ParameterSource
 
 from controller.parse.release import Release
 from controller.source.credentials import private_dir, redact
@@ -17,7 +16,7 @@ from controller.state.store import StateFileError, Store
 from controller.tracking.mlflow_store import Tracker
 from controller.tracking.tracker import TRACKERS, RunTracker, open_tracker
 
-__all__ = ["default_state_dir", "fail", "open_source", "registry_tracker_option", "release_at", "repo_option", "state_dir_option",
+__all__ = ["default_state_dir", "fail", "open_source", "release_at", "repo_option", "state_dir_option",
            "store_at", "tracker_at", "tracker_option", "tracking_option"]
 
 
@@ -58,19 +57,6 @@ tracker_option = click.option(
     help="Where runs are logged: MLflow (at --tracking-uri), or W&B / Neptune configured by their own environment "
          "(WANDB_MODE, NEPTUNE_MODE...; offline under the state dir unless it says otherwise). models:/ URIs always "
          "resolve through the MLflow registry at --tracking-uri.",
-)
-
-
-def _mlflow_only(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
-    """A non-MLflow --tracker given on the command line is refused; DIFFOPS_TRACKER (for the commands that log runs) is not."""
-    if value not in (None, "mlflow") and ctx.get_parameter_source("tracker") == ParameterSource.COMMANDLINE:
-        fail(f"{ctx.command_path}: the models:/ registry is MLflow only (at --tracking-uri); --tracker {value} names where "
-             "`controller run` and `check --track` log gate runs. Run this without --tracker.", 2)
-
-
-registry_tracker_option = click.option(
-    "--tracker", type=click.Choice(TRACKERS), default=None, expose_value=False, callback=_mlflow_only,
-    help="Only mlflow: the models:/ registry lives in MLflow (at --tracking-uri) whichever tracker logs gate runs.",
 )
 
 
