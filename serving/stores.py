@@ -7,7 +7,11 @@ and opens keys for reading.
 - `file://models/x` — a directory in the release repo, read from git objects
   at the release's commit (never the work tree); `file:///abs` — a local
   directory under an allowed root.
-- `s3://`, `gs://`, `az://` — fsspec (s3fs, gcsfs, adlfs).
+- `s3://`, `gs://`, `az://` — fsspec (s3fs, gcsfs, adlfs), each configured by its ecosystem's own
+  environment (`fsspec_target`): `AWS_*` (and `AWS_ENDPOINT_URL` for an S3-compatible server),
+  `GOOGLE_APPLICATION_CREDENTIALS` (and `STORAGE_EMULATOR_HOST`, read anonymously as Google's
+  client libraries do), `AZURE_STORAGE_CONNECTION_STRING` or `AZURE_STORAGE_ACCOUNT_NAME` + a key,
+  SAS token or service principal.
 - `hf://org/name@revision` — huggingface_hub, safetensors and configs only,
   downloaded (`local_dir` mode, so no hub cache elsewhere) into a scratch dir
   the fetch names under the model cache and removes after the fetch; a dir
@@ -16,18 +20,19 @@ and opens keys for reading.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol, cast
+from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 from serving.manifest import MANIFEST_NAME, REFUSED_SUFFIXES, ArtifactError, list_model_files
 
 if TYPE_CHECKING:
     import git
 
-__all__ = ["ArtifactStore", "FsspecStore", "GitTreeStore", "HfStore", "LocalStore", "open_store"]
+__all__ = ["ArtifactStore", "FsspecStore", "GitTreeStore", "HfStore", "LocalStore", "filesystem", "fsspec_target", "open_store"]
 
 LFS_POINTER = b"version https://git-lfs"
 
@@ -112,15 +117,43 @@ class GitTreeStore:
         return _BlobStream(self.blobs[key].data_stream)  # type: ignore[return-value]  # read() and `with` are all fetch uses
 
 
+def fsspec_target(uri: str, environ: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    """The fsspec URL and options for an object-store URI. Pure.
+
+    `az://container/path` is adlfs's `abfs://container/path` (the account from `AZURE_STORAGE_*`). With
+    `STORAGE_EMULATOR_HOST` set, `gs://` reads that emulator anonymously, as Google's own client libraries do:
+    no credential lookup (which would probe the metadata server and send real tokens to a local emulator).
+    """
+    if uri.startswith("az://"):
+        return "abfs://" + uri.removeprefix("az://"), {}
+    if uri.startswith("gs://") and environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default"):
+        return uri, {"token": "anon"}
+    return uri, {}
+
+
+def filesystem(uri: str) -> tuple[Any, str]:
+    """The fsspec filesystem and path for an object-store URI, configured from this process's environment.
+
+    On a GCS emulator gcsfs's core filesystem is used: the default one first asks the gRPC storage-control API for
+    the bucket's layout, which an emulator does not serve (anonymous, it retries against Google until it times out).
+    """
+    import fsspec
+
+    target, options = fsspec_target(uri, os.environ)
+    if target.startswith("gs://") and options:
+        import gcsfs
+
+        gcs = gcsfs.core.GCSFileSystem(**options)
+        return gcs, gcs._strip_protocol(target)
+    fs, path = fsspec.core.url_to_fs(target, **options)
+    return fs, path
+
+
 class FsspecStore:
-    """Object storage through fsspec; credentials and endpoints from the usual environment."""
+    """Object storage through fsspec; credentials and endpoints from the usual environment (`fsspec_target`)."""
 
     def __init__(self, uri: str):
-        import fsspec
-
-        if uri.startswith("az://"):
-            uri = "abfs://" + uri.removeprefix("az://")
-        self.fs, path = fsspec.core.url_to_fs(uri)
+        self.fs, path = filesystem(uri)
         self.root = path.rstrip("/")
         self.uri = uri
 

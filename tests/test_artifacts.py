@@ -1,4 +1,4 @@
-"""Model artifacts: digests, the file policy, the verified cache, and real object storage (moto on loopback)."""
+"""Model artifacts: digests, the file policy and the verified cache (object stores: tests/test_store_emulators.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from serving.artifacts import ModelCache, fetch
 from serving.manifest import MANIFEST_NAME, ArtifactError, Manifest, manifest_of
-from tests.conftest import DEMO_MODEL, ReleaseRepo, free_port
+from tests.conftest import DEMO_MODEL, ReleaseRepo
 
 DEMO_DIGEST = Manifest.parse((DEMO_MODEL / MANIFEST_NAME).read_text()).digest
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -146,89 +146,4 @@ def test_lfs_pointer_is_explained(model_repo: ReleaseRepo, tmp_path):
         fetch("file://models/tiny-sd", DEMO_DIGEST, ModelCache(tmp_path / "c"), repo=model_repo.path, commit=commit)
 
 
-# --- s3:// against a real S3-compatible server (moto) on loopback ---------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-@pytest.fixture
-def bucket(s3_endpoint, request):
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    name = f"models-{request.node.name.lower().replace('_', '-')[:40]}"
-    s3.create_bucket(Bucket=name)
-    for path in DEMO_MODEL.rglob("*"):
-        if path.is_file():
-            s3.upload_file(str(path), name, f"tiny-sd/{path.relative_to(DEMO_MODEL).as_posix()}")
-    return s3, name
-
-
-def clear_fs_cache():
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-def test_s3_fetch_verifies_and_second_fetch_transfers_nothing(bucket, tmp_path):
-    s3, name = bucket
-    clear_fs_cache()
-    cache = ModelCache(tmp_path / "cache")
-    result = fetch(f"s3://{name}/tiny-sd", DEMO_DIGEST, cache)
-    assert not result.cached and result.files == 10 and result.bytes_transferred > 400_000
-    assert manifest_of(result.path).digest == DEMO_DIGEST
-    for obj in s3.list_objects_v2(Bucket=name)["Contents"]:  # the bucket is gone: a transfer would fail
-        s3.delete_object(Bucket=name, Key=obj["Key"])
-    again = fetch(f"s3://{name}/tiny-sd", DEMO_DIGEST, cache)
-    assert again.cached and again.bytes_transferred == 0
-
-
-def test_s3_flipped_byte_is_named(bucket, tmp_path):
-    s3, name = bucket
-    clear_fs_cache()
-    data = bytearray((DEMO_MODEL / UNET).read_bytes())
-    data[500] ^= 0x01
-    s3.put_object(Bucket=name, Key=f"tiny-sd/{UNET}", Body=bytes(data))
-    with pytest.raises(ArtifactError, match=f"{UNET}: sha256"):
-        fetch(f"s3://{name}/tiny-sd", DEMO_DIGEST, ModelCache(tmp_path / "cache"))
-
-
-@pytest.mark.parametrize("key", ["tiny-sd/../escape.safetensors", "tiny-sd/unet/model.pth", "tiny-sd//abs.json"])
-def test_s3_hostile_keys_are_refused_before_download(bucket, tmp_path, key):
-    s3, name = bucket
-    clear_fs_cache()
-    s3.put_object(Bucket=name, Key=key, Body=b"{}")
-    cache = ModelCache(tmp_path / "cache")
-    with pytest.raises(ArtifactError, match="refused"):
-        fetch(f"s3://{name}/tiny-sd", DEMO_DIGEST, cache)
-    assert files_under(tmp_path) == set()
-
-
-def test_s3_damaged_cache_entry_is_refused_then_downloaded_again_from_the_bucket(bucket, tmp_path):
-    _, name = bucket
-    clear_fs_cache()
-    cache = ModelCache(tmp_path / "cache")
-    first = fetch(f"s3://{name}/tiny-sd", DEMO_DIGEST, cache)
-    (first.path / UNET).chmod(0o644)
-    flip_byte(first.path / UNET)
-    with pytest.raises(ArtifactError, match=f"is damaged \\({UNET}: sha256 .* does not match pinned"):
-        fetch(f"s3://{name}/tiny-sd", DEMO_DIGEST, cache, reverify=True)  # what a replica does on start
-    healed = fetch(f"s3://{name}/tiny-sd", DEMO_DIGEST, cache, reverify=True)
-    assert not healed.cached and healed.bytes_transferred > 400_000
-    assert manifest_of(healed.path).digest == DEMO_DIGEST
+# Object stores (s3://, gs://, az://), each a real server on loopback: tests/test_store_emulators.py.

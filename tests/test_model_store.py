@@ -1,5 +1,5 @@
 """Where replicas read models from on a cluster: the placement decision as a table, publishing `file://` models to
-a real S3-compatible store (moto on loopback) by digest, and the rendered Serve config that never names a path of
+object stores by digest (tests/test_store_emulators.py, on each store), and the rendered Serve config that never names a path of
 the controller's machine."""
 
 from __future__ import annotations
@@ -9,17 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from controller.apply.model_store import Placement, publish, published_uri
+from controller.apply.model_store import Placement, published_uri
 from controller.apply.ray_cluster import is_local
 from controller.apply.serve_config import RenderSettings, render
 from controller.plan.versions import version_id
 from controller.state.records import ReleaseRecord, VersionRecord
-from serving.artifacts import ModelCache, fetch
-from serving.manifest import ArtifactError, manifest_of
 from serving.model_cache import node_cache_dir
 from serving.schema import ModelSpec
-from tests.conftest import DEMO_MODEL, make_release
-from tests.test_artifacts import clear_fs_cache, s3_endpoint  # noqa: F401 (the moto server fixture)
+from tests.conftest import make_release
 
 DIGEST = "sha256:" + "ab" * 32
 IN_REPO = ModelSpec(uri="file://models/tiny-sd", digest=DIGEST)
@@ -90,34 +87,7 @@ def test_a_cluster_config_names_no_path_of_the_controllers_machine():
     assert "/home/ops/releases" not in text and "/var/lib/diffops" not in text
 
 
-@pytest.fixture
-def store_bucket(s3_endpoint):  # noqa: F811 (the fixture imported above)
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="diffops-models")
-    clear_fs_cache()
-    return "s3://diffops-models/published"
-
-
-def test_a_published_model_is_fetched_and_verified_from_the_store_and_published_once(store_bucket, tmp_path):
-    controller_cache = ModelCache(tmp_path / "controller")
-    digest = manifest_of(DEMO_MODEL).digest
-    verified = fetch(f"file://{DEMO_MODEL}", digest, controller_cache, allowed_roots=(DEMO_MODEL.parent,))
-    uri = published_uri(store_bucket, digest)
-    sent, already = publish(verified.path, uri)
-    assert not already and sent == sum(p.stat().st_size for p in verified.path.rglob("*") if p.is_file())
-    clear_fs_cache()
-    node = fetch(uri, digest, ModelCache(tmp_path / "node"))  # what a replica on another node does
-    assert not node.cached and manifest_of(node.path).digest == digest
-    assert publish(verified.path, uri) == (0, True)  # content-addressed: the next version with this model sends nothing
-
-
-def test_publishing_to_a_store_that_does_not_exist_says_what_to_do(s3_endpoint, tmp_path):  # noqa: F811
-    digest = manifest_of(DEMO_MODEL).digest
-    verified = fetch(f"file://{DEMO_MODEL}", digest, ModelCache(tmp_path / "c"), allowed_roots=(DEMO_MODEL.parent,))
-    clear_fs_cache()
-    with pytest.raises(ArtifactError, match=r"publishing .* to s3://no-such-bucket/m/sha256-[0-9a-f]{64} failed: .*check the store's "):
-        publish(verified.path, published_uri("s3://no-such-bucket/m", digest))
+# Publishing to S3, GCS and Azure Blob, each a real server on loopback, and reading back: tests/test_store_emulators.py.
 
 
 # --- the serving code pin -------------------------------------------------------------------------------------------

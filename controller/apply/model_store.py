@@ -18,6 +18,7 @@ from pathlib import Path
 
 from serving.manifest import MANIFEST_NAME, ArtifactError, list_model_files
 from serving.schema import ModelSpec
+from serving.stores import filesystem
 
 __all__ = ["PUBLISHABLE", "STORE_SCHEMES", "Placement", "publish", "published_uri"]
 
@@ -72,13 +73,10 @@ def publish(local_copy: Path, uri: str) -> tuple[int, bool]:
     """Copy a verified model directory to `uri` (files first, the manifest last); (bytes sent, True if it was
     already there). Already there means the manifest is present with every file at its size: the name is the digest,
     so what is there is that model or is refused by the replica's own verification."""
-    import fsspec
-
     started = time.monotonic()
     keys = [*list_model_files(local_copy), MANIFEST_NAME]
     sizes = {key: (local_copy / key).stat().st_size for key in keys}
-    target = uri.replace("az://", "abfs://", 1) if uri.startswith("az://") else uri
-    fs, root = fsspec.core.url_to_fs(target)
+    fs, root = filesystem(uri)
     root = root.rstrip("/")
     try:
         found = {path[len(root) + 1:]: int(info.get("size") or 0) for path, info in fs.find(root, detail=True).items()
