@@ -16,12 +16,15 @@ DEB_CACHE ?= $(HOME)/.cache/diffops/debs
 setup: $(VENV)/.installed $(PROMETHEUS)
 
 # torch goes first (the CPU build unless TORCH_SPEC says otherwise), then the project under the pins.
-# checkov (deploy/ checks) lives in .venv/checkov: its own pins conflict with ours.
+# checkov (deploy/ checks) lives in .venv/checkov: its own pins conflict with ours. Azurite (the Azure Blob emulator
+# the store tests start) is npm's, installed into .venv/azurite, never globally.
 $(VENV)/.installed: pyproject.toml constraints.txt deploy/checkov/requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	deploy/checkov/install.sh $(BIN)/python
+	@command -v npm >/dev/null || (apt-get update && apt-get install -y --no-install-recommends nodejs npm)
+	@test -x $(VENV)/azurite/node_modules/.bin/azurite-blob || npm install --prefix $(VENV)/azurite --no-fund --no-audit azurite@3.37.0
 	@touch $@
 
 # prometheus and promtool (`diffops monitoring`, the alert and dashboard tests): Debian's package, downloaded once into
