@@ -159,7 +159,18 @@ class Reconciler:
         self.costs.tick(self.state)
         if self.quality_log is not None:
             self.quality_log.tick(self.store, self.clock())
+        self._attach_gate_runs()
         return plan.busy
+
+    def _attach_gate_runs(self) -> None:
+        """Each gate logged in the background, named in its recorded report (status and history link it); one whose
+        report is recorded by a later tick waits for it."""
+        runs = self.preparations.gate_runs
+        if runs is None:
+            return
+        for item in runs.collect():
+            if not self.store.attach_gate_run(*item):
+                runs.back(item)
 
     def _say(self, notes: Iterable[decide.Note]) -> None:
         """Log what decide noted per release, in release order; a failure's traceback once while it repeats."""
@@ -189,5 +200,7 @@ class Reconciler:
     def close(self) -> None:
         """Stop: cancel queued preparations and stop running gate jobs so the process can exit now."""
         self.preparations.close()
+        if self.preparations.gate_runs is not None:
+            self.preparations.gate_runs.close()
         if self.quality_log is not None:
             self.quality_log.close()

@@ -100,7 +100,8 @@ def test_a_canary_whose_checker_flags_every_image_is_blocked_and_rolled_back_on_
         blocked = next(body for _, code, _, body in load.answers if code == 451)
         problem = json.loads(blocked)
         assert problem["type"] == "/problems/content-blocked" and "safety checker" in problem["detail"]
-        assert generate().headers["X-Diffops-Version"] == stable
+        controller.wait_release(lambda r: next(v for v in r["versions"] if v["id"] == stable)["live_weight"] == 100, timeout=60)
+        assert generate().headers["X-Diffops-Version"] == stable  # once the router draws with the rolled-back weights
         assert exported(ray_head.temp_dir, "ray_diffops_nsfw_total", 1, release="demo", version=canary, action="block") >= 1
 
 

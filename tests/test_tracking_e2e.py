@@ -74,7 +74,11 @@ def test_a_rollout_logs_its_gate_on_a_tracking_server_and_status_and_history_lin
         produced = client.download_artifacts(run.info.run_id, "gate/golden-produced.png", str(tmp_path))
         assert Image.open(produced).size == (64, 64)
 
-        gate = next(v for v in controller.status()["releases"][0]["versions"] if v["id"] == version)["gate"]
+        def tracked() -> dict | None:  # the run is logged in the background and named in the report by the next tick
+            gate = next(v for v in controller.status()["releases"][0]["versions"] if v["id"] == version)["gate"]
+            return gate if gate.get("run") else None
+
+        gate = wait_for(tracked, 30, "the gate's run in the status")
         assert gate["run"]["id"] == run.info.run_id
         assert gate["run"]["link"] == f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
         history = subprocess.run([DIFFOPS, "history", "demo", "--state-dir", str(controller.state_dir)], capture_output=True,

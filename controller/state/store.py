@@ -237,6 +237,17 @@ class Store:
         report: dict[str, Any] = json.loads(row["report"])
         return report
 
+    def attach_gate_run(self, release: str, version: str, gate_key: str, run: dict[str, Any]) -> bool:
+        """Name the tracking run that logged a recorded gate in its report; False when no such gate is recorded (yet)."""
+        row = self.db.execute("SELECT report FROM gates WHERE release = ? AND version = ? AND gate_key = ?",
+                              (release, version, gate_key)).fetchone()
+        if row is None:
+            return False
+        report = {**json.loads(row["report"]), "run": run}
+        self.db.execute("UPDATE gates SET report = ? WHERE release = ? AND version = ? AND gate_key = ?",
+                        (json.dumps(report), release, version, gate_key))
+        return True
+
     def gate_reports(self, release: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
         """The latest gate report per (release, version)."""
         where, args = ("WHERE release = ?", (release,)) if release else ("", ())

@@ -50,7 +50,7 @@ class Preparations:
                  on_prepared: Callable[[], None] = lambda: None, placement: Placement | None = None,
                  gate_runs: GateRuns | None = None, registry: RegistryLink | None = None):
         self.source, self.store, self.gate, self.cache = source, store, gate, cache
-        self.gate_runs = gate_runs  # each gate report is logged as a tracking run, here in the preparation thread
+        self.gate_runs = gate_runs  # each gate report is logged as a tracking run, in the background
         self.registry = registry  # where models:/ URIs resolve (`controller run --tracking-uri`); None: the state dir's store
         self.placement = placement or Placement()
         self.cache_dir, self.gate_dir, self.on_prepared = cache_dir, gate_dir, on_prepared
@@ -124,8 +124,9 @@ class Preparations:
                 return Prepared(True, "checks passed before for this version and these checks (reused, not run again)",
                                 time.monotonic() - started)
             report = self.gate.run(gate, resources.cpus, resources.gpus)
-            run = self.gate_runs.record(report, version.spec, desired.commit, gate_key=desired.gate_key) if self.gate_runs else None
-            return judge(report, time.monotonic() - started, self.gate_dir, run)
+            if self.gate_runs is not None:  # tracked in the background: the gate's result does not wait for the store
+                self.gate_runs.submit(report, version.spec, desired.commit, desired.gate_key)
+            return judge(report, time.monotonic() - started, self.gate_dir)
 
         def done(future: Future[Prepared]) -> None:
             if not future.cancelled():
@@ -170,17 +171,15 @@ def latest_features(release_dir: Path, version: str) -> dict[str, Any] | None:
     return None
 
 
-def judge(report: GateReport, seconds: float, gate_dir: Path, run: dict[str, Any] | None = None) -> Prepared:
+def judge(report: GateReport, seconds: float, gate_dir: Path) -> Prepared:
     """A gate report as a preparation result; a failure's images are saved under `gate_dir` and named. The quality
-    check's image features are saved either way: the next version's gate measures its distance to them. `run`: the
-    tracking run that logged it, kept with the report (status and history link it)."""
-    kept = {**report.to_dict(with_artifacts=False), **({"run": run} if run else {})}
-    tracked = f" (tracked: MLflow run {run['id']})" if run else ""
+    check's image features are saved either way: the next version's gate measures its distance to them."""
+    kept = report.to_dict(with_artifacts=False)
     if FEATURES_NAME in report.artifacts:
         features = replace(report, artifacts={FEATURES_NAME: report.artifacts[FEATURES_NAME]})
         features.save_artifacts(gate_dir / report.release / report.version)
     if report.ok:
-        return Prepared(True, f"checks passed: {report.summary()}{tracked}", seconds, kept)
+        return Prepared(True, f"checks passed: {report.summary()}", seconds, kept)
     saved = [p for p in report.save_artifacts(gate_dir / report.release / report.version) if p.name != FEATURES_NAME]
     where = f" (images: {', '.join(str(p) for p in saved)})" if saved else ""
-    return Prepared(False, f"checks failed: {report.summary()}{where}{tracked}", seconds, kept)
+    return Prepared(False, f"checks failed: {report.summary()}{where}", seconds, kept)

@@ -12,7 +12,9 @@ and the gate's verdict stands.
 from __future__ import annotations
 
 import logging
+import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from checks.report import GateReport
@@ -35,6 +37,36 @@ class GateRuns:
 
     def __init__(self, tracker: RunTracker, controller_version: str):
         self.tracker, self.controller_version = tracker, controller_version
+        self._pool: ThreadPoolExecutor | None = None
+        self._logged: queue.SimpleQueue[tuple[str, str, str, dict[str, Any]]] = queue.SimpleQueue()
+
+    def submit(self, report: GateReport, spec: Spec, commit: str, gate_key: str) -> None:
+        """Log the gate in the background: the gate's result never waits for the tracking store (the first run of a
+        process imports MLflow and may create its store: seconds). `collect` hands the run to the next tick."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-runs")
+
+        def work() -> None:
+            run = self.record(report, spec, commit, gate_key=gate_key)
+            if run is not None:
+                self._logged.put((report.release, report.version, gate_key, run))
+
+        self._pool.submit(work)
+
+    def collect(self) -> list[tuple[str, str, str, dict[str, Any]]]:
+        """(release, version, gate key, run) of each gate logged since the last call (or handed `back`)."""
+        out = []
+        while not self._logged.empty():
+            out.append(self._logged.get())
+        return out
+
+    def back(self, item: tuple[str, str, str, dict[str, Any]]) -> None:
+        """A logged run whose gate report is not in the state file yet (the tick that records it comes next)."""
+        self._logged.put(item)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def record(self, report: GateReport, spec: Spec, commit: str, *, gate_key: str | None = None,
                tags: dict[str, str] | None = None, strict: bool = False) -> dict[str, Any] | None:
@@ -56,5 +88,5 @@ class GateRuns:
         log.info("%s: gate of %s tracked as %s run %s (%d params, %d metrics, %d artifacts) in %.1fs; next: %s",
                  report.release, report.version, NAMES[self.tracker.kind], logged.run_id, len(record.params), len(record.metrics),
                  len(record.artifacts),
-                 time.monotonic() - started, "start replicas" if report.ok else "the version fails with the report")
+                 time.monotonic() - started, "nothing (the gate's result was not held for it)")
         return {"id": logged.run_id, "experiment_id": logged.experiment_id, "link": logged.link, "tracker": self.tracker.kind}
