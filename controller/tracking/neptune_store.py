@@ -20,12 +20,11 @@ import importlib
 import logging
 import os
 import threading
-import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from controller.tracking.runs import RunRecord
-from controller.tracking.tracker import LoggedRun, TrackingError, first_line, short_tags
+from controller.tracking.tracker import LoggedRun, one_at_a_time, short_tags
 
 __all__ = ["NeptuneTracker", "fields_of"]
 
@@ -59,15 +58,8 @@ class NeptuneTracker:
 
     def log(self, record: RunRecord, experiment: str, parent: str | None = None) -> LoggedRun:
         """Log one finished run; its id, project and where it is. A failure raises TrackingError naming the folder."""
-        started = time.monotonic()
-        try:
-            with _LOCK:
-                logged = self._log(record, experiment, parent)
-        except Exception as err:
-            raise TrackingError(f"Neptune ({self.mode}) under {self.root}: logging {record.name!r} failed: {type(err).__name__}: "
-                                f"{first_line(err)}; check NEPTUNE_MODE (and NEPTUNE_API_TOKEN, NEPTUNE_PROJECT online)") from err
-        log.debug("tracking: Neptune run %s written in %.1fs", logged.run_id, time.monotonic() - started)
-        return logged
+        return one_at_a_time(_LOCK, self.where, "check NEPTUNE_MODE (and NEPTUNE_API_TOKEN, NEPTUNE_PROJECT online)", record,
+                             lambda: self._log(record, experiment, parent))
 
     def _log(self, record: RunRecord, experiment: str, parent: str | None) -> LoggedRun:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,20 @@ first use, never by replicas.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
 from controller.tracking.runs import RunRecord
 
-__all__ = ["NAMES", "TRACKERS", "LoggedRun", "RunTracker", "TrackerKind", "TrackingError", "first_line", "open_tracker", "short_tags"]
+__all__ = ["NAMES", "TRACKERS", "LoggedRun", "RunTracker", "TrackerKind", "TrackingError", "first_line", "one_at_a_time", "open_tracker",
+           "short_tags"]
+
+log = logging.getLogger("diffops.controller")
 
 TrackerKind = Literal["mlflow", "wandb", "neptune"]
 TRACKERS: tuple[str, ...] = get_args(TrackerKind)
@@ -90,3 +97,15 @@ def first_line(err: BaseException) -> str:
     """An error's first line, for a message that names the store."""
     text = str(err).strip()
     return text.splitlines()[0][:500] if text else type(err).__name__
+
+
+def one_at_a_time(lock: threading.Lock, where: str, hint: str, record: RunRecord, write: Callable[[], LoggedRun]) -> LoggedRun:
+    """A backend's `write` of one run under its lock, timed; any failure a TrackingError naming `where` and what to check."""
+    started = time.monotonic()
+    try:
+        with lock:
+            logged = write()
+    except Exception as err:
+        raise TrackingError(f"{where}: logging {record.name!r} failed: {type(err).__name__}: {first_line(err)}; {hint}") from err
+    log.debug("tracking: %s run %s written in %.1fs", where, logged.run_id, time.monotonic() - started)
+    return logged

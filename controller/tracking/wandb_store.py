@@ -23,12 +23,11 @@ import logging
 import os
 import re
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from controller.tracking.runs import RunRecord
-from controller.tracking.tracker import LoggedRun, TrackingError, first_line, short_tags
+from controller.tracking.tracker import LoggedRun, one_at_a_time, short_tags
 
 __all__ = ["DEFAULT_ENV", "WandbTracker", "config_of", "project_name"]
 
@@ -72,15 +71,8 @@ class WandbTracker:
 
     def log(self, record: RunRecord, experiment: str, parent: str | None = None) -> LoggedRun:
         """Log one finished run; its id, project and where it is. A failure raises TrackingError naming the folder."""
-        started = time.monotonic()
-        try:
-            with _LOCK:
-                logged = self._log(record, experiment, parent)
-        except Exception as err:
-            raise TrackingError(f"W&B ({self.mode}) under {self.root}: logging {record.name!r} failed: {type(err).__name__}: "
-                                f"{first_line(err)}; check WANDB_MODE (and WANDB_API_KEY online)") from err
-        log.debug("tracking: W&B run %s written in %.1fs", logged.run_id, time.monotonic() - started)
-        return logged
+        return one_at_a_time(_LOCK, self.where, "check WANDB_MODE (and WANDB_API_KEY online)", record,
+                             lambda: self._log(record, experiment, parent))
 
     def _log(self, record: RunRecord, experiment: str, parent: str | None) -> LoggedRun:
         for key, value in {**DEFAULT_ENV, "WANDB_CONFIG_DIR": str(self.root / "config"), "WANDB_CACHE_DIR": str(self.root / "cache"),
