@@ -72,3 +72,30 @@ def test_changed_quality_is_logged_on_the_versions_gate_run_once_per_change(tmp_
         down.flush(120)
     assert "demo: live quality of v1 not tracked (tracking store http://127.0.0.1:9" in caplog.text
     assert down.logged == {}  # tried again at the next interval
+
+
+def test_a_gate_run_carries_production_size_images_whole(tmp_path: Path):
+    """Two 1024x1024 noise PNGs (the golden output and its comparison at a production size, ~5 MB together) are logged
+    and read back byte for byte with MLflow's own client."""
+    import base64
+    import io
+
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    def noise(seed: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.effect_noise((1024, 1024), 64 + seed).convert("RGB").save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    images = {"golden-produced.png": noise(0), "golden-compare.png": noise(1)}
+    assert sum(map(len, images.values())) > 4_000_000
+    report = GateReport("demo", "v1", (CheckResult("golden", "passed", "ok", {"ssim": 1.0}),), 1.0,
+                        {name: base64.b64encode(data).decode() for name, data in images.items()})
+    tracker = Tracker.for_state_dir(tmp_path)
+    run = GateRuns(tracker, "diffops test").record(report, parse_release(DEMO_RELEASE.encode(), "releases/demo.yaml").spec, "c0ffee",
+                                                   strict=True)
+    assert run is not None
+    client = MlflowClient(tracker.uri)
+    for name, data in images.items():
+        assert Path(client.download_artifacts(run["id"], f"gate/{name}", str(tmp_path / "back"))).read_bytes() == data
