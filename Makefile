@@ -17,11 +17,14 @@ setup: $(VENV)/.installed $(PROMETHEUS)
 
 # torch goes first (the CPU build unless TORCH_SPEC says otherwise), then the project under the pins.
 # checkov (deploy/ checks) lives in .venv/checkov: its own pins conflict with ours. Azurite (the Azure Blob emulator
-# the store tests start) is npm's, installed into .venv/azurite, never globally.
+# the store tests start) is npm's, installed into .venv/azurite, never globally. rfc3987-syntax (pulled in by Neptune's
+# client for URI format checks) builds a grammar when jsonschema imports it, and Ray imports jsonschema: it cost every
+# Ray worker, gate job and CLI call 3-10 s of start, so it is removed (README, "Trackers").
 $(VENV)/.installed: pyproject.toml constraints.txt deploy/checkov/requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip uninstall -q -y rfc3987-syntax
 	deploy/checkov/install.sh $(BIN)/python
 	@command -v npm >/dev/null || (apt-get update && apt-get install -y --no-install-recommends nodejs npm)
 	@test -x $(VENV)/azurite/node_modules/.bin/azurite-blob || npm install --prefix $(VENV)/azurite --no-fund --no-audit azurite@3.37.0

@@ -17,7 +17,10 @@ if TYPE_CHECKING:
     from tests.live import Controller
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_RELEASE = (ROOT / "releases" / "demo.yaml").read_text()
+# The tests' release is the demo's with a p95 budget of 30 s for its gate: the live tests share 2 cores with Ray and
+# with each other, and the demo's 5 s failed gates at 5.0-7.9 s there (the bound itself is tested with an impossible one)
+LIVE_P95 = "max_p95_latency_s: 30.0"
+DEMO_RELEASE = (ROOT / "releases" / "demo.yaml").read_text().replace("max_p95_latency_s: 5.0", LIVE_P95)
 DEMO_MODEL = ROOT / "models" / "tiny-sd"
 
 
@@ -144,8 +147,29 @@ def serve(ray_head: RayHead) -> Iterator[ServeClient]:
 
 
 @pytest.fixture
-def live_demo(model_repo: ReleaseRepo, serve: ServeClient, tmp_path: Path) -> Iterator[tuple[ReleaseRepo, Controller, dict[str, Any]]]:
-    """The demo release served by a running controller process: (repo, controller, its status entry)."""
+def warm_serve(ray_head: RayHead) -> Iterator[ServeClient]:
+    """Ray Serve on the session head holding at most the demo release's warm first version before and after the
+    test (`live.keep_warm`); for tests whose controller runs `warm`."""
+    from tests import live
+
+    live.keep_warm()
+    yield live.serve_client()
+    live.keep_warm()
+
+
+@pytest.fixture
+def live_demo(model_repo: ReleaseRepo, warm_serve: ServeClient, tmp_path: Path) -> Iterator[tuple[ReleaseRepo, Controller, dict[str, Any]]]:
+    """The demo release served by a running (warm) controller process: (repo, controller, its status entry). Its first
+    version is adopted when an earlier test left it running: no gate report, no tracking run of its own."""
+    from tests.live import running_controller
+
+    with running_controller(model_repo.path, tmp_path / "state", warm=True) as (controller, release):
+        yield model_repo, controller, release
+
+
+@pytest.fixture
+def fresh_demo(model_repo: ReleaseRepo, serve: ServeClient, tmp_path: Path) -> Iterator[tuple[ReleaseRepo, Controller, dict[str, Any]]]:
+    """`live_demo` on an empty Serve: the first version is gated and started by this test's controller."""
     from tests.live import running_controller
 
     with running_controller(model_repo.path, tmp_path / "state") as (controller, release):

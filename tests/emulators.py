@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import DEMO_MODEL, ROOT, free_port
 
-__all__ = ["AZURITE", "AZURITE_KEY", "STORES", "Bucket", "azurite", "gcs_emulator", "object_store", "s3_endpoint"]
+__all__ = ["AZURITE", "AZURITE_KEY", "STORES", "Bucket", "azurite", "azurite_connection", "gcs_emulator", "object_store", "s3_endpoint"]
 
 STORES = ("s3", "gs", "az")
 AZURITE = ROOT / ".venv" / "azurite" / "node_modules" / ".bin" / "azurite-blob"  # `make setup` installs it there
@@ -131,6 +131,12 @@ def gcs_emulator() -> Iterator[str]:
     restore()
 
 
+def azurite_connection(host: str, port: int) -> str:
+    """AZURE_STORAGE_CONNECTION_STRING for Azurite's dev account on host:port."""
+    return (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint=http://{host}:{port}/devstoreaccount1;")
+
+
 @pytest.fixture(scope="module")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Azurite's blob service; diffops reaches it through AZURE_STORAGE_CONNECTION_STRING (the dev account)."""
@@ -142,8 +148,7 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_port(port, process)
-        connection = (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
-                      f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;")
+        connection = azurite_connection("127.0.0.1", port)
         restore = _set_env({"AZURE_STORAGE_CONNECTION_STRING": connection})
         clear_fs_caches()
         yield connection

@@ -141,15 +141,43 @@ class Controller:
             raise AssertionError(f"{err}\nstatus: {self.release(name)}\ncontroller log:\n{self.logs[-3000:]}") from None
 
 
+WARM_OWNER = "diffops-tests-warm"  # the controller id of every warm test (`warm=True`)
+warm_version: list[str] = []  # the demo release's first version, once a warm controller has served it
+
+
 @contextmanager
-def running_controller(repo: Path, state_dir: Path, *flags: str) -> Iterator[tuple[Controller, dict[str, Any]]]:
-    """A controller on `repo` until its release is Healthy: (controller, its status entry); stopped on exit."""
-    controller = Controller(repo, state_dir, *flags).start()
+def running_controller(repo: Path, state_dir: Path, *flags: str, warm: bool = False) -> Iterator[tuple[Controller, dict[str, Any]]]:
+    """A controller on `repo` until its release is Healthy: (controller, its status entry); stopped on exit. A `warm`
+    controller runs as WARM_OWNER: it adopts the demo release's first version where an earlier warm test left it
+    running (`keep_warm`), the product's own path for a controller that lost its state, instead of gating and
+    starting it again (a minute or more each on 2 cores)."""
+    controller = Controller(repo, state_dir, *flags, *(("--controller-id", WARM_OWNER) if warm else ())).start()
     try:
-        yield controller, controller.wait_release(healthy_on(), timeout=240)  # gate + start: minutes on a busy box
+        release = controller.wait_release(healthy_on(), timeout=240)  # gate + start: minutes on a busy box
+        if warm and not warm_version:
+            warm_version.append(stable_version(release))
+        yield controller, release
     finally:
         if controller.process and controller.process.poll() is None:
             controller.stop()
+
+
+def keep_warm() -> None:
+    """Leave on Serve only the demo release's warm first version (its model app), when it runs ready under WARM_OWNER;
+    every other application is deleted, the release's router too: the next controller deploys a new one, so no
+    traffic figures or remembered requests cross from one test to the next."""
+    from controller.apply.drift import owner_of
+
+    client = serve_client()
+    apps = client.observe()
+    warm = apps.get(f"demo--{warm_version[0]}") if warm_version else None
+    if warm is None or not warm.ready or owner_of(warm.config) != WARM_OWNER:
+        clear_serve()
+        return
+    if set(apps) == {warm.name}:
+        return
+    client.apply({"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": HTTP_PORT}, "applications": [warm.config]})
+    wait_for(lambda: set(client.observe()) == {warm.name}, 60, "Serve to delete all but the warm demo version", every=0.5)
 
 
 def healthy_on(version: str | None = None) -> Callable[[dict[str, Any]], bool]:

@@ -64,9 +64,9 @@ def canary_change(repo: ReleaseRepo, pause: str, *extra: tuple[str, str], steps:
 
 
 @pytest.fixture
-def live(model_repo: ReleaseRepo, serve, tmp_path):
+def live(model_repo: ReleaseRepo, warm_serve, tmp_path):
     flags = ("--allow-fault-injection", "--revert-on-abort", "branch")
-    with running_controller(model_repo.path, tmp_path / "state", *flags) as (controller, release):
+    with running_controller(model_repo.path, tmp_path / "state", *flags, warm=True) as (controller, release):
         yield model_repo, controller, stable_version(release)
 
 
@@ -136,7 +136,7 @@ def test_kill_9_during_a_timed_pause_resumes_at_the_original_deadline(live):
         pause_started = recorded(controller.state_dir)[0].step_started_at
         controller.stop(signal.SIGKILL)
         killed_at = time.time()
-        restarted = Controller(repo.path, controller.state_dir, "--allow-fault-injection").start()
+        restarted = Controller(repo.path, controller.state_dir, *controller.extra).start()
         try:
             wait_ticks(controller.state_dir, 1, after=killed_at)  # the new process reconciled (the killed one writes nothing)
             resumed, _ = recorded(controller.state_dir)

@@ -1,10 +1,11 @@
 """Running on a cluster, end to end: a controller in its own network namespace rolls releases out to a Ray head
 and a worker node that share nothing with it but a bridge (`tests/netcluster.py`): the worker sees neither the
-controller's repo nor its state dir nor its cache. Models reach the worker only through an S3-compatible store
-(moto on the head's host): one release names an `s3://` model, the other a `file://` model of the release repo
-that the controller publishes with `--model-store`. GPU replicas (4 advertised, fake, GPUs on the worker only)
-and gate jobs land on the worker. Then blue/green, a warm revert, a canary abort and kill -9 of the worker node
-under load. The tests of this module run in order on one cluster and one controller."""
+controller's repo nor its state dir nor its cache. Models reach the worker only through object stores on the head's
+host, each a real server reached through its ecosystem's environment: S3 (moto), Google Cloud Storage
+(gcp-storage-emulator) and Azure Blob (Azurite). Releases name an `s3://`, a `gs://` and an `az://` model, and a
+`file://` model of the release repo that the controller publishes with `--model-store`. GPU replicas (4 advertised,
+fake, GPUs on the worker only) and gate jobs land on the worker. Then blue/green, a warm revert, a canary abort and
+kill -9 of the worker node under load. The tests of this module run in order on one cluster and one controller."""
 
 from __future__ import annotations
 
@@ -18,20 +19,27 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from serving.manifest import MANIFEST_NAME, manifest_of
 from tests.conftest import DEMO_MODEL, demo_repo
-from tests.live import DIFFOPS, Controller, Load, wait_for
+from tests.emulators import AZURITE, azurite_connection
+from tests.live import DIFFOPS, Controller, Load, pixels, wait_for
 from tests.netcluster import NetCluster
 from tests.test_canary_e2e import CANARY
 
 pytestmark = pytest.mark.timeout(900)
 
-S3_PORT = 9000
+S3_PORT, GCS_PORT, AZURE_PORT = 9000, 9023, 10000  # on the head's host
 STORE = "s3://diffops-models/published"
 AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+# every store as a node or the controller reaches it: "{head}" is the head's address
+STORES_ENV = {**AWS, "AWS_ENDPOINT_URL": f"http://{{head}}:{S3_PORT}", "STORAGE_EMULATOR_HOST": f"http://{{head}}:{GCS_PORT}",
+              "GOOGLE_CLOUD_PROJECT": "diffops-test", "AZURE_STORAGE_CONNECTION_STRING": azurite_connection("{head}", AZURE_PORT)}
+REMOTE_MODELS = {"weights": "s3://weights/tiny-sd", "gcs": "gs://weights/tiny-sd", "azure": "az://weights/tiny-sd"}
 ON_THE_WORKER = {"    gpus: 0\n": "    gpus: 1\n"}  # only the worker advertises GPUs: replicas and gate jobs go there
+DEMO_DIGEST = manifest_of(DEMO_MODEL).digest
 TIMEOUT = 420  # a first rollout here: gate job and replica start on a loaded 2-core machine (~2 min measured)
 
 
@@ -47,7 +55,7 @@ class ClusterController(Controller):
         argv = [DIFFOPS, "controller", "run", "--repo", str(self.repo), "--state-dir", str(self.state_dir),
                 "--ray-address", self.cluster.dashboard_url, "--model-store", STORE, "--http-host", "0.0.0.0",
                 "--proxy-location", "EveryNode", "--interval", "2", "--allow-fault-injection"]
-        env = {**AWS, "AWS_ENDPOINT_URL": f"http://{self.cluster.head_ip}:{S3_PORT}", "PYTHONUNBUFFERED": "1"}
+        env = {**{key: value.format(head=self.cluster.head_ip) for key, value in STORES_ENV.items()}, "PYTHONUNBUFFERED": "1"}
         self.process = self.cluster.popen("controller", argv, env=env, stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT)
         return self
 
@@ -62,11 +70,17 @@ def s3(cluster: NetCluster) -> Any:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    node_env = {**AWS, "AWS_ENDPOINT_URL": f"http://{{head}}:{S3_PORT}"}
-    with NetCluster.start(tmp_path_factory.mktemp("netcluster"), worker_cpus=4, worker_gpus=4, node_env=node_env) as cluster:
-        cluster.popen("head", [Path(sys.executable).with_name("moto_server"), "-H", cluster.head_ip, "-p", str(S3_PORT)],
+    with NetCluster.start(tmp_path_factory.mktemp("netcluster"), worker_cpus=4, worker_gpus=4, node_env=STORES_ENV) as cluster:
+        head = cluster.head_ip
+        cluster.popen("head", [Path(sys.executable).with_name("moto_server"), "-H", head, "-p", str(S3_PORT)],
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: _answers(f"http://{cluster.head_ip}:{S3_PORT}/"), 60, "the S3 server on the head's host")
+        cluster.popen("head", [Path(sys.executable).with_name("gcp-storage-emulator"), "start", "-H", head, "--port",
+                               str(GCS_PORT), "--in-memory", "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cluster.popen("head", [AZURITE, "--blobHost", head, "--blobPort", str(AZURE_PORT), "--inMemoryPersistence",
+                               "--skipApiVersionCheck", "--loose", "--silent"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for name, port in (("S3", S3_PORT), ("GCS", GCS_PORT), ("Azure Blob", AZURE_PORT)):
+            wait_for(lambda port=port: _answers(f"http://{head}:{port}/"), 60, f"the {name} server on the head's host")
         yield cluster
 
 
@@ -77,31 +91,57 @@ def _answers(url: str) -> bool:
         return False
 
 
+def upload(cluster: NetCluster, uri: str, model: Path) -> None:
+    """Put a model directory at `uri` through the store's own client (boto3, google-cloud-storage, azure-storage-blob)."""
+    scheme, _, rest = uri.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    head = cluster.head_ip
+    if scheme == "s3":
+        client = s3(cluster)
+        client.create_bucket(Bucket=bucket)
+        put = lambda key, data: client.put_object(Bucket=bucket, Key=key, Body=data)  # noqa: E731
+    elif scheme == "gs":
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        gcs = storage.Client(project="diffops-test", credentials=AnonymousCredentials(),
+                             client_options=ClientOptions(api_endpoint=f"http://{head}:{GCS_PORT}"))
+        target = gcs.create_bucket(bucket)
+        put = lambda key, data: target.blob(key).upload_from_string(data)  # noqa: E731
+    else:
+        from azure.storage.blob import BlobServiceClient
+
+        container = BlobServiceClient.from_connection_string(azurite_connection(head, AZURE_PORT)).create_container(bucket)
+        put = lambda key, data: container.upload_blob(key, data, overwrite=True)  # noqa: E731
+    for path in sorted(model.rglob("*")):
+        if path.is_file():
+            put(f"{prefix}/{path.relative_to(model).as_posix()}", path.read_bytes())
+
+
 @pytest.fixture(scope="module")
 def deployed(cluster: NetCluster, tmp_path_factory: pytest.TempPathFactory):
-    """Two releases on the cluster: `demo` (file:// model, published to the store) and `weights` (an s3:// model
-    of another digest, uploaded here), both Healthy; yields (repo, controller, the s3 model's digest)."""
+    """Four releases on the cluster, all Healthy: `demo` (file:// model, published to the store) and one model of its
+    own digest in each object store (`weights` on s3://, `gcs` on gs://, `azure` on az://, uploaded here); yields
+    (repo, controller, {release: digest of its model})."""
     root = tmp_path_factory.mktemp("cluster-e2e")
-    other = root / "tiny-sd-copy"
-    shutil.copytree(DEMO_MODEL, other)
-    (other / "model_index.json").write_text((other / "model_index.json").read_text() + "\n")  # another digest
-    digest = manifest_of(other).digest
-    client = s3(cluster)
-    for bucket in ("diffops-models", "weights"):
-        client.create_bucket(Bucket=bucket)
-    for path in other.rglob("*"):
-        if path.is_file():
-            client.upload_file(str(path), "weights", f"tiny-sd/{path.relative_to(other).as_posix()}")
+    s3(cluster).create_bucket(Bucket="diffops-models")
     repo = demo_repo(root / "repo")
     repo.release(**ON_THE_WORKER)
-    repo.release("weights", **ON_THE_WORKER, **{"file://models/tiny-sd": "s3://weights/tiny-sd",
-                                                 "sha256:2b30c6ef7b43b8a62eb17faac4ed5a57d221d7b7d29409f0587ecf2af91b4199": digest})
-    repo.commit("both releases on the worker's GPUs")
+    digests = {"demo": DEMO_DIGEST}
+    for copies, (name, uri) in enumerate(REMOTE_MODELS.items(), start=1):
+        other = root / f"tiny-sd-{name}"
+        shutil.copytree(DEMO_MODEL, other)
+        (other / "model_index.json").write_text((other / "model_index.json").read_text() + "\n" * copies)  # its own digest
+        digests[name] = manifest_of(other).digest
+        upload(cluster, uri, other)
+        repo.release(name, **ON_THE_WORKER, **{"file://models/tiny-sd": uri, DEMO_DIGEST: digests[name]})
+    repo.commit("a release from every store, all on the worker's GPUs")
     controller = ClusterController(cluster, repo.path, root / "state").start()
     try:
-        for name in ("demo", "weights"):
+        for name in digests:
             controller.wait_release(healthy, timeout=TIMEOUT, name=name)
-        yield repo, controller, digest
+        yield repo, controller, digests
     finally:
         if controller.process is not None and controller.process.poll() is None:
             controller.stop()
@@ -125,10 +165,10 @@ def generate(url: str, release: str = "demo") -> httpx.Response:
     return httpx.post(f"{url}/{release}/generate", json={"prompt": "a red cube", "steps": 2}, timeout=120)
 
 
-def test_replicas_run_on_the_worker_and_fetch_models_only_from_the_store(cluster: NetCluster, deployed):
-    repo, controller, digest = deployed
+def test_replicas_run_on_the_worker_and_fetch_models_only_from_the_stores(cluster: NetCluster, deployed):
+    repo, controller, digests = deployed
     worker = cluster.worker_ips[0]
-    for name in ("demo", "weights"):
+    for name in digests:
         assert stable(controller.release(name))["nodes"] == {worker: 1}, controller.release(name)
     status = subprocess.run([DIFFOPS, "status", "--state-dir", str(controller.state_dir)], capture_output=True, text=True).stdout
     assert f"replicas 1/1 on {worker}" in status, status
@@ -140,17 +180,32 @@ def test_replicas_run_on_the_worker_and_fetch_models_only_from_the_store(cluster
     args = apps[f"demo--{demo}"]["deployed_app_config"]["args"]
     assert args["model"]["uri"].startswith(f"{STORE}/sha256-") and args["repo"] is None and args["cache_dir"] is None
     published = {obj["Key"] for obj in s3(cluster).list_objects_v2(Bucket="diffops-models")["Contents"]}
-    repo_digest = manifest_of(DEMO_MODEL).digest.replace(":", "-")
+    repo_digest = DEMO_DIGEST.replace(":", "-")
     assert f"published/{repo_digest}/{MANIFEST_NAME}" in published and f"published/{repo_digest}/model_index.json" in published
-    # the worker verified both models into its own cache, which this machine cannot see
+    for name, uri in REMOTE_MODELS.items():  # the other replicas fetch from the store their release names
+        version = stable(controller.release(name))["id"]
+        assert apps[f"{name}--{version}"]["deployed_app_config"]["args"]["model"]["uri"] == uri
+    # the worker fetched and verified every model into its own cache, which this machine cannot see
     cached = cluster.run("worker", ["ls", "/tmp/ray/diffops-models/sha256"]).stdout.split()
-    assert digest.removeprefix("sha256:") in cached and len([c for c in cached if len(c) == 64]) == 2, cached
-    assert not Path("/tmp/ray/diffops-models/sha256", digest.removeprefix("sha256:")).exists()
+    hexes = {name: digest.removeprefix("sha256:") for name, digest in digests.items()}
+    assert sorted(c for c in cached if len(c) == 64) == sorted(hexes.values()), cached
+    assert not any(Path("/tmp/ray/diffops-models/sha256", hexes[name]).exists() for name in REMOTE_MODELS)  # digests only the stores hold
     # both Serve proxies answer (EveryNode), the head's and the worker's
     for host in (cluster.head_ip, worker):
         response = generate(f"http://{host}:8000")
         assert response.status_code == 200 and response.content.startswith(b"\x89PNG") and response.headers["X-Diffops-Version"] == demo
+    # the same weights, from four stores, draw the same picture (one replica process each: equal within rounding)
+    drawn = {name: generate(cluster.serve_url, name) for name in digests}
+    assert all(r.status_code == 200 for r in drawn.values()), {n: r.text[:200] for n, r in drawn.items()}
+    for name, response in drawn.items():
+        assert np.abs(pixels(response.content) - pixels(drawn["demo"].content)).max() <= 2, name
     assert "model store: published" in controller.logs
+    # a release whose file is removed from git is deleted from the cluster (and frees the worker's GPUs for the drills)
+    for name in ("gcs", "azure"):
+        repo.remove(f"releases/{name}.yaml")
+    repo.commit("gcs and azure releases removed")
+    wait_for(lambda: not {"gcs", "azure"} & {name.split("--")[0] for name in serve_apps(cluster)}, 120, "the removed releases' apps to go")
+    assert controller.release("gcs") == {} and stable(controller.release("demo"))["id"] == demo
 
 
 def test_bluegreen_then_a_warm_revert_on_the_cluster(cluster: NetCluster, deployed):

@@ -50,16 +50,26 @@ def invoke(*args: str) -> Result:
     return CliRunner().invoke(experiment, list(args))
 
 
-@pytest.fixture(scope="module")
-def ran(tmp_path_factory: pytest.TempPathFactory) -> Ran:
-    base = tmp_path_factory.mktemp("experiment")
-    repo = demo_repo(base / "repo")
+def experiment_repo(path: Path, *edits: tuple[str, str]) -> ReleaseRepo:
+    """The demo release repo with the tiny CLIP model and experiments/demo-grid.yaml (`edits` applied), committed."""
+    repo = demo_repo(path)
     shutil.copytree(ROOT / "models" / "tiny-clip", repo.path / "models" / "tiny-clip")
     clip = manifest_of(repo.path / "models" / "tiny-clip").digest
     text = (ROOT / "experiments" / "demo-grid.yaml").read_text().replace("sha256:1688fa6468ecc7a53b3c9562864e713aa3af24f93557a66fe84e0ccd12825f91", clip)
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
     repo.write("experiments/demo-grid.yaml", text)
     repo.write("experiments/prompts/demo.txt", (ROOT / "experiments" / "prompts" / "demo.txt").read_text())
-    commit = repo.commit("experiment")
+    repo.commit("experiment")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory) -> Ran:
+    base = tmp_path_factory.mktemp("experiment")
+    repo = experiment_repo(base / "repo")
+    commit = repo.repo.head.commit.hexsha
     state, out = base / "state", base / "out"
     result = invoke("run", str(repo.path / "experiments" / "demo-grid.yaml"), "--repo", str(repo.path), "--state-dir", str(state),
                     "-o", str(out), "--sort", "baseline.ssim")

@@ -24,6 +24,7 @@ from tests.conftest import ReleaseRepo
 from tests.live import (
     DIFFOPS,
     LOAD_REQUEST,
+    WARM_OWNER,
     Controller,
     Load,
     generate,
@@ -72,9 +73,9 @@ def references(*versions: str) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def drill(model_repo: ReleaseRepo, serve, tmp_path):
-    """The demo served by a controller that allows fault injection: (repo, controller, stable version)."""
-    with running_controller(model_repo.path, tmp_path / "state", "--allow-fault-injection") as (controller, release):
+def drill(model_repo: ReleaseRepo, warm_serve, tmp_path):
+    """The demo served by a (warm) controller that allows fault injection: (repo, controller, stable version)."""
+    with running_controller(model_repo.path, tmp_path / "state", "--allow-fault-injection", warm=True) as (controller, release):
         yield model_repo, controller, stable_version(release)
 
 
@@ -203,10 +204,10 @@ def recorded(db: Path, versions: set[str]) -> tuple:
     return release["phase"], release["step"], tuple(sorted((r["version"], r["role"], r["weight"], r["status"]) for r in rows))
 
 
-def test_kill_9_of_the_controller_at_random_points_of_a_rollout(model_repo: ReleaseRepo, serve, tmp_path):
+def test_kill_9_of_the_controller_at_random_points_of_a_rollout(model_repo: ReleaseRepo, warm_serve, tmp_path):
     rng = random.Random(2026)
     state = tmp_path / "state"
-    controller = Controller(model_repo.path, state).start()
+    controller = Controller(model_repo.path, state, "--controller-id", WARM_OWNER).start()
     old = stable_version(controller.wait_release(healthy_on()))
     path = model_repo.release(**{"    strategy: bluegreen\n": TIMED_CANARY, NEW_GUIDANCE[0]: NEW_GUIDANCE[1]})
     new = version_id(parse_release(path.read_bytes(), "releases/demo.yaml"))
@@ -224,7 +225,7 @@ def test_kill_9_of_the_controller_at_random_points_of_a_rollout(model_repo: Rele
                 wait_for(lambda since=since, hold=hold: time.monotonic() - since >= hold, hold + 5, f"the next kill point ({hold:.1f}s)")
                 controller.stop(signal.SIGKILL)
                 seen.append(recorded(state / "state.db", {old, new}))
-                controller = Controller(model_repo.path, state).start()
+                controller = Controller(model_repo.path, state, "--controller-id", WARM_OWNER).start()
                 if kill >= 6 and len(points()) >= 3:
                     break
             release = controller.wait_release(lambda r: healthy_on(new)(r) and stable_version(r) == new, timeout=240)
@@ -244,12 +245,13 @@ def controller_events(state: Path):
     return Store(state / "state.db", readonly=True).events("demo")
 
 
-def test_an_unsigned_head_is_refused_while_the_signed_one_keeps_serving(model_repo: ReleaseRepo, serve, tmp_path):
+def test_an_unsigned_head_is_refused_while_the_signed_one_keeps_serving(model_repo: ReleaseRepo, warm_serve, tmp_path):
     from tests.test_signed_commits import Keys, ssh_commit
 
     keys = Keys(tmp_path / "keys")
     signed = ssh_commit(model_repo, keys.alice, "signed release")
-    controller = Controller(model_repo.path, tmp_path / "state", "--require-signed-commits", "--allowed-signers", str(keys.allowed)).start()
+    controller = Controller(model_repo.path, tmp_path / "state", "--require-signed-commits", "--allowed-signers", str(keys.allowed),
+                            "--controller-id", WARM_OWNER).start()
     try:
         version = stable_version(controller.wait_release(healthy_on()))
         with Load() as load:

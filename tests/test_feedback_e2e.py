@@ -27,10 +27,10 @@ def quality(state_dir: Any) -> dict[str, Any]:
     return {v["version"]: v for v in json.loads(result.stdout)["versions"]}
 
 
-def test_feedback_on_real_images_reaches_diffops_quality_and_the_controller_metrics(model_repo, serve, tmp_path) -> None:
+def test_feedback_on_real_images_reaches_diffops_quality_and_the_controller_metrics(model_repo, warm_serve, tmp_path) -> None:
     port = free_port()
     state_dir = tmp_path / "state"
-    with running_controller(model_repo.path, state_dir, "--metrics-port", str(port)) as (controller, release):
+    with running_controller(model_repo.path, state_dir, "--metrics-port", str(port), warm=True) as (controller, release):
         version = stable_version(release)
         ids = []
         for seed in (1, 2, 3):

@@ -14,7 +14,7 @@ import pytest
 
 from controller.state.store import Store
 from tests.conftest import ReleaseRepo
-from tests.live import DIFFOPS, Controller, Load, generate, healthy_on, serve_client, stable_version, wait_for, wait_ticks
+from tests.live import DIFFOPS, WARM_OWNER, Controller, Load, generate, healthy_on, serve_client, stable_version, wait_for, wait_ticks
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -32,12 +32,12 @@ GOOD_REQUESTS = 8
 DEGRADES = f"  faults:\n    error_rate: 1.0\n    error_after_requests: {GOOD_REQUESTS}\n  cost:\n"
 
 
-def test_a_version_that_degrades_after_promotion_is_switched_back_to_the_warm_standby(model_repo: ReleaseRepo, serve, tmp_path):
+def test_a_version_that_degrades_after_promotion_is_switched_back_to_the_warm_standby(model_repo: ReleaseRepo, warm_serve, tmp_path):
     state_dir = tmp_path / "state"
-    controller = Controller(model_repo.path, state_dir, "--allow-fault-injection").start()
+    controller = Controller(model_repo.path, state_dir, "--allow-fault-injection", "--controller-id", WARM_OWNER).start()
     try:
         stable = stable_version(controller.wait_release(healthy_on(), timeout=300))  # gate and replica start: slow on a busy box
-        replicas = serve.observe()[f"demo--{stable}"].replica_ids
+        replicas = warm_serve.observe()[f"demo--{stable}"].replica_ids
         model_repo.release(**{"    progress_deadline: 5m\n": WATCH, "steps: 4": "steps: 5", "  cost:\n": DEGRADES})
         model_repo.commit("a version that degrades after promotion")
         watching = controller.wait_release(lambda r: (r.get("watch") or {}).get("ends_at") is not None, timeout=300)

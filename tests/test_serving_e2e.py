@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -18,10 +19,10 @@ def model_replicas(serve, release: str, version: str) -> tuple[str, ...]:
     return serve.observe()[f"{release}--{version}"].replica_ids
 
 
-def test_bluegreen_under_load_then_revert_is_instant(live_demo, serve):
+def test_bluegreen_under_load_then_revert_is_instant(live_demo, warm_serve):
     repo, controller, release = live_demo
     old = stable_version(release)
-    old_replicas = model_replicas(serve, "demo", old)
+    old_replicas = model_replicas(warm_serve, "demo", old)
     with Load() as load:
         wait_for(lambda: load.codes[200] >= 2, 30, "load to flow")
         repo.release(**{"steps: 4": "steps: 6"})
@@ -46,7 +47,7 @@ def test_bluegreen_under_load_then_revert_is_instant(live_demo, serve):
     assert switched - reverted_at < 10.0, f"revert took {switched - reverted_at:.2f}s"
     assert set(load.codes) == {200}, (load.codes, load.errors[:3])
     assert all(v == old for t, v in load.versions if t > switched + 0.5)
-    assert model_replicas(serve, "demo", old) == old_replicas  # no reload, no restart
+    assert model_replicas(warm_serve, "demo", old) == old_replicas  # no reload, no restart
     release = controller.wait_release(healthy_on(old))
     assert {v["id"]: v["role"] for v in release["versions"]} == {old: "stable", new: "standby"}
     assert "was the warm standby" in controller.logs
@@ -77,28 +78,28 @@ def test_wrong_digest_is_degraded_and_old_version_keeps_serving(live_demo):
     assert set(load.codes) == {200} and {v for _, v in load.versions} == {version}
 
 
-def test_light_change_applies_in_place_without_restart(live_demo, serve):
+def test_light_change_applies_in_place_without_restart(live_demo, warm_serve):
     repo, controller, release = live_demo
     version = stable_version(release)
-    before = model_replicas(serve, "demo", version)
+    before = model_replicas(warm_serve, "demo", version)
     repo.release(**{"count: 1": "count: 2", "max_queued_requests: 16": "max_queued_requests: 32"})
     repo.commit("scale out")
     release = controller.wait_release(lambda r: r["versions"][0]["ready_replicas"] == 2 and r["versions"][0]["replicas"] == 2)
     assert stable_version(release) == version
-    after = model_replicas(serve, "demo", version)
+    after = model_replicas(warm_serve, "demo", version)
     assert set(before) < set(after)  # the existing replica kept running; one was added
     assert "light change applied in place" in controller.logs
 
 
-def test_controller_restart_never_interrupts_serving_and_adopts(live_demo, serve, tmp_path):
+def test_controller_restart_never_interrupts_serving_and_adopts(live_demo, warm_serve, tmp_path):
     repo, controller, release = live_demo
     version = stable_version(release)
-    before = model_replicas(serve, "demo", version)
+    before = model_replicas(warm_serve, "demo", version)
     with Load() as load:
         controller.stop(signal.SIGKILL)
         killed_at = time.time()
         wait_for(lambda: load.codes[200] >= 5, 60, "answers while no controller runs")
-        restarted = Controller(repo.path, controller.state_dir).start()
+        restarted = Controller(repo.path, controller.state_dir, *controller.extra).start()
         try:
             wait_ticks(controller.state_dir, 2, timeout=120, after=killed_at)  # the new process reconciled, twice
             assert "controller: watching" in restarted.logs
@@ -107,19 +108,17 @@ def test_controller_restart_never_interrupts_serving_and_adopts(live_demo, serve
         finally:
             restarted.stop()
     assert set(load.codes) == {200} and load.codes[200] > 5, (load.codes, load.errors[:3])
-    assert model_replicas(serve, "demo", version) == before
+    assert model_replicas(warm_serve, "demo", version) == before
     assert stable_version(again) == version
     assert "rolling out" not in restarted.logs  # nothing was redeployed
 
-    from controller.apply.serve_config import default_controller_id
-
     # even without the state dir: a controller with the same id (printed at start) adopts the running apps
-    owner = default_controller_id(str(controller.state_dir))
+    owner = re.search(r", id (\S+)\)", controller.logs).group(1)
     fresh_state = Controller(repo.path, tmp_path / "fresh-state", "--controller-id", owner).start()
     try:
         fresh_state.wait_release(healthy_on(version))
         assert "adopted running app demo--" in fresh_state.logs
-        assert model_replicas(serve, "demo", version) == before
+        assert model_replicas(warm_serve, "demo", version) == before
     finally:
         fresh_state.stop()
 
@@ -131,7 +130,7 @@ def test_second_controller_on_the_same_state_dir_exits(live_demo):
     assert f"another controller (pid {controller.process.pid}) is running on state dir" in second.logs
 
 
-def test_removed_release_is_pruned_but_not_all_at_once(live_demo, serve):
+def test_removed_release_is_pruned_but_not_all_at_once(live_demo, warm_serve):
     repo, controller, release = live_demo
     repo.release("second")
     repo.commit("second release")
@@ -139,15 +138,15 @@ def test_removed_release_is_pruned_but_not_all_at_once(live_demo, serve):
     repo.remove("releases/second.yaml")
     repo.commit("remove second")
     wait_for(lambda: not controller.release("second"), 30, "second pruned")
-    wait_for(lambda: not any(name.startswith("second") for name in serve.observe()), 30, "second's apps deleted")
+    wait_for(lambda: not any(name.startswith("second") for name in warm_serve.observe()), 30, "second's apps deleted")
     repo.remove("releases/demo.yaml")
     repo.commit("remove everything")
     controller.wait_release(lambda r: "pruning all needs --allow-prune-all" in r["message"], timeout=30)
     assert generate().status_code == 200
 
 
-def test_status_history_and_generate_commands(live_demo, tmp_path):
-    repo, controller, release = live_demo
+def test_status_history_and_generate_commands(fresh_demo, tmp_path):
+    repo, controller, release = fresh_demo
     out = tmp_path / "out.png"
     result = subprocess.run([DIFFOPS, "generate", "demo", "a red cube", "-o", str(out), "--url", SERVE_URL, "--seed", "1"],
                             capture_output=True, text=True)

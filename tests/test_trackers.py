@@ -79,7 +79,15 @@ def wandb_records(path: Path) -> list[Any]:
 
 
 def wandb_view(root: Path) -> dict[str, Any]:
-    [log_file] = root.glob("wandb/offline-run-*/run-*.wandb")
+    [view] = wandb_views(root)
+    return view
+
+
+def wandb_views(root: Path) -> list[dict[str, Any]]:
+    return [wandb_run(log_file) for log_file in sorted(root.glob("wandb/offline-run-*/run-*.wandb"))]
+
+
+def wandb_run(log_file: Path) -> dict[str, Any]:
     records = wandb_records(log_file)
     [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     config = {item.key: json.loads(item.value_json) for item in run.config.update if item.key != "_wandb"}
@@ -87,19 +95,28 @@ def wandb_view(root: Path) -> dict[str, Any]:
     metrics = {item.nested_key[0]: json.loads(item.value_json) for item in history
                if len(item.nested_key) == 1 and not item.nested_key[0].startswith("_")}
     media = {item.nested_key[0]: json.loads(item.value_json) for item in history if list(item.nested_key[1:]) == ["path"]}
-    return {"name": run.display_name, "project": run.project, "chips": list(run.tags), "params": {k: v for k, v in config.items() if k != "tags"},
+    return {"name": run.display_name, "project": run.project, "group": run.run_group, "chips": list(run.tags),
+            "params": {k: v for k, v in config.items() if k != "tags"},
             "tags": config["tags"], "metrics": metrics, "images": {k: (log_file.parent / "files" / v).read_bytes() for k, v in media.items()},
             "files": sorted(r.files.files[0].path for r in records if r.WhichOneof("record_type") == "files")}
 
 
 def neptune_view(root: Path, tmp_path: Path) -> dict[str, Any]:
+    [view] = neptune_views(root, tmp_path)
+    return view
+
+
+def neptune_views(root: Path, tmp_path: Path) -> list[dict[str, Any]]:
+    return [neptune_run(folder, tmp_path) for folder in sorted(root.glob("offline/run__*"))]
+
+
+def neptune_run(folder: Path, tmp_path: Path) -> dict[str, Any]:
     from neptune.core.components.operation_storage import OperationStorage
     from neptune.core.components.queue.disk_queue import DiskQueue
     from neptune.internal.backends.neptune_backend_mock import NeptuneBackendMock
     from neptune.internal.container_type import ContainerType
     from neptune.internal.operation import Operation
 
-    [folder] = root.glob("offline/run__*")
     queue = DiskQueue(folder, to_dict=lambda op: op.to_dict(), from_dict=Operation.from_dict, lock=threading.RLock())
     operations = []
     while (element := queue.get()) is not None:
@@ -118,6 +135,7 @@ def neptune_view(root: Path, tmp_path: Path) -> dict[str, Any]:
         backend.download_file(run.id, ContainerType.RUN, path.split("/"), destination=str(tmp_path / "image.png"))
         images[path.removeprefix("artifacts/")] = (tmp_path / "image.png").read_bytes()
     return {"name": value("sys/name"), "experiment": value("diffops/experiment"),
+            "group": value("diffops/parent") if "diffops/parent" in fields else None,
             "chips": sorted(backend.get_string_set_attribute(run.id, ContainerType.RUN, ["sys", "tags"]).values),
             "params": {p.removeprefix("parameters/"): value(p) for p in fields if p.startswith("parameters/")},
             "tags": {p.removeprefix("diffops/tags/"): value(p) for p in fields if p.startswith("diffops/tags/")},
@@ -203,3 +221,32 @@ def test_check_track_with_another_tracker_writes_offline_and_contacts_nobody(kin
         assert dict(numeric_figures(check["name"], check["figures"])).items() <= view["metrics"].items()
     produced = next(Path(p) for p in report["saved"] if p.endswith("golden-produced.png"))
     assert view["images"]["gate/golden-produced.png"] == produced.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["wandb", "neptune"])
+def test_an_experiment_logs_its_cells_and_their_parent_to_another_tracker(kind, tmp_path, monkeypatch):
+    """`diffops experiment run --tracker wandb|neptune` (offline): every cell is a run carrying what its MLflow run does
+    (the params, tags, metrics and images `test_experiment_run.py` reads from MLflow), all in the parent's group, and
+    the parent, logged last, holds the contact sheet and the table naming each cell's run."""
+    from click.testing import CliRunner
+
+    from controller.cli.experiment import experiment
+    from tests.test_experiment_run import METRICS, PARAMS, TAGS, experiment_repo
+
+    for name in [k for k in os.environ if k.startswith(("WANDB_", "NEPTUNE_"))]:
+        monkeypatch.delenv(name)
+    repo = experiment_repo(tmp_path / "repo", ("    sampler: [ddim, euler]", "    sampler: [ddim]"), ("    steps: [2, 4]", "    steps: [2]"))
+    state = tmp_path / "state"
+    result = CliRunner().invoke(experiment, ["run", str(repo.path / "experiments" / "demo-grid.yaml"), "--repo", str(repo.path),
+                                             "--state-dir", str(state), "--tracker", kind])
+    assert result.exit_code == 0, result.output
+    views = wandb_views(state / "wandb") if kind == "wandb" else neptune_views(state / ".neptune", tmp_path)
+    [parent] = [v for v in views if "contact-sheet.png" in v["images"]]
+    cells = [v for v in views if v is not parent]
+    assert len(cells) == 2 and {c["tags"]["diffops.kind"] for c in cells} == {"experiment"}, [v["name"] for v in views]
+    for cell in cells:
+        assert set(PARAMS) <= set(cell["params"]) and set(TAGS) <= set(cell["tags"]) and set(METRICS) <= set(cell["metrics"]), cell["name"]
+        assert cell["images"] and all(png.startswith(b"\x89PNG") for png in cell["images"].values())
+        assert cell["group"] == parent["group"] == parent["tags"]["diffops.group"]
+    assert parent["tags"]["diffops.status"] == "FINISHED" and parent["tags"]["diffops.cells"] == "2"
+    assert any(path.endswith("table.json") for path in parent["files"]) and f"parent run {parent['group']}" in result.output

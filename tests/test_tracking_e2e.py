@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from controller.parse.loader import parse_release
-from tests.conftest import DEMO_RELEASE, ReleaseRepo
+from tests.conftest import DEMO_RELEASE, LIVE_P95, ReleaseRepo
 from tests.live import DIFFOPS, MLFLOW_QUIET, gate_runs, running_controller, stable_version, wait_for
 
 pytestmark = pytest.mark.timeout(600)
@@ -86,7 +86,7 @@ def test_a_rollout_logs_its_gate_on_a_tracking_server_and_status_and_history_lin
         assert f"gate tracked: {gate['run']['link']}" in history.stdout, history.stdout
 
         # a gate that fails is a run too, with its verdict: found by its own version's tag
-        model_repo.release(**{"max_p95_latency_s: 5.0": "max_p95_latency_s: 0.0001", "steps: 4": "steps: 5"})
+        model_repo.release(**{LIVE_P95: "max_p95_latency_s: 0.0001", "steps: 4": "steps: 5"})
         model_repo.commit("impossible latency")
         failed = controller.wait_release(lambda r: r["phase"] == "Degraded", timeout=180)
         held = failed["desired_version"]
@@ -96,8 +96,8 @@ def test_a_rollout_logs_its_gate_on_a_tracking_server_and_status_and_history_lin
         assert f"tracked as MLflow run {bad.info.run_id}" in controller.logs
 
 
-def test_the_embedded_store_is_the_default_and_a_reused_gate_logs_no_second_run(live_demo):
-    repo, controller, release = live_demo
+def test_the_embedded_store_is_the_default_and_a_reused_gate_logs_no_second_run(fresh_demo):
+    repo, controller, release = fresh_demo
     version = stable_version(release)
     uri = f"sqlite:///{controller.state_dir / 'mlflow.db'}"
     [first] = gate_runs(uri, "demo", version)

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from controller.cli.common import fail, open_source, repo_option, state_dir_option, tracker_at, tracking_option
+from controller.cli.common import fail, open_source, repo_option, state_dir_option, tracker_at, tracker_option, tracking_option
 from controller.cli.promote import promote
 from controller.cli.terminal import is_terminal, print_rich, render_text
 from controller.experiments.schema import SORT_METRICS, schema_text
@@ -35,15 +35,16 @@ def _say(line: str) -> None:
 @click.option("--rev", default=None, help="Revision whose release the experiment starts from (default: HEAD).")
 @state_dir_option
 @tracking_option
+@tracker_option
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Also write contact-sheet.png and table.json here.")
 @click.option("--sort", type=click.Choice(SORT_METRICS), default=None,
               help="Sort the table by this metric (default: the file's spec.sort).")
 @click.option("--ray-address", default=None, metavar="URL",
               help="Draw on this Ray cluster (its dashboard URL, or GCS host:port): one job per model, all models at once.")
-def run(file: Path, repo: str, rev: str | None, state_dir: Path, tracking_uri: str | None, output_dir: Path | None,
+def run(file: Path, repo: str, rev: str | None, state_dir: Path, tracking_uri: str | None, tracker: str, output_dir: Path | None,
         sort: str | None, ray_address: str | None) -> None:
-    """Run every cell of the experiment FILE, log each as an MLflow run, print the comparison table."""
+    """Run every cell of the experiment FILE, log each as a run (MLflow, or --tracker), print the comparison table."""
     from controller.cli.version import installed
     from controller.experiments.loader import InvalidExperiment, read_experiment
     from controller.experiments.on_ray import RayDrawer, RayDrawError
@@ -68,7 +69,8 @@ def run(file: Path, repo: str, rev: str | None, state_dir: Path, tracking_uri: s
     bar = tqdm(unit="image", desc=f"experiment {found.experiment.name}", file=sys.stderr, disable=not is_terminal(sys.stderr))
     try:
         with bar:
-            outcome = run_experiment(found, file.read_bytes(), source, rev, state_dir, tracker_at(state_dir, tracking_uri), sort=metric,
+            runs = tracker_at(state_dir, tracking_uri, tracker)
+            outcome = run_experiment(found, file.read_bytes(), source, rev, state_dir, runs, sort=metric,
                                      say=bar.write if not bar.disable else _say, on_drawn=lambda cell: bar.update(len(found.prompts)),
                                      controller_version=installed("diffops"), ray=ray)
     except InvalidExperiment as err:

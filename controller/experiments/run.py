@@ -1,4 +1,4 @@
-"""`diffops experiment run`, the shell: read the release, fetch, draw every cell, measure, log to MLflow.
+"""`diffops experiment run`, the shell: read the release, fetch, draw every cell, measure, log to the tracker.
 
 Sits between the CLI (`controller.cli.experiment`) and the pure steps (`grid`, `measure`, `record`, `sheet`,
 `table`). Models and the CLIP model are fetched and verified into the state dir's model cache
@@ -6,7 +6,7 @@ Sits between the CLI (`controller.cli.experiment`) and the pure steps (`grid`, `
 job per model (`controller.experiments.on_ray`, all models at once), whose cells are then measured and logged here.
 The baseline config's model and cells come first, so every cell is measured and logged (a child of the parent run)
 as soon as it is drawn: a run cut short still leaves its finished cells in MLflow, and the parent run is marked
-FAILED.
+FAILED. On W&B and Neptune (`--tracker`) the cells share a group (`diffops/parent`) and the parent is logged last.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from controller.parse.release import Release
 from controller.source.git_source import ReleaseSource
 from controller.tracking.mlflow_store import Tracker, TrackingError
 from controller.tracking.runs import RunRecord, environment_tags
+from controller.tracking.tracker import RunTracker
 from serving.artifacts import ArtifactError, ModelCache, fetch
 
 __all__ = ["ExperimentRun", "ExperimentRunError", "environment", "release_of", "run_experiment"]
@@ -94,7 +96,7 @@ def _order(cells: list[Cell], baseline: int) -> list[Cell]:
     return sorted(cells, key=lambda c: (c.config.model_index != model, c.config.model_index, c.config.index != baseline, c.index))
 
 
-def run_experiment(found: ExperimentFile, raw: bytes, source: ReleaseSource, rev: str | None, state_dir: Path, tracker: Tracker, *,
+def run_experiment(found: ExperimentFile, raw: bytes, source: ReleaseSource, rev: str | None, state_dir: Path, tracker: RunTracker, *,
                    sort: str, say: Callable[[str], None] = lambda line: None,
                    on_drawn: Callable[[Cell], None] = lambda cell: None, controller_version: str | None = None,
                    ray: RayDrawer | None = None) -> ExperimentRun:
@@ -122,7 +124,7 @@ def run_experiment(found: ExperimentFile, raw: bytes, source: ReleaseSource, rev
     mlflow_experiment = experiment_name(name)
     parent = parent_record(name, release.name, commit, cells=len(cells), prompts=prompts, experiment_file=raw, environment=env,
                            controller_version=controller_version)
-    parent_id = _start_parent(tracker, parent, mlflow_experiment)
+    parent_id = _start_parent(tracker, parent, mlflow_experiment) if isinstance(tracker, Tracker) else _group_id(name)
     say(f"experiment {name}: {len(cells)} cells x {len(prompts)} prompts of release {release.name} at {commit[:12]}; parent run "
         f"{parent_id}; next: drawing")
     try:
@@ -144,14 +146,11 @@ def run_experiment(found: ExperimentFile, raw: bytes, source: ReleaseSource, rev
         sheet = contact_sheet(ordered, prompts, [drawn_images[c.index] for c in ordered], several_models=several,
                               baseline_config=spec.baseline)
         result = ExperimentRun(parent_id, "", sort_rows(rows, sort), sheet, commit, ordered)
-        _finish_parent(tracker, parent_id, {"contact-sheet.png": sheet, "table.json": result.table_json()}, "FINISHED")
+        outputs = {"contact-sheet.png": sheet, "table.json": result.table_json()}
+        result.link = _finish(tracker, parent_id, parent, mlflow_experiment, outputs, "FINISHED")
     except BaseException:
-        _finish_parent(tracker, parent_id, {}, "FAILED")
+        _finish(tracker, parent_id, parent, mlflow_experiment, {}, "FAILED")
         raise
-    experiment_id = tracker.client.get_run(parent_id).info.experiment_id
-    from controller.tracking.mlflow_store import run_link
-
-    result.link = run_link(tracker.uri, experiment_id, parent_id)
     say(f"experiment {name}: {len(cells)} cells logged under {result.link}; next: compare them ({time.monotonic() - started:.1f}s)")
     return result
 
@@ -176,7 +175,7 @@ def _local_drawer(prompts: list[str], source: ReleaseSource, commit: str, cache:
     return draw_cell
 
 
-def _cells(cells: list[Cell], prompts: list[str], baseline: int, tracker: Tracker, scorer: Any, parent_id: str,
+def _cells(cells: list[Cell], prompts: list[str], baseline: int, tracker: RunTracker, scorer: Any, parent_id: str,
            draw_cell: Callable[[Cell], drawing.Drawn], *, commit: str, name: str, env: dict[str, str], several: bool,
            controller_version: str | None) -> tuple[list[dict[str, Any]], dict[int, tuple[bytes, ...]]]:
     """Measure and log every cell as it is drawn (baseline config first); the table rows and each cell's images."""
@@ -199,6 +198,30 @@ def _cells(cells: list[Cell], prompts: list[str], baseline: int, tracker: Tracke
         rows.append({"index": cell.index, "cell": cell.id, "config": cell.label(several), "version": cell.version,
                      "baseline": cell.config.index == baseline, "run_id": logged.run_id, "metrics": metrics})
     return rows, images
+
+
+def _group_id(name: str) -> str:
+    """The parent of an experiment's cells on W&B (their group) and Neptune (their `diffops/parent`): one per run."""
+    return f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def _finish(tracker: RunTracker, parent_id: str, parent: RunRecord, experiment: str, artifacts: dict[str, bytes], status: str) -> str:
+    """Close the experiment's parent run with its sheet and table; where a person opens it. On MLflow the parent was
+    started before the cells and is finished now; on W&B and Neptune it is logged now, in the cells' group."""
+    if isinstance(tracker, Tracker):
+        _finish_parent(tracker, parent_id, artifacts, status)
+        from controller.tracking.mlflow_store import run_link
+
+        return run_link(tracker.uri, tracker.client.get_run(parent_id).info.experiment_id, parent_id)
+    record = replace(parent, tags={**parent.tags, "diffops.status": status, "diffops.group": parent_id},
+                     artifacts={**parent.artifacts, **artifacts})
+    try:
+        return tracker.log(record, experiment, parent=parent_id).link
+    except TrackingError as err:
+        if status == "FINISHED":
+            raise
+        log.warning("experiment %s: its failed parent run was not logged (%s); next: nothing, the cells logged stay", parent_id, err)
+        return ""
 
 
 def _start_parent(tracker: Tracker, record: RunRecord, experiment: str) -> str:

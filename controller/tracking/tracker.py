@@ -2,12 +2,12 @@
 
 A `RunRecord` (`controller.tracking.runs`: tags, params, metrics, artifacts) is
 logged by a `RunTracker`, picked by `--tracker` (`DIFFOPS_TRACKER`) on the
-commands that log runs (`controller run`, `check --track`): MLflow
-(`mlflow_store.Tracker`, the default, at `--tracking-uri`), Weights & Biases
-(`wandb_store`) or Neptune (`neptune_store`), each configured by its own
+commands that log runs (`controller run`, `check --track`, `experiment run`):
+MLflow (`mlflow_store.Tracker`, the default, at `--tracking-uri`), Weights &
+Biases (`wandb_store`) or Neptune (`neptune_store`), each configured by its own
 environment variables, both offline unless that environment says otherwise.
-The models:/ registry, live quality and experiments stay on MLflow: they read
-runs back, which only MLflow's client does here. Each library is imported on
+The models:/ registry, live quality and `experiment reproduce` stay on MLflow:
+they read runs back, which only MLflow's client does here. Each library is imported on
 first use, never by replicas.
 """
 
