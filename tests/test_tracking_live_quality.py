@@ -99,3 +99,15 @@ def test_a_gate_run_carries_production_size_images_whole(tmp_path: Path):
     client = MlflowClient(tracker.uri)
     for name, data in images.items():
         assert Path(client.download_artifacts(run["id"], f"gate/{name}", str(tmp_path / "back"))).read_bytes() == data
+
+
+def test_a_gate_that_ends_while_the_controller_stops_is_not_tracked_and_raises_nothing(tmp_path: Path, caplog):
+    """The preparation thread hands a finished gate over after `close` (SIGTERM): one line, no exception in its callback."""
+    runs = GateRuns(Tracker.for_state_dir(tmp_path), "diffops test")
+    spec = parse_release(DEMO_RELEASE.encode(), "releases/demo.yaml").spec
+    report = GateReport("demo", "v1", (CheckResult("artifact", "passed", "ok", {}),), 1.0)
+    runs.submit(report, spec, "c0ffee", "k1")  # starts the pool
+    runs.close()
+    with caplog.at_level(logging.INFO, logger="diffops.controller"):
+        runs.submit(report, spec, "c0ffee", "k2")
+    assert "demo: gate of v1 not tracked: the controller is stopping" in caplog.text

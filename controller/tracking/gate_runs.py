@@ -51,7 +51,11 @@ class GateRuns:
             if run is not None:
                 self._logged.put((report.release, report.version, gate_key, run))
 
-        self._pool.submit(work)
+        try:
+            self._pool.submit(work)
+        except RuntimeError:  # the controller is stopping (`close` ran): a gate that ends now is not tracked
+            log.info("%s: gate of %s not tracked: the controller is stopping; next: nothing (its verdict stands, recorded)",
+                     report.release, report.version)
 
     def collect(self) -> list[tuple[str, str, str, dict[str, Any]]]:
         """(release, version, gate key, run) of each gate logged since the last call (or handed `back`)."""
