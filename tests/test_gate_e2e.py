@@ -24,8 +24,8 @@ def gate_jobs() -> list[dict]:
     return [j for j in jobs if (j.get("submission_id") or "").startswith("diffops-gate-")]
 
 
-def test_changed_golden_reference_is_held_back_and_stable_keeps_serving(live_demo, tmp_path):
-    repo, controller, release = live_demo
+def test_changed_golden_reference_is_held_back_and_stable_keeps_serving(fresh_demo, tmp_path):
+    repo, controller, release = fresh_demo  # a version this controller gated: an adopted one is not checked again (README)
     version = stable_version(release)
     other = Image.effect_noise((64, 64), 100).convert("RGB")
     buffer = io.BytesIO()
@@ -55,10 +55,10 @@ def test_impossible_latency_is_held_back_with_the_measured_p95(live_demo):
     assert generate().headers["X-Diffops-Version"] == version
 
 
-def test_old_torch_requirement_fails_naming_the_installed_torch(live_demo):
+def test_old_torch_requirement_fails_naming_the_installed_torch(fresh_demo):
     from importlib.metadata import version as installed
 
-    repo, controller, release = live_demo
+    repo, controller, release = fresh_demo
     repo.release(**{'torch: ">=2.4"': 'torch: "<2.0"'})
     repo.commit("impossible torch")
     release = controller.wait_release(lambda r: r["phase"] == "Degraded", timeout=120)
