@@ -142,6 +142,7 @@ class Controller:
 
 
 WARM_OWNER = "diffops-tests-warm"  # the controller id of every warm test (`warm=True`)
+WARM = ("--controller-id", WARM_OWNER)  # the flags of a warm controller started by hand
 warm_version: list[str] = []  # the demo release's first version, once a warm controller has served it
 
 
@@ -151,7 +152,7 @@ def running_controller(repo: Path, state_dir: Path, *flags: str, warm: bool = Fa
     controller runs as WARM_OWNER: it adopts the demo release's first version where an earlier warm test left it
     running (`keep_warm`), the product's own path for a controller that lost its state, instead of gating and
     starting it again (a minute or more each on 2 cores)."""
-    controller = Controller(repo, state_dir, *flags, *(("--controller-id", WARM_OWNER) if warm else ())).start()
+    controller = Controller(repo, state_dir, *flags, *(WARM if warm else ())).start()
     try:
         release = controller.wait_release(healthy_on(), timeout=240)  # gate + start: minutes on a busy box
         if warm and not warm_version:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ReleaseRepo, free_port
 from tests.conftest import demo_repo as repo_with
-from tests.live import HTTP_PORT, WARM_OWNER, Controller, generate, healthy_on, serve_client, stable_version, wait_for
+from tests.live import HTTP_PORT, WARM, Controller, generate, healthy_on, serve_client, stable_version, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -26,7 +26,7 @@ def owner_marks(app_config: dict | None) -> set[str]:
 @pytest.fixture
 def controller(model_repo: ReleaseRepo, warm_serve, tmp_path):
     """The demo release's (warm) controller process (given time for a loaded machine), stopped after the test."""
-    process = Controller(model_repo.path, tmp_path / "state", "--controller-id", WARM_OWNER).start()
+    process = Controller(model_repo.path, tmp_path / "state", *WARM).start()
     yield process
     if process.process and process.process.poll() is None:
         process.stop()

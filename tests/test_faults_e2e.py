@@ -24,7 +24,7 @@ from tests.conftest import ReleaseRepo
 from tests.live import (
     DIFFOPS,
     LOAD_REQUEST,
-    WARM_OWNER,
+    WARM,
     Controller,
     Load,
     generate,
@@ -207,7 +207,7 @@ def recorded(db: Path, versions: set[str]) -> tuple:
 def test_kill_9_of_the_controller_at_random_points_of_a_rollout(model_repo: ReleaseRepo, warm_serve, tmp_path):
     rng = random.Random(2026)
     state = tmp_path / "state"
-    controller = Controller(model_repo.path, state, "--controller-id", WARM_OWNER).start()
+    controller = Controller(model_repo.path, state, *WARM).start()
     old = stable_version(controller.wait_release(healthy_on()))
     path = model_repo.release(**{"    strategy: bluegreen\n": TIMED_CANARY, NEW_GUIDANCE[0]: NEW_GUIDANCE[1]})
     new = version_id(parse_release(path.read_bytes(), "releases/demo.yaml"))
@@ -225,7 +225,7 @@ def test_kill_9_of_the_controller_at_random_points_of_a_rollout(model_repo: Rele
                 wait_for(lambda since=since, hold=hold: time.monotonic() - since >= hold, hold + 5, f"the next kill point ({hold:.1f}s)")
                 controller.stop(signal.SIGKILL)
                 seen.append(recorded(state / "state.db", {old, new}))
-                controller = Controller(model_repo.path, state, "--controller-id", WARM_OWNER).start()
+                controller = Controller(model_repo.path, state, *WARM).start()
                 if kill >= 6 and len(points()) >= 3:
                     break
             release = controller.wait_release(lambda r: healthy_on(new)(r) and stable_version(r) == new, timeout=240)
@@ -251,7 +251,7 @@ def test_an_unsigned_head_is_refused_while_the_signed_one_keeps_serving(model_re
     keys = Keys(tmp_path / "keys")
     signed = ssh_commit(model_repo, keys.alice, "signed release")
     controller = Controller(model_repo.path, tmp_path / "state", "--require-signed-commits", "--allowed-signers", str(keys.allowed),
-                            "--controller-id", WARM_OWNER).start()
+                            *WARM).start()
     try:
         version = stable_version(controller.wait_release(healthy_on()))
         with Load() as load:

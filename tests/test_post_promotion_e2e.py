@@ -14,7 +14,7 @@ import pytest
 
 from controller.state.store import Store
 from tests.conftest import ReleaseRepo
-from tests.live import DIFFOPS, WARM_OWNER, Controller, Load, generate, healthy_on, serve_client, stable_version, wait_for, wait_ticks
+from tests.live import DIFFOPS, WARM, Controller, Load, generate, healthy_on, serve_client, stable_version, wait_for, wait_ticks
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -34,7 +34,7 @@ DEGRADES = f"  faults:\n    error_rate: 1.0\n    error_after_requests: {GOOD_REQ
 
 def test_a_version_that_degrades_after_promotion_is_switched_back_to_the_warm_standby(model_repo: ReleaseRepo, warm_serve, tmp_path):
     state_dir = tmp_path / "state"
-    controller = Controller(model_repo.path, state_dir, "--allow-fault-injection", "--controller-id", WARM_OWNER).start()
+    controller = Controller(model_repo.path, state_dir, "--allow-fault-injection", *WARM).start()
     try:
         stable = stable_version(controller.wait_release(healthy_on(), timeout=300))  # gate and replica start: slow on a busy box
         replicas = warm_serve.observe()[f"demo--{stable}"].replica_ids
