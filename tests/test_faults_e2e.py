@@ -204,6 +204,23 @@ def recorded(db: Path, versions: set[str]) -> tuple:
     return release["phase"], release["step"], tuple(sorted((r["version"], r["role"], r["weight"], r["status"]) for r in rows))
 
 
+# where the rollout of `new` stands, by its recorded state: (rank, what); kills are aimed at each of these in turn
+PHASES = ((0, "start-up"), (1, "the gate (preparing)"), (2, "replicas starting"), (3, "weight steps"))
+
+
+def phase(db: Path, new: str) -> int:
+    """The rank in PHASES the recorded rollout of `new` has reached (read-only, beside the running controller)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            step = con.execute("SELECT step FROM releases WHERE name = 'demo'").fetchone()
+            status = con.execute("SELECT status FROM versions WHERE release = 'demo' AND version = ?", (new,)).fetchone()
+    except sqlite3.Error:  # not created yet
+        return 0
+    if step is not None and step[0] is not None:
+        return 3
+    return {"preparing": 1, "verified": 2, "starting": 2, "ready": 3}.get(status[0], 0) if status else 0
+
+
 def test_kill_9_of_the_controller_at_random_points_of_a_rollout(model_repo: ReleaseRepo, warm_serve, tmp_path):
     rng = random.Random(2026)
     state = tmp_path / "state"
@@ -219,15 +236,14 @@ def test_kill_9_of_the_controller_at_random_points_of_a_rollout(model_repo: Rele
 
     try:
         with Load() as load:
-            for kill in range(14):  # at least 7 kills, more until they landed at 3 points (a slow machine gates longer)
-                # anywhere: start-up, gate, replicas starting, steps, the pause (seeded wall-clock points, 2-10 s apart)
-                hold, since = rng.uniform(2.0, 10.0), time.monotonic()
-                wait_for(lambda since=since, hold=hold: time.monotonic() - since >= hold, hold + 5, f"the next kill point ({hold:.1f}s)")
+            # one kill in each phase (aimed by the recorded state, so a slow machine's longer gate cannot crowd the
+            # others out), at a seeded random moment 0-3 s into it
+            for rank, what in PHASES:
+                wait_for(lambda rank=rank: phase(state / "state.db", new) >= rank, 240, f"the rollout to reach {what}")
+                time.sleep(rng.uniform(0.0, 3.0))
                 controller.stop(signal.SIGKILL)
                 seen.append(recorded(state / "state.db", {old, new}))
                 controller = Controller(model_repo.path, state, *WARM).start()
-                if kill >= 6 and len(points()) >= 3:
-                    break
             release = controller.wait_release(lambda r: healthy_on(new)(r) and stable_version(r) == new, timeout=240)
     finally:
         controller.stop()
