@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import batching, cluster, gate, model_load, quality, reconcile, rollout, router
+from bench import batching, cluster, fetch, gate, model_load, quality, reconcile, rollout, router
 from bench.context import Context, Shared
 from bench.progress import Progress
 from bench.report import Figure, document, markdown, table
@@ -29,6 +29,7 @@ from bench.report import Figure, document, markdown, table
 FAMILIES: dict[str, Callable[[Context], list[Figure]]] = {
     "reconcile": reconcile.bench,
     "model_load": model_load.bench,
+    "fetch": fetch.bench,
     "gate": gate.bench,
     "router": router.bench,
     "batching": batching.bench,

@@ -35,21 +35,21 @@ lock (so the next download never meets a half entry: no `Directory not empty`):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import stat
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
-from serving.manifest import CHUNK, MANIFEST_NAME, ArtifactError, Manifest, check_key
+from serving.manifest import MANIFEST_NAME, ArtifactError, Manifest, check_key
 from serving.model_cache import ModelCache
 from serving.stores import ArtifactStore, open_store
+from serving.transfer import Moved, move_files
 
 __all__ = ["ArtifactError", "FetchResult", "ModelCache", "fetch"]
 
@@ -66,6 +66,7 @@ class FetchResult:
     cached: bool
     seconds: float
     healed: tuple[str, ...] = ()  # what was wrong with the cached copy this fetch replaced
+    ranged_parts: int = 0  # byte ranges read over parallel connections (large files of object stores)
 
 
 def _authentic_manifest(store: ArtifactStore, keys: set[str], digest: str) -> Manifest | None:
@@ -74,17 +75,6 @@ def _authentic_manifest(store: ArtifactStore, keys: set[str], digest: str) -> Ma
     with store.open(MANIFEST_NAME) as handle:
         manifest = Manifest.parse(handle.read(1 << 20).decode())
     return manifest if manifest.digest == digest else None
-
-
-def _copy(store: ArtifactStore, key: str, target: Path, progress: tqdm) -> str:
-    digest = hashlib.sha256()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with store.open(key) as src, open(target, "wb") as dst:
-        while chunk := src.read(CHUNK):
-            digest.update(chunk)
-            dst.write(chunk)
-            progress.update(len(chunk))
-    return digest.hexdigest()
 
 
 def _seal(directory: Path) -> None:
@@ -136,7 +126,7 @@ def fetch(
                                         f"downloading it again failed: {err}") from err
                 raise
             cache.touch(digest)
-            return FetchResult(result.path, digest, result.files, result.bytes_transferred, False, result.seconds, healed)
+            return replace(result, healed=healed)
     finally:
         cache.sweep()
 
@@ -155,8 +145,8 @@ def _fetch_into(cache: ModelCache, uri: str, digest: str, repo: Path | None, com
             extra = [f"{key}: extra file" for key in sorted(listing.keys() - expected.files.keys())]
             missing = [f"{key}: missing" for key in sorted(expected.files.keys() - listing.keys())]
             raise ArtifactError(f"{uri}: does not match the pinned manifest: " + "; ".join(extra + missing))
-        hashes = _download(store, listing, staging, expected, uri)
-        actual = Manifest(hashes)
+        moved = _download(store, listing, staging, expected, uri)
+        actual = Manifest(moved.hashes)
         if actual.digest != digest:
             raise ArtifactError(
                 f"{uri}: digest mismatch: files hash to {actual.digest}, release pins {digest} "
@@ -168,22 +158,26 @@ def _fetch_into(cache: ModelCache, uri: str, digest: str, repo: Path | None, com
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(hub, ignore_errors=True)
-    return FetchResult(cache.path(digest), digest, len(listing), sum(listing.values()), False, time.monotonic() - started)
+    return FetchResult(cache.path(digest), digest, len(listing), sum(listing.values()), False, time.monotonic() - started,
+                       ranged_parts=moved.ranged_parts)
 
 
-def _download(store: ArtifactStore, listing: dict[str, int], staging: Path, expected: Manifest | None, uri: str) -> dict[str, str]:
+def _download(store: ArtifactStore, listing: dict[str, int], staging: Path, expected: Manifest | None, uri: str) -> Moved:
     total = sum(listing.values())
-    hashes = {}
+    started = time.monotonic()
+
+    def check(key: str, sha: str) -> None:
+        if expected is not None and sha != expected.files[key]:
+            raise ArtifactError(f"{uri}: digest mismatch: {key}: sha256 {sha[:12]}… does not match pinned {expected.files[key][:12]}…")
+
     with tqdm(
         total=total, unit="B", unit_scale=True, desc=f"fetch {uri}", file=sys.stderr,
         disable=total < PROGRESS_MIN_BYTES or not sys.stderr.isatty(),
     ) as progress:
-        for key in sorted(listing):
-            target = staging / key
-            if not target.resolve().is_relative_to(staging.resolve()):
-                raise ArtifactError(f"{key}: would be written outside the cache")
-            hashes[key] = _copy(store, key, target, progress)
-            if expected is not None and hashes[key] != expected.files[key]:
-                raise ArtifactError(f"{uri}: digest mismatch: {key}: sha256 {hashes[key][:12]}… "
-                                    f"does not match pinned {expected.files[key][:12]}…")
-    return hashes
+        moved = move_files(store, listing, staging, progress.update, check)
+    seconds = time.monotonic() - started
+    if total >= PROGRESS_MIN_BYTES:
+        log.info("model fetch: %s: %.2f GB in %d file(s) moved and hashed at %.2f GB/s (%s); next: verify the digest (%.1fs)",
+                 uri, total / 1e9, len(listing), total / 1e9 / max(seconds, 1e-9),
+                 f"{moved.ranged_parts} ranged parts" if moved.ranged_parts else "streamed", seconds)
+    return moved

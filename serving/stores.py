@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 from serving.manifest import MANIFEST_NAME, REFUSED_SUFFIXES, ArtifactError, list_model_files
+from serving.transfer import FILES_AT_ONCE, local_concurrency
 
 if TYPE_CHECKING:
     import git
@@ -45,6 +46,8 @@ class ArtifactStore(Protocol):
 
 
 class LocalStore:
+    concurrency = local_concurrency()
+
     def __init__(self, root: Path):
         if not root.is_dir():
             raise ArtifactError(f"{root}: no such model directory")
@@ -74,7 +77,10 @@ class _BlobStream:
 
 
 class GitTreeStore:
-    """A model directory committed in the release repo, read at one commit."""
+    """A model directory committed in the release repo, read at one commit (one file at a time: GitPython reads
+    objects through one `git cat-file` process)."""
+
+    concurrency = 1
 
     def __init__(self, repo_path: Path, commit: str, subdir: str):
         import git
@@ -150,7 +156,10 @@ def filesystem(uri: str) -> tuple[Any, str]:
 
 
 class FsspecStore:
-    """Object storage through fsspec; credentials and endpoints from the usual environment (`fsspec_target`)."""
+    """Object storage through fsspec; credentials and endpoints from the usual environment (`fsspec_target`).
+    Large files are read as byte ranges over parallel connections (`serving.transfer`)."""
+
+    concurrency = FILES_AT_ONCE
 
     def __init__(self, uri: str):
         self.fs, path = filesystem(uri)
@@ -173,9 +182,15 @@ class FsspecStore:
         handle: IO[bytes] = self.fs.open(f"{self.root}/{key}", "rb")  # fsspec is untyped: a binary file object
         return handle
 
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        data: bytes = self.fs.cat_file(f"{self.root}/{key}", start=offset, end=offset + length)
+        return data
+
 
 class HfStore:
     """A Hugging Face Hub repo at a pinned revision; pickle and code files are never downloaded."""
+
+    concurrency = local_concurrency()
 
     def __init__(self, uri: str, scratch: Path):
         repo, _, revision = uri.removeprefix("hf://").partition("@")

@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # The tests' release is the demo's with a p95 budget of 30 s for its gate: the live tests share 2 cores with Ray and
 # with each other, and the demo's 5 s failed gates at 5.0-7.9 s there (the bound itself is tested with an impossible one)
 LIVE_P95 = "max_p95_latency_s: 30.0"
-DEMO_RELEASE = (ROOT / "releases" / "demo.yaml").read_text().replace("max_p95_latency_s: 5.0", LIVE_P95)
+# and its performance check draws 4 images, not 8: each gate of a live test is seconds shorter (a p95 of 4 samples
+# still judges the bound; the gate's own tests use the shipped figures)
+DEMO_RELEASE = (ROOT / "releases" / "demo.yaml").read_text().replace("max_p95_latency_s: 5.0", LIVE_P95) \
+    .replace("      requests: 8\n", "      requests: 4\n")
 DEMO_MODEL = ROOT / "models" / "tiny-sd"
 
 
@@ -191,55 +194,41 @@ def _diffops_logger_restored() -> Iterator[None]:
 
 
 
-# Modules whose tests run on Ray (the session head `ray_head`, a head of their own, or the multi-node cluster), in two
-# chains of about equal length (35 minutes each on the CI machine); each chain runs in file order on one pytest-xdist
-# worker with that worker's own session head, so two heads share the 2 cores, never more.
-RAY_CHAINS = {
-    "ray-a": ("test_metrics_e2e.py", "test_canary_e2e.py", "test_faults_e2e.py", "test_drift_e2e.py",
-              "test_feedback_e2e.py", "test_garbage_e2e.py", "test_post_promotion_e2e.py",
-              "test_untested_promises_e2e.py", "test_tracking_e2e.py"),
-    "ray-b": ("test_gate_e2e.py", "test_serving_e2e.py", "test_cluster_e2e.py", "test_netcluster.py",
-              "test_quality_e2e.py", "test_registry_e2e.py", "test_served_demo_e2e.py", "test_experiment_ray.py"),
-}
-RAY_CHAIN_OF = {module: chain for chain, modules in RAY_CHAINS.items() for module in modules}
-RAY_MODULES = frozenset(RAY_CHAIN_OF)
-
-
-def _module(nodeid: str) -> str:
-    return nodeid.split("::")[0].rsplit("/", 1)[-1]
+# Modules whose tests run on Ray: the session head (`ray_head`), a head of their own, or the multi-node cluster.
+RAY_MODULES = frozenset({
+    "test_canary_e2e.py", "test_cluster_e2e.py", "test_drift_e2e.py", "test_faults_e2e.py", "test_feedback_e2e.py",
+    "test_garbage_e2e.py", "test_gate_e2e.py", "test_metrics_e2e.py", "test_netcluster.py", "test_post_promotion_e2e.py",
+    "test_quality_e2e.py", "test_served_demo_e2e.py", "test_serving_e2e.py", "test_tracking_e2e.py", "test_untested_promises_e2e.py",
+    "test_registry_e2e.py", "test_experiment_ray.py",
+})
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """`make test` runs `pytest -n 2`: each chain of RAY_CHAINS goes to one worker as one unit, in order (the
-    collection puts them first, so the two workers take one each); every other test is scheduled on its own to
-    whichever worker is free."""
+    """`make test` runs `pytest -n 2`: the tests of RAY_MODULES go to one worker as one unit, in file order, so one
+    Ray head (or cluster) at a time shares the 2 cores (a second head beside the first starves both); every other
+    test is scheduled on its own to whichever worker is free."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class RayChains(LoadScopeScheduling):  # type: ignore[misc]
+    class RayTogether(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
-            return RAY_CHAIN_OF.get(_module(nodeid), nodeid)
+            return "ray" if nodeid.split("::")[0].rsplit("/", 1)[-1] in RAY_MODULES else nodeid
 
-    return RayChains(config, log)
+    return RayTogether(config, log)
 
 
 FRESH_HEAD_FIRST = "test_metrics_e2e.py"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test on the session's Ray head in a module missing from RAY_CHAINS would start a head beside a chain's:
-    refused at collection, naming the module. The chains come first, chain by chain; in each, the metrics export test
-    first on a fresh head (late in a long run the head's metrics export was seen answering without any of our
-    series; the cause is not found yet: README, "Metrics and monitoring"), then the tests that start from the warm demo
-    version together (a test on an empty Serve between two of them costs the next one a gate and a replica start),
-    the rest in file order."""
+    """A test on the session's Ray head in a module missing from RAY_MODULES would start a second head on the other
+    worker: refused at collection, naming the module. Warm tests (`warm_serve`) run together. The metrics export test
+    runs first on the session head: late
+    in a full run (after the multi-node tests, 45 minutes of head uptime) the head's metrics export was seen answering
+    without any of our series; the cause is not found yet (README, "Metrics and monitoring")."""
     strays = sorted({item.path.name for item in items if "ray_head" in getattr(item, "fixturenames", ())} - RAY_MODULES)
     if strays:
-        raise pytest.UsageError(f"{', '.join(strays)} run on Ray: add them to a chain of RAY_CHAINS in tests/conftest.py")
-    chains = list(RAY_CHAINS)
-
-    def order(item: pytest.Item) -> tuple[int, bool, bool]:
-        chain = RAY_CHAIN_OF.get(item.path.name)
-        return (chains.index(chain) if chain else len(chains), item.path.name != FRESH_HEAD_FIRST,
-                "warm_serve" not in getattr(item, "fixturenames", ()))
-
-    items.sort(key=order)  # stable: file order within each group
+        raise pytest.UsageError(f"{', '.join(strays)} run on Ray: add them to RAY_MODULES in tests/conftest.py")
+    # stable sorts: the metrics export test first, then the tests that start from the warm demo version together (a
+    # test on an empty Serve between two of them costs the next one a gate and a replica start), the rest in file order
+    items.sort(key=lambda item: "warm_serve" not in getattr(item, "fixturenames", ()))
+    items.sort(key=lambda item: item.path.name != FRESH_HEAD_FIRST)

@@ -142,7 +142,10 @@ class Controller:
 
 
 WARM_OWNER = "diffops-tests-warm"  # the controller id of every warm test (`warm=True`)
-WARM = ("--controller-id", WARM_OWNER)  # the flags of a warm controller started by hand
+# the flags of a warm controller started by hand; warm tests are about rollouts and serving, and log no gate runs:
+# tracking has tests of its own, and an MLflow store costs each new version's gate about 7 s of CPU beside its replica
+# start (the import and a new SQLite store)
+WARM = ("--controller-id", WARM_OWNER, "--no-tracking")
 warm_version: list[str] = []  # the demo release's first version, once a warm controller has served it
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import model_load, reconcile
+from bench import fetch, model_load, reconcile
 from bench.progress import quiet
 from bench.report import Figure, Goal, markdown, table
 
@@ -39,6 +39,15 @@ def test_model_load_cache_hit_reads_nothing_from_the_store(tmp_path):
         load = figures[f"model load from cache, {page_cache} page cache"]
         assert load.unit == "GB/s" and load.value > 0 and load.ratio == pytest.approx(load.value / load.baseline_value)
         assert load.goal is not None and load.met == (load.ratio >= 0.7)
+
+
+def test_fetch_figures_compare_each_store_with_a_plain_copy_of_the_same_files(tmp_path):
+    figures = {f.benchmark: f for f in fetch.run(tmp_path, quiet, size_mb=40, repeats=1)}
+    assert set(figures) == {"cold fetch, local disk", "cold fetch, S3-compatible server"}
+    for figure in figures.values():
+        assert figure.unit == "GB/s" and figure.value > 0 and figure.baseline == "plain copy"
+        assert figure.ratio == pytest.approx(figure.value / figure.baseline_value)
+        assert figure.met == (figure.ratio >= 0.7) and figure.detail["model_bytes"] >= 40e6
 
 
 def test_goal_verdicts_show_in_the_table():

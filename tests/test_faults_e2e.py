@@ -49,12 +49,15 @@ def replicas_of(release: str, version: str) -> tuple[str, ...]:
     return app.replica_ids if app is not None and app.ready else ()
 
 
-def replica_processes(release: str, version: str) -> list[psutil.Process]:
+def replica_processes(release: str, version: str, head) -> list[psutil.Process]:
+    """The replica processes of an app on this session's head (`head.temp_dir`, on its raylet's command line): the
+    other pytest worker's head runs apps of the same names."""
     mark = f"ServeReplica:{release}--{version}"
     found = []
     for process in psutil.process_iter(["cmdline"]):
         try:
-            if any(mark in part for part in process.info["cmdline"] or []):
+            if any(mark in part for part in process.info["cmdline"] or []) and \
+                    any(head.temp_dir in " ".join(parent.cmdline()) for parent in process.parents()):
                 found.append(process)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
@@ -120,7 +123,7 @@ def test_kill_9_of_a_replica_under_load_is_replaced_and_reported_once(live_demo,
     repo, controller, release = live_demo
     version = stable_version(release)
     before = replicas_of("demo", version)
-    [victim] = replica_processes("demo", version)
+    [victim] = replica_processes("demo", version, ray_head)
     phases = []
     with Load(timeout=300) as load:  # a request queued behind the slow one waits for the replacement replica
         wait_for(lambda: load.codes[200] >= 3, 30, "load to flow")

@@ -105,7 +105,7 @@ def test_check_command_passes_on_cpu_with_every_figure(model_repo: ReleaseRepo, 
 
 
 PERFORMANCE_BLOCK = """    performance:
-      requests: 8
+      requests: 4
       concurrency: 2
       max_p95_latency_s: 30.0
       max_peak_memory_gb: 8

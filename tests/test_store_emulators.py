@@ -6,6 +6,8 @@ extra files and a flipped byte are refused before anything lands; a `file://` mo
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from controller.apply.model_store import Placement, publish, published_uri
@@ -62,6 +64,35 @@ def test_a_flipped_byte_is_named_and_nothing_is_cached(object_store: Bucket, tmp
     cache = ModelCache(tmp_path / "cache")
     with pytest.raises(ArtifactError, match=f"{UNET}: sha256 .* does not match pinned"):
         fetch(uri, DIGEST, cache)
+    assert files_under(cache.root) == set()
+
+
+def test_a_large_file_moves_in_ranged_parts_and_a_flipped_byte_inside_one_is_named(object_store: Bucket, tmp_path):  # noqa: F811 (the fixture imported above)
+    """The demo model with a UNet of 40 MB (3 ranged parts of 16 MiB at most): fetched in parts over parallel
+    connections, every byte as in the store; then one byte flipped in the middle part is refused, nothing cached."""
+    import shutil
+
+    from serving.transfer import PART_BYTES, parts_of
+
+    model = tmp_path / "large"
+    shutil.copytree(DEMO_MODEL, model)
+    (model / MANIFEST_NAME).unlink()
+    weights = os.urandom(40_000_000)
+    (model / UNET).write_bytes(weights)
+    manifest = manifest_of(model)
+    (model / MANIFEST_NAME).write_text(manifest.text())  # shipped beside the files: a refusal names the file
+    digest = manifest.digest
+    uri = object_store.upload_model("large", model)
+    result = fetch(uri, digest, ModelCache(tmp_path / "cache"))
+    assert not result.cached and result.ranged_parts == len(parts_of(len(weights))) == 3
+    assert (result.path / UNET).read_bytes() == weights
+
+    flipped = bytearray(weights)
+    flipped[PART_BYTES + 12345] ^= 0x01  # inside the second part
+    object_store.put(f"large/{UNET}", bytes(flipped))
+    cache = ModelCache(tmp_path / "cache-2")
+    with pytest.raises(ArtifactError, match=f"{UNET}: sha256 .* does not match pinned"):
+        fetch(uri, digest, cache)
     assert files_under(cache.root) == set()
 
 
