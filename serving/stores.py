@@ -62,6 +62,10 @@ class LocalStore:
     def open(self, key: str) -> IO[bytes]:
         return open(self.root / key, "rb")
 
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        with open(self.root / key, "rb") as handle:
+            return os.pread(handle.fileno(), length, offset)
+
 
 class _BlobStream:
     """A git object stream usable in `with`, like a file."""

@@ -2,9 +2,10 @@
 
 Called by `serving.artifacts.fetch`, which decides what to fetch and judges the hashes this returns. Files move in
 parallel (`Store.concurrency` at a time: one for a git tree, whose object stream is one process); a large file of a
-store that serves byte ranges (`Store.read_range`: S3, GCS, Azure) moves as parts fetched over parallel connections,
-then hashed and written in order by the file's own thread. sha256 cannot be split, so one file's hash is one
-core's work: the largest file bounds a fetch at that core's hash rate (about 1.3 GB/s on this project's CI machine).
+store that serves byte ranges (`Store.read_range`: S3, GCS, Azure, a local folder) moves as parts read and written
+in place by parallel workers (parallel connections to an object store), and hashed in order by the file's own thread.
+sha256 cannot be split, so one file's hash is one core's work: the largest file bounds a fetch at that core's hash
+rate (about 1.3 GB/s on this project's 2-core test machine).
 
 Memory: at most `FILES_AT_ONCE` files x `PARTS_AHEAD` parts x `PART_BYTES` of part buffers (4 x 4 x 16 MiB = 256 MiB)
 plus `CHUNK` per streamed file.
@@ -24,7 +25,7 @@ from typing import IO, Protocol
 
 from serving.manifest import CHUNK, ArtifactError
 
-__all__ = ["FILES_AT_ONCE", "PARTS_AHEAD", "PART_BYTES", "Moved", "move_files", "parts_of"]
+__all__ = ["FILES_AT_ONCE", "PARTS_AHEAD", "PART_BYTES", "Moved", "local_concurrency", "move_files", "parts_of"]
 
 PART_BYTES = 16 << 20  # one ranged read
 PARTS_AHEAD = 4  # ranged reads in flight per file
@@ -68,17 +69,24 @@ def _stream(store: Store, key: str, target: Path, progress: Callable[[int], obje
 
 
 def _in_parts(read_range: Callable[[str, int, int], bytes], key: str, size: int, target: Path,
-              connections: ThreadPoolExecutor, progress: Callable[[int], object], stop: threading.Event) -> tuple[str, int]:
-    """Ranged reads in flight `PARTS_AHEAD` at a time; each part hashed and written in file order as it comes."""
+              workers: ThreadPoolExecutor, progress: Callable[[int], object], stop: threading.Event) -> tuple[str, int]:
+    """Ranged reads in flight `PARTS_AHEAD` at a time, each written at its offset by the worker that read it; the
+    parts are hashed in file order as they come."""
     digest = hashlib.sha256()
     parts = parts_of(size)
     ahead: deque[tuple[int, int, Future[bytes]]] = deque()
     with open(target, "wb", buffering=0) as dst:
+        def part(offset: int, length: int) -> bytes:
+            data = read_range(key, offset, length)
+            if len(data) == length:
+                os.pwrite(dst.fileno(), data, offset)
+            return data
+
         try:
             for index in range(len(parts) + PARTS_AHEAD):
                 if index < len(parts):
                     offset, length = parts[index]
-                    ahead.append((offset, length, connections.submit(read_range, key, offset, length)))
+                    ahead.append((offset, length, workers.submit(part, offset, length)))
                 if index >= PARTS_AHEAD - 1 or index >= len(parts) - 1:
                     if not ahead:
                         break
@@ -90,11 +98,11 @@ def _in_parts(read_range: Callable[[str, int, int], bytes], key: str, size: int,
                         raise ArtifactError(f"{key}: the store answered {len(data)} bytes for bytes {offset}-{offset + length - 1} "
                                             f"of a {size}-byte file (changed while fetched?)")
                     digest.update(data)
-                    dst.write(data)
                     progress(length)
         finally:
             for _, _, future in ahead:
                 future.cancel()
+            wait([future for _, _, future in ahead])  # no worker writes into the file once it is closed
     return digest.hexdigest(), len(parts)
 
 
@@ -111,13 +119,13 @@ def move_files(store: Store, listing: dict[str, int], staging: Path, progress: C
         target.parent.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
 
-    def one(key: str, connections: ThreadPoolExecutor) -> tuple[str, int]:
+    def one(key: str, part_workers: ThreadPoolExecutor) -> tuple[str, int]:
         try:
             if stop.is_set():
                 raise _Stopped(key)
             size = listing[key]
             if read_range is not None and size >= 2 * PART_BYTES:
-                sha, parts = _in_parts(read_range, key, size, staging / key, connections, progress, stop)
+                sha, parts = _in_parts(read_range, key, size, staging / key, part_workers, progress, stop)
             else:
                 sha, parts = _stream(store, key, staging / key, progress, stop), 0
             check(key, sha)
@@ -128,8 +136,8 @@ def move_files(store: Store, listing: dict[str, int], staging: Path, progress: C
 
     largest_first = sorted(listing, key=lambda k: (-listing[k], k))  # the largest file bounds the fetch: start it first
     with ThreadPoolExecutor(workers, thread_name_prefix="fetch-file") as files, \
-            ThreadPoolExecutor(workers * PARTS_AHEAD, thread_name_prefix="fetch-part") as connections:
-        futures = {key: files.submit(one, key, connections) for key in largest_first}
+            ThreadPoolExecutor(workers * PARTS_AHEAD, thread_name_prefix="fetch-part") as part_workers:
+        futures = {key: files.submit(one, key, part_workers) for key in largest_first}
         wait(futures.values(), return_when=FIRST_EXCEPTION)
         if stop.is_set():
             wait(futures.values())  # the others stop at their next chunk

@@ -50,8 +50,8 @@ def replicas_of(release: str, version: str) -> tuple[str, ...]:
 
 
 def replica_processes(release: str, version: str, head) -> list[psutil.Process]:
-    """The replica processes of an app on this session's head (`head.temp_dir`, on its raylet's command line): the
-    other pytest worker's head runs apps of the same names."""
+    """The replica processes of an app on this session's head (`head.temp_dir`, on its raylet's command line): another
+    head on the machine (a demo, the benchmarks', another test session's) may run apps of the same names."""
     mark = f"ServeReplica:{release}--{version}"
     found = []
     for process in psutil.process_iter(["cmdline"]):

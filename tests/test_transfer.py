@@ -1,5 +1,6 @@
 """How a fetch moves files (serving/transfer.py): the ranged parts that cover a file, files in parallel from a real
-local store, and a store's byte-range reader (our own boundary) answering short or a file failing its check."""
+local store (in byte ranges, and streamed as from a store without them), and a store's byte-range reader (our own
+boundary) answering short or a file failing its check."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def model_dir(root: Path) -> dict[str, bytes]:
 
 
 class RangedLocal(LocalStore):
-    """A local folder that also serves byte ranges, as object stores do; `short` answers one byte less for that offset."""
+    """A local folder that records the byte ranges read; `short` answers one byte less for that offset."""
 
     concurrency = 4
 
@@ -50,9 +51,14 @@ class RangedLocal(LocalStore):
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         self.ranges.append((key, offset))
-        with open(self.root / key, "rb") as handle:
-            data = os.pread(handle.fileno(), length, offset)
+        data = super().read_range(key, offset, length)
         return data[:-1] if offset == self.short else data
+
+
+class StreamedLocal(LocalStore):
+    """A local folder read as a store without byte ranges (a git tree, the Hub's download) is."""
+
+    read_range = None
 
 
 def move(store, files, staging, check=lambda key, sha: None):
@@ -64,7 +70,7 @@ def move(store, files, staging, check=lambda key, sha: None):
 @pytest.mark.parametrize("ranged", [False, True], ids=["streamed", "ranged"])
 def test_every_file_lands_whole_with_its_sha256(tmp_path, ranged):
     files = model_dir(tmp_path / "src")
-    store = RangedLocal(tmp_path / "src") if ranged else LocalStore(tmp_path / "src")
+    store = RangedLocal(tmp_path / "src") if ranged else StreamedLocal(tmp_path / "src")
     moved, progress = move(store, files, tmp_path / "staging")
     assert moved.hashes == {key: hashlib.sha256(data).hexdigest() for key, data in files.items()}
     assert all((tmp_path / "staging" / key).read_bytes() == data for key, data in files.items())
