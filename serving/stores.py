@@ -39,7 +39,10 @@ LFS_POINTER = b"version https://git-lfs"
 
 
 class ArtifactStore(Protocol):
-    """Where model files are read from: S3, GCS, Azure, the Hub, a local folder or a git tree; listed, then opened by key."""
+    """Where model files are read from: S3, GCS, Azure, the Hub, a local folder or a git tree; listed, then opened by
+    key, `concurrency` files at once (`serving.transfer`; object stores and local folders also read byte ranges)."""
+
+    concurrency: int
 
     def list(self) -> list[tuple[str, int]]: ...
     def open(self, key: str) -> IO[bytes]: ...

@@ -1,8 +1,8 @@
 """Moving a model's files from a store into a fetch's staging directory, every byte hashed as it lands.
 
 Called by `serving.artifacts.fetch`, which decides what to fetch and judges the hashes this returns. Files move in
-parallel (`Store.concurrency` at a time: one for a git tree, whose object stream is one process); a large file of a
-store that serves byte ranges (`Store.read_range`: S3, GCS, Azure, a local folder) moves as parts read and written
+parallel (`ArtifactStore.concurrency` at a time: one for a git tree, whose object stream is one process); a large file of a
+store that serves byte ranges (`read_range`: S3, GCS, Azure, a local folder) moves as parts read and written
 in place by parallel workers (parallel connections to an object store), and hashed in order by the file's own thread.
 sha256 cannot be split, so one file's hash is one core's work: the largest file bounds a fetch at that core's hash
 rate (about 1.3 GB/s on this project's 2-core test machine).
@@ -14,6 +14,7 @@ plus `CHUNK` per streamed file.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 from collections import deque
@@ -21,22 +22,18 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import TYPE_CHECKING
 
 from serving.manifest import CHUNK, ArtifactError
+
+if TYPE_CHECKING:
+    from serving.stores import ArtifactStore
 
 __all__ = ["FILES_AT_ONCE", "PARTS_AHEAD", "PART_BYTES", "Moved", "local_concurrency", "move_files", "parts_of"]
 
 PART_BYTES = 16 << 20  # one ranged read
 PARTS_AHEAD = 4  # ranged reads in flight per file
 FILES_AT_ONCE = 4  # files moving at once, at most (a store may ask for fewer)
-
-
-class Store(Protocol):
-    """What a move reads (`serving.stores`); a store may also have `concurrency` (files at once, default 1) and
-    `read_range(key, offset, length) -> bytes` (then large files move in parts)."""
-
-    def open(self, key: str) -> IO[bytes]: ...
 
 
 class _Stopped(Exception):
@@ -56,7 +53,7 @@ def parts_of(size: int, part: int = PART_BYTES) -> list[tuple[int, int]]:
     return [(offset, min(part, size - offset)) for offset in range(0, size, part)]
 
 
-def _stream(store: Store, key: str, target: Path, progress: Callable[[int], object], stop: threading.Event) -> str:
+def _stream(store: ArtifactStore, key: str, target: Path, progress: Callable[[int], object], stop: threading.Event) -> str:
     digest = hashlib.sha256()
     with store.open(key) as src, open(target, "wb", buffering=0) as dst:
         while chunk := src.read(CHUNK):
@@ -82,23 +79,25 @@ def _in_parts(read_range: Callable[[str, int, int], bytes], key: str, size: int,
                 os.pwrite(dst.fileno(), data, offset)
             return data
 
+        def submit(offset: int, length: int) -> None:
+            ahead.append((offset, length, workers.submit(part, offset, length)))
+
+        waiting = iter(parts)
         try:
-            for index in range(len(parts) + PARTS_AHEAD):
-                if index < len(parts):
-                    offset, length = parts[index]
-                    ahead.append((offset, length, workers.submit(part, offset, length)))
-                if index >= PARTS_AHEAD - 1 or index >= len(parts) - 1:
-                    if not ahead:
-                        break
-                    offset, length, future = ahead.popleft()
-                    data = future.result()
-                    if stop.is_set():
-                        raise _Stopped(key)
-                    if len(data) != length:
-                        raise ArtifactError(f"{key}: the store answered {len(data)} bytes for bytes {offset}-{offset + length - 1} "
-                                            f"of a {size}-byte file (changed while fetched?)")
-                    digest.update(data)
-                    progress(length)
+            for offset, length in itertools.islice(waiting, PARTS_AHEAD):
+                submit(offset, length)
+            while ahead:
+                offset, length, future = ahead.popleft()
+                if (following := next(waiting, None)) is not None:
+                    submit(*following)
+                data = future.result()
+                if stop.is_set():
+                    raise _Stopped(key)
+                if len(data) != length:
+                    raise ArtifactError(f"{key}: the store answered {len(data)} bytes for bytes {offset}-{offset + length - 1} "
+                                        f"of a {size}-byte file (changed while fetched?)")
+                digest.update(data)
+                progress(length)
         finally:
             for _, _, future in ahead:
                 future.cancel()
@@ -106,12 +105,12 @@ def _in_parts(read_range: Callable[[str, int, int], bytes], key: str, size: int,
     return digest.hexdigest(), len(parts)
 
 
-def move_files(store: Store, listing: dict[str, int], staging: Path, progress: Callable[[int], object],
+def move_files(store: ArtifactStore, listing: dict[str, int], staging: Path, progress: Callable[[int], object],
                check: Callable[[str, str], None]) -> Moved:
     """Copy every listed key into `staging`, hashing as the bytes land; `check(key, sha256)` runs as each file
     ends, and what it raises ends the fetch: the files still moving stop at their next chunk or part."""
     read_range: Callable[[str, int, int], bytes] | None = getattr(store, "read_range", None)
-    workers = max(1, min(FILES_AT_ONCE, int(getattr(store, "concurrency", 1)), len(listing) or 1))
+    workers = max(1, min(FILES_AT_ONCE, store.concurrency, len(listing) or 1))
     for key in listing:
         target = staging / key
         if not target.resolve().is_relative_to(staging.resolve()):
