@@ -151,6 +151,12 @@ def healthy(release: dict[str, Any]) -> bool:
     return release["phase"] == "Healthy" and any(v["role"] == "stable" and v["ready_replicas"] >= 1 for v in release["versions"])
 
 
+def settled(release: dict[str, Any]) -> bool:
+    """Healthy with one ready stable replica, every version ready, none retiring, and the router on the recorded weights."""
+    return (healthy(release) and stable(release)["ready_replicas"] == 1
+            and all(v["status"] == "ready" and v["live_weight"] == v["weight"] for v in release["versions"]))
+
+
 def stable(release: dict[str, Any]) -> dict[str, Any]:
     return next(v for v in release["versions"] if v["role"] == "stable")
 
@@ -247,8 +253,9 @@ def test_a_failing_canary_is_aborted_on_the_cluster(cluster: NetCluster, deploye
 
 def test_kill_9_of_the_worker_under_load_loses_only_requests_in_flight_and_the_same_version_comes_back(cluster: NetCluster, deployed):
     repo, controller, _ = deployed
-    # the drill starts from a settled release (an earlier test's rollback may still be retiring its canary)
-    serving = stable(controller.wait_release(lambda r: healthy(r) and stable(r)["ready_replicas"] == 1, timeout=TIMEOUT))["id"]
+    # the drill starts from a settled release: an earlier test's rollback may still be retiring its canary, and a
+    # retirement finishing during the outage would leave the router to reconfigure, not the replicas to report
+    serving = stable(controller.wait_release(settled, timeout=TIMEOUT))["id"]
     with Load(url=cluster.serve_url, timeout=30) as load:
         wait_for(lambda: load.codes[200] >= 2, 120, "requests served before the kill")
         killed_at = time.time()

@@ -213,6 +213,9 @@ EDGES = [
      {"demo": router({V_NEW: 100, V_OLD: 0})}, {V_NEW: ("stable", 100, "ready"), V_OLD: ("canary", 0, "retiring")}, "Healthy", "serving 100%", []),
     ("no router reported yet", [stable(V_NEW, NEW)], {},
      {V_NEW: ("stable", 100, "ready")}, "Progressing", "switching traffic to it (100%); router reports nothing yet", []),
+    ("the router behind while the replicas are lost: both are said", [stable(V_NEW, NEW)],
+     {"demo": router({V_NEW: 100, V_OLD: 0}), f"demo--{V_NEW}": app(V_NEW, "DEPLOYING", 0, 1)}, {V_NEW: ("stable", 100, "ready")},
+     "Progressing", "switching traffic to it (100%) (0/1 replicas running; Ray Serve is starting or replacing replicas); router reports", []),
 ]
 
 

@@ -323,18 +323,19 @@ def _healthy(out: StepResult, version: str, observed: dict[str, ObservedApp], no
     """Healthy once the router itself answers with the recorded weights."""
     assert out.release is not None
     router = observed.get(out.release.name)
-    expected = router_weights(out.versions)
-    if router is None or router.weights != expected:
+    app = observed.get(app_name(out.release.name, version))
+    short = app is not None and not app.ready and bool(app.target)
+    replicas = f" ({app.running}/{app.target} replicas running; Ray Serve is starting or replacing replicas)" if short and app else ""
+    if router is None or router.weights != router_weights(out.versions):
         live = router.weights if router is not None else None
-        message = f"{version}: switching traffic to it (100%); router reports {live if live is not None else 'nothing yet'}"
+        message = f"{version}: switching traffic to it (100%){replicas}; router reports {live if live is not None else 'nothing yet'}"
         out.release = with_phase(out.release, "Progressing", message, now)
         return out
-    app = observed.get(app_name(out.release.name, version))
     message = f"{version} serving 100%"
     phase: Phase = "Healthy"
     was_short = out.release.phase in ("Healthy", "Failed") and out.release.message != message and out.release.message.startswith(message)
-    if app is not None and not app.ready and bool(app.target):
-        message += f" ({app.running}/{app.target} replicas running; Ray Serve is starting or replacing replicas)"
+    if short and app is not None:
+        message += replicas
         same_loss = out.release.message.startswith(message)
         if app.running == 0 and same_loss and (out.release.phase == "Failed" or now - out.release.updated_at >= NO_REPLICA_FAIL_S):
             # no replica for a while (its node died, say), not a quick replacement: nothing serves; nothing is rolled back
