@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import click
@@ -30,10 +31,14 @@ from controller.cli.version import version
 from controller.parse.loader import ReleaseError
 from controller.parse.release import Release
 from controller.plan import report as diff_report
-from controller.plan.changes import ReleaseChange, diff_releases
+from controller.plan.changes import ReleaseChange, diff_releases, with_downloads
+from controller.plan.downloads import ModelSize, held_nodes
 from controller.source.git_source import ReleaseSource, SourceError
+from controller.state.store import StateFileError, Store
+from serving.stores import open_store as open_model_store
 
-__all__ = ["diff", "diff_exit_code", "diff_output", "lint", "main", "release_schema_text", "resolve_range", "schema"]
+__all__ = ["diff", "diff_exit_code", "diff_output", "held_models", "lint", "main", "model_size", "release_schema_text", "resolve_range",
+           "schema", "sized_models"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -106,15 +111,21 @@ def resolve_range(source: ReleaseSource, spec: str | None) -> tuple[str, str]:
 @output_option("text", "json", "yaml", "markdown")
 @legacy_format_option("text", "json", "yaml", "markdown")
 @click.option("--exit-code", is_flag=True, help="Exit 1 if anything differs (invalid files at B included), 0 if nothing does.")
-def diff(repo: str, state_dir: Path, revisions: str | None, output: str, legacy_format: str | None, exit_code: bool) -> None:
-    """Per release: added/changed/removed fields, change class, version ids and GPU impact.
+@click.option("--model-sizes", is_flag=True,
+              help="Also list new models in object stores (s3://, gs://, az://) for their download size; without it "
+                   "only models in the repo are sized (offline).")
+def diff(repo: str, state_dir: Path, revisions: str | None, output: str, legacy_format: str | None, exit_code: bool,
+         model_sizes: bool) -> None:
+    """Per release: added/changed/removed fields, change class, version ids, GPU impact and download.
 
     A..B compares two revisions, A...B compares B with its merge base with A
     (what a pull request changes), A alone means A..HEAD; the default is the
-    last commit (HEAD~1..HEAD). Exits 1 if B has invalid release files; with
-    --exit-code (as git diff): 0 nothing differs, 1 differences, 2 an error
-    (unknown revision, unreadable repository). markdown is made for a pull
-    request comment.
+    last commit (HEAD~1..HEAD). A change that starts replicas shows the model
+    bytes each of their nodes may fetch (and the nodes whose caches hold it,
+    from the state dir).
+    Exits 1 if B has invalid release files; with --exit-code (as git diff): 0
+    nothing differs, 1 differences, 2 an error (unknown revision, unreadable
+    repository). markdown is made for a pull request comment.
     """
     source = open_source(repo, state_dir)
     try:
@@ -124,9 +135,47 @@ def diff(repo: str, state_dir: Path, revisions: str | None, output: str, legacy_
     except SourceError as err:
         fail(str(err), 2)
     changes = diff_releases(before.releases, after.releases)
+    starting = [after.releases[c.name] for c in changes if c.impact.replicas_to_start and c.name in after.releases]
+    changes = with_downloads(changes, after.releases, sized_models(source, target_rev, starting, model_sizes), held_models(state_dir))
     errors = after.errors
     click.echo(diff_output(choose(output, legacy_format), changes, errors, base_rev, target_rev))
     sys.exit(diff_exit_code(bool(changes), bool(errors), exit_code))
+
+
+def sized_models(source: ReleaseSource, revision: str, releases: Iterable[Release], remote: bool) -> dict[str, ModelSize | str]:
+    """Each release's model size by digest, from its store's listing (no file is read): models in the repo at
+    `revision`, object stores only when `remote`; otherwise the reason it is unknown."""
+    return {release.spec.model.digest: model_size(release.spec.model.uri, source.path, revision, remote) for release in releases}
+
+
+def model_size(uri: str, repo: Path, revision: str, remote: bool) -> ModelSize | str:
+    if uri.startswith("file:///"):
+        return "a path on the controller's machine"
+    if uri.startswith(("models:/", "hf://")):
+        return "resolved when the controller fetches it"
+    if not uri.startswith("file://") and not remote:
+        return "in an object store; --model-sizes lists it"
+    try:
+        listing = open_model_store(uri, repo=repo, commit=revision).list()
+    except Exception as err:  # whatever the store answers, the plan names it and goes on
+        return f"could not list {uri}: {type(err).__name__}: {err}"
+    return ModelSize(sum(size for _, size in listing), len(listing))
+
+
+def held_models(state_dir: Path) -> dict[str, tuple[str, ...]]:
+    """Model digest -> the nodes whose caches hold it, from the controller's state (none without one)."""
+    path = state_dir / "state.db"
+    if not path.exists():
+        return {}
+    try:
+        store = Store(path, readonly=True)
+    except StateFileError:  # a newer diffops's state: the plan goes on without it (`status` says what to do)
+        return {}
+    try:
+        state = store.load()
+    finally:
+        store.close()
+    return held_nodes(state.versions, state.apps)
 
 
 def diff_output(fmt: Output, changes: list[ReleaseChange], errors: list[ReleaseError], base: str, target: str) -> str:

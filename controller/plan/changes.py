@@ -11,14 +11,15 @@ rollout holds beyond its end state (GPU-hours, USD at `spec.cost.gpu_hour_usd`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from controller.parse.release import Release
+from controller.plan.downloads import Download, ModelSize, download
 from controller.plan.versions import COST_ORDER, ChangeClass, field_class, leaves, version_id
 
 __all__ = ["FieldChange", "GpuImpact", "ReleaseChange", "RolloutCost", "diff_releases", "field_changes", "gpu_impact", "gpus",
-           "release_change", "rollout_cost"]
+           "release_change", "rollout_cost", "with_downloads"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class ReleaseChange:
     strategy: str | None = None
     fields: tuple[FieldChange, ...] = field(default_factory=tuple)
     rollout: RolloutCost | None = None  # None: the change holds nothing beyond its end state
+    download: Download | None = None  # None: it starts no replica (or nobody asked: `with_downloads` sets it)
 
 
 def gpus(release: Release | None) -> float:
@@ -147,4 +149,17 @@ def diff_releases(old: Mapping[str, Release], new: Mapping[str, Release]) -> lis
         change = release_change(name, old.get(name), new.get(name))
         if change is not None:
             out.append(change)
+    return out
+
+
+def with_downloads(changes: list[ReleaseChange], new: Mapping[str, Release], sizes: Mapping[str, ModelSize | str],
+                   held: Mapping[str, tuple[str, ...]]) -> list[ReleaseChange]:
+    """Each change with the model download of the replicas it starts: `sizes` by digest (a size, or why it is unknown),
+    `held` the nodes whose caches hold a digest."""
+    out = []
+    for change in changes:
+        after = new.get(change.name)
+        digest = after.spec.model.digest if after is not None else ""
+        fetched = download(after, change.impact.replicas_to_start, sizes.get(digest), held.get(digest, ()))
+        out.append(replace(change, download=fetched))
     return out

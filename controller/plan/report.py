@@ -13,6 +13,7 @@ from typing import Any
 
 from controller.parse.loader import ReleaseError
 from controller.plan.changes import GpuImpact, ReleaseChange, RolloutCost
+from controller.plan.downloads import download_text
 
 __all__ = ["WHAT_HAPPENS", "as_json", "as_markdown", "as_text", "impact_line", "rollout_text", "summary", "version_text"]
 
@@ -90,6 +91,8 @@ def as_text(changes: Sequence[ReleaseChange], errors: Sequence[ReleaseError]) ->
         for f in change.fields:
             lines.append(f"  ~ {f.path}: {_value(f.old)} → {_value(f.new)}  ({f.change_class})")
         lines.append(f"  impact: {impact_line(change)}")
+        if change.download is not None:
+            lines.append(f"  download: {download_text(change.download)}")
     lines += [f"invalid: {error}" for error in errors]
     lines.append(summary(changes))
     return "\n".join(lines)
@@ -111,9 +114,10 @@ def as_json(changes: Sequence[ReleaseChange], errors: Sequence[ReleaseError], ba
 def as_markdown(changes: Sequence[ReleaseChange], errors: Sequence[ReleaseError], base: str, target: str) -> str:
     lines = [f"### diffops plan `{base[:12]}` → `{target[:12]}`", "", f"**{summary(changes)}**", ""]
     if changes:
-        lines += ["| release | change | class | version | GPU impact |", "|---|---|---|---|---|"]
+        lines += ["| release | change | class | version | GPU impact | download |", "|---|---|---|---|---|---|"]
         for c in changes:
-            lines.append(f"| `{c.name}` | {c.action} | **{c.change_class}** | `{version_text(c)}` | {impact_line(c)} |")
+            fetched = download_text(c.download) if c.download is not None else "—"
+            lines.append(f"| `{c.name}` | {c.action} | **{c.change_class}** | `{version_text(c)}` | {impact_line(c)} | {fetched} |")
         lines.append("")
     for c in changes:
         if c.fields:
