@@ -37,6 +37,7 @@ __all__ = ["CONSTRUCTOR_RETRIES", "InjectedFault", "ModelServer", "build_model_a
 
 log = logging.getLogger("ray.serve")
 CONSTRUCTOR_RETRIES = 3  # a replica that fails to start is retried this often, then the version is failed
+TELL_LOAD_TIMEOUT_S = 5.0  # the wait for the release's tally to take a replica's start phases (on the ticker's thread)
 
 
 def load_phases(cached: bool, fetch_s: float, load_s: float, warmup_s: float) -> dict[str, float]:
@@ -87,7 +88,8 @@ class ModelServer:
         self.phases = phases
         self.nvml = Nvml()
         self._refresh_gauges()
-        self.ticker = Ticker(f"{release}--{version}", self._refresh_gauges).start()
+        self.load_told = False  # the release's tally has this replica's start phases (`_tell_load`)
+        self.ticker = Ticker(f"{release}--{version}", self._tick).start()
         log.info(
             "%s--%s: ready on %s after %.2fs (fetch %s, %.2fs; load %.2fs; warm-up %.2fs); next: serving requests",
             release, version, self.device, self.load_seconds,
@@ -155,6 +157,24 @@ class ModelServer:
         for phase, seconds in self.phases.items():
             serving_metrics()["load_seconds"].set(seconds, tags={**self.tags, "phase": phase})
         self._gauge_queue()
+
+    def _tick(self) -> None:
+        self._refresh_gauges()
+        self._tell_load()
+
+    def _tell_load(self) -> None:
+        """Give the release's tally this replica's start by phase, once (the controller keeps it for `diffops status`);
+        on the ticker's thread, tried again each tick until the tally answers (a first rollout starts it beside us)."""
+        if self.load_told:
+            return
+        try:
+            tally = serve.get_deployment_handle("Tally", app_name=self.release)
+            tally.loaded.remote(self.version, self.phases).result(timeout_s=TELL_LOAD_TIMEOUT_S)
+        except Exception as err:  # no router app yet, or it is busy: the next tick tries again
+            log.debug("%s--%s: start phases not told to the tally yet (%s); next: again in the next tick", self.release,
+                      self.version, err)
+            return
+        self.load_told = True
 
     def _record(self, images: int, seconds: float) -> None:
         """A batch generated: images counted, time per image observed, the work reported to the release's tally."""

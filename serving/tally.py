@@ -8,7 +8,9 @@ their own, so previews can never push judged answers out.
 
 Model replicas report their work here too (`work`: pipeline seconds and images per batch, fire and forget), kept as
 running totals per version under an `epoch` that changes when the tally restarts; `GET /<release>/work` answers
-them, and the controller's cost accounting (`controller.cost`) takes the differences between two reads.
+them, and the controller's cost accounting (`controller.cost`) takes the differences between two reads. The same
+answer carries each version's latest replica start by phase (`loaded`: fetch, verify, load, warm-up), which the
+controller keeps for `diffops status`.
 
 It also holds the release's `serving.feedback.FeedbackBook`: what each answered generation was (so feedback attaches
 to the version that drew it) and the feedback sent on it, until the controller has read it (`GET /<release>/feedback`).
@@ -57,6 +59,7 @@ class Tally:
         self.pinned: deque[Answer] = deque(maxlen=STATS_WINDOW)
         self.epoch = uuid.uuid4().hex[:12]  # a new tally (restarted): the controller starts its differences afresh
         self.busy: dict[str, list[float]] = {}  # version -> [pipeline seconds, images], running totals
+        self.loads: dict[str, dict[str, float]] = {}  # version -> its latest replica start, seconds by phase
 
     def work(self, version: str, seconds: float, images: int) -> None:
         """A replica's batch: `seconds` of pipeline time (summed over the replicas of a version) making `images`."""
@@ -64,9 +67,15 @@ class Tally:
         totals[0] += float(seconds)
         totals[1] += int(images)
 
+    def loaded(self, version: str, phases: dict[str, float]) -> None:
+        """A replica of `version` started: seconds by phase (`serving.model_server.load_phases`); the latest start is kept."""
+        self.loads[str(version)] = {str(phase): float(seconds) for phase, seconds in phases.items()}
+
     def work_totals(self) -> dict[str, Any]:
-        """{"epoch": ..., "versions": {version: {"busy_s": seconds, "images": n}}} since this tally started."""
-        return {"epoch": self.epoch, "versions": {v: {"busy_s": busy, "images": int(images)} for v, (busy, images) in self.busy.items()}}
+        """{"epoch": ..., "versions": {version: {"busy_s": seconds, "images": n}}, "loads": {version: {phase: seconds}}}
+        since this tally started."""
+        versions = {v: {"busy_s": busy, "images": int(images)} for v, (busy, images) in self.busy.items()}
+        return {"epoch": self.epoch, "versions": versions, "loads": dict(self.loads)}
 
     def record(self, answer: Answer, pinned: bool) -> None:
         (self.pinned if pinned else self.judged).append(tuple(answer))  # type: ignore[arg-type]  # a list after the trip

@@ -154,6 +154,10 @@ def check_exports(controller: Controller, version: str, temp_dir: str) -> None:
     assert demo["name"] == "demo" and demo["images"] >= REQUESTS
     assert demo["gpu_hours"]["gate"] > 0 and demo["gpu_hours"]["serving"] + demo["gpu_hours"]["idle"] > 0  # one GPU held
     assert demo["usd"]["gpu"] > 0 and demo["budget_per_image_usd"] == 0.5  # storage of a 0.5 MB model rounds to $0 here
+    # the replica's start by phase, told to the release's tally and stored by the controller: the gauge's figures
+    told = controller.wait_release(lambda r: any(v["id"] == version and v["load"] for v in r["versions"]), timeout=60)
+    [row] = [v for v in told["versions"] if v["id"] == version]
+    assert row["load"] == pytest.approx(load), (row["load"], load)
 
 
 CONTROLLER_FAMILIES = ("diffops_reconciles_total", "diffops_reconcile_duration_seconds_bucket", "diffops_release_phase",

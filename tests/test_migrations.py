@@ -89,9 +89,9 @@ def test_every_older_layout_upgrades_in_place_keeping_its_rows(name, tmp_path, c
 
     with caplog.at_level(logging.INFO, logger="diffops.controller"):
         store = Store(path)
-    assert store.version == SCHEMA_VERSION == 7
-    assert [r.getMessage().split(" in ")[0] for r in caplog.records][-1].startswith(f"state: {path} upgraded from schema 6 to 7 (")
-    assert len(caplog.records) == 7 - version  # one line per migration applied
+    assert store.version == SCHEMA_VERSION == 8
+    assert [r.getMessage().split(" in ")[0] for r in caplog.records][-1].startswith(f"state: {path} upgraded from schema 7 to 8 (")
+    assert len(caplog.records) == 8 - version  # one line per migration applied
     upgraded = layout(path)
     assert {t: cols for t, cols in upgraded.items() if t != "releases"} == {t: c for t, c in layout(fresh).items() if t != "releases"}
     assert layout(fresh)["releases"] <= upgraded["releases"]  # a retired column (failed_blob) is kept, unread

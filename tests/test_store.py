@@ -96,6 +96,6 @@ def test_a_state_file_from_an_older_diffops_is_upgraded_in_place(tmp_path):
 def test_a_new_state_file_is_created_at_the_current_schema_in_a_private_dir(tmp_path):
     path = tmp_path / "new" / "state.db"
     store = Store(path)
-    assert store.version == SCHEMA_VERSION == 7
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 7
+    assert store.version == SCHEMA_VERSION == 8
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 8
     assert (path.parent.stat().st_mode & 0o777) == 0o700

@@ -17,10 +17,11 @@ from controller.parse.release import Spec
 from controller.state.records import Event, ReleaseRecord, app_name
 from controller.state.store import State
 
-__all__ = ["HistoryRow", "TimelineItem", "age", "analysis_summary", "checks_summary", "history_rows", "history_text", "with_runs",
-           "image_policy", "nodes_count", "nodes_text", "status_json", "status_text", "step_text", "watch_json", "watch_text"]
+__all__ = ["HistoryRow", "TimelineItem", "age", "analysis_summary", "checks_summary", "history_rows", "history_text", "image_policy",
+           "load_text", "nodes_count", "nodes_text", "status_json", "status_text", "step_text", "watch_json", "watch_text", "with_runs"]
 
 ROLE_ORDER = {"stable": 0, "canary": 1, "standby": 2}
+LOAD_NAMES = {"fetch": "fetch", "verify": "verify", "load": "load", "warmup": "warm-up"}  # a replica's start, in order
 OUTCOMES = {"promoted": "promoted", "failed": "failed", "abandoned": "abandoned", "rolled-back": "rolled back",
             "aborted": "rolled back (aborted)"}
 
@@ -64,6 +65,14 @@ def quality_brief(summary: dict[str, Any] | None) -> dict[str, Any] | None:
             "mean_clip_score": summary["clip_score"]["mean"], "nsfw_rate": summary["nsfw"]["rate"]}
 
 
+def load_text(load: dict[str, float] | None) -> str:
+    """`  started in 3.1s (fetch 0.0s, verify 0.3s, load 2.4s, warm-up 0.4s)`: a version's latest replica start, or nothing."""
+    if not load:
+        return ""
+    phases = ", ".join(f"{name} {load[phase]:.1f}s" for phase, name in LOAD_NAMES.items() if phase in load)
+    return f"  started in {sum(load.values()):.1f}s ({phases})"
+
+
 def quality_text(quality: dict[str, Any] | None) -> str:
     """`  quality 3 rated (mean 4.33), 1 flagged, 2 from reviewers, CLIP 27.1`, or nothing."""
     if not quality:
@@ -102,6 +111,7 @@ def status_json(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
                 "image_policy": image_policy(version.spec),
                 "gate": checks_summary(gates.get((release.name, version.version))),
                 "quality": quality_brief(quality.get((release.name, version.version))),
+                "load": state.load_phases.get((release.name, version.version)),
             })
         releases.append({
             "name": release.name,
@@ -221,7 +231,7 @@ def status_text(state: State, gates: dict[tuple[str, str], dict[str, Any]] | Non
             nodes = f" on {nodes_text(v['nodes'])}" if v["nodes"] else ""
             lines.append(f"  {v['id']:<12} {v['role']:<8} weight {v['weight']:>3}%{actual}  "
                          f"replicas {v['ready_replicas']}/{v['replicas']}{nodes}  from {v['commit'][:12]}{image}{checks}"
-                         f"{quality_text(v['quality'])}")
+                         f"{load_text(v['load'])}{quality_text(v['quality'])}")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from controller.cli.status_view import HistoryRow, age, analysis_summary, nodes_text, quality_text
+from controller.cli.status_view import HistoryRow, age, analysis_summary, load_text, nodes_text, quality_text
 
 __all__ = ["PHASE_STYLES", "history_table", "status_table"]
 
@@ -41,6 +41,8 @@ def _version_detail(version: dict[str, Any]) -> str:
     if gate is not None:
         detail += ", checks " + " ".join(f"{name}:{'ok' if c['outcome'] == 'passed' else c['outcome']}"
                                          for name, c in gate["checks"].items())
+    if version.get("load"):
+        detail += "," + load_text(version["load"]).removeprefix(" ")
     if version.get("quality"):
         detail += "," + quality_text(version["quality"]).removeprefix(" ")
     return detail

@@ -132,6 +132,14 @@ CREATE TABLE IF NOT EXISTS registry_drift (
 )
 """
 
+# Version 8: each version's latest replica start by phase, as its replicas told the release's tally.
+V8_TABLES = """
+CREATE TABLE IF NOT EXISTS load_phases (
+    release TEXT NOT NULL, version TEXT NOT NULL, phases TEXT NOT NULL, reported_at REAL NOT NULL,
+    PRIMARY KEY (release, version)
+)
+"""
+
 Step = str | Callable[[sqlite3.Connection], None]
 
 
@@ -173,6 +181,7 @@ MIGRATIONS: tuple[Migration, ...] = (
               (*_statements(V6_TABLES), _add_columns(V6_COLUMNS))),
     Migration(7, "registry drift per release (a models:/ alias that moved away from the pinned digest)",
               tuple(_statements(V7_TABLES))),
+    Migration(8, "each version's latest replica start by phase (fetch, verify, load, warm-up)", tuple(_statements(V8_TABLES))),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -69,6 +69,7 @@ class State:
     versions: list[VersionRecord] = field(default_factory=list)
     apps: dict[str, ObservedApp] = field(default_factory=dict)  # what Ray Serve last reported, for `status`
     registry_drift: dict[str, dict[str, Any]] = field(default_factory=dict)  # release -> {uri, message, since, checked_at}
+    load_phases: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # (release, version) -> seconds by phase
 
 
 def _encode(name: str, value: Any) -> Any:
@@ -151,7 +152,7 @@ class Store:
         apps = {r["name"]: ObservedApp(**{**dict(r), "weights": json.loads(r["weights"]) if r["weights"] else None,
                                           "nodes": tuple(json.loads(r["nodes"]) if r["nodes"] else ())})
                 for r in self.db.execute("SELECT * FROM apps")}
-        return State(controller, releases, versions, apps, self.registry_drift())
+        return State(controller, releases, versions, apps, self.registry_drift(), self.load_phases())
 
     def save(self, state: State, events: Sequence[Event] = (), gates: Sequence[GateRecord] = (),
              consumed: Sequence[Command] = ()) -> None:
@@ -205,6 +206,30 @@ class Store:
         except sqlite3.OperationalError:  # a read-only look at a file written before the table existed
             return {}
         return {r[0]: {"uri": r[1], "message": r[2], "since": r[3], "checked_at": r[4]} for r in rows}
+
+    def load_phases(self) -> dict[tuple[str, str], dict[str, float]]:
+        """Each version's latest replica start, seconds by phase, as its replicas reported it (none in an older file)."""
+        try:
+            rows = self.db.execute("SELECT release, version, phases FROM load_phases").fetchall()
+        except sqlite3.OperationalError:  # a read-only look at a file written before the table existed
+            return {}
+        return {(r[0], r[1]): json.loads(r[2]) for r in rows}
+
+    def save_load_phases(self, phases: dict[tuple[str, str], dict[str, float]], at: float, keep: Iterable[tuple[str, str]]) -> None:
+        """Record reported starts, and forget those of versions not in `keep` (gone from the state)."""
+        kept = set(keep)
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for (release, version), seconds in phases.items():
+                db.execute("INSERT OR REPLACE INTO load_phases VALUES (?, ?, ?, ?)", (release, version, json.dumps(seconds), at))
+            for release, version in db.execute("SELECT release, version FROM load_phases").fetchall():
+                if (release, version) not in kept:
+                    db.execute("DELETE FROM load_phases WHERE release = ? AND version = ?", (release, version))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def set_registry_drift(self, release: str, entry: dict[str, Any] | None) -> None:
         """Record a release's registry drift (None: it ended)."""

@@ -7,7 +7,8 @@ to the state store (so they survive a restart) with a sample about once a
 minute (the windows of `diffops cost --since`), and moves the cost metrics:
 GPU-seconds and USD by kind, bytes fetched, cost per image over the last
 hour, each release's budget per image. Gate reports and the controller's own
-model fetches are buffered until then.
+model fetches are buffered until then. The same answer carries each version's
+latest replica start by phase, which is stored as it changes (`diffops status`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from controller.state.records import VersionRecord
 from controller.state.store import GateRecord, State, Store
 from serving.artifacts import ModelCache
 
-__all__ = ["ACCOUNT_S", "KEEP_S", "SAMPLE_S", "WINDOW_S", "CostBook", "WorkReader", "model_bytes", "prices", "work_readings"]
+__all__ = ["ACCOUNT_S", "KEEP_S", "LOAD_PHASES", "SAMPLE_S", "WINDOW_S", "CostBook", "WorkReader", "load_readings", "model_bytes", "prices",
+           "work_readings"]
 
 log = logging.getLogger("diffops.controller")
 
@@ -32,6 +34,7 @@ ACCOUNT_S = 5.0  # seconds between two integrations (each reads every release's 
 SAMPLE_S = 60.0  # seconds between two samples of a version's totals
 KEEP_S = 35 * 86400  # samples kept this long
 WINDOW_S = 3600.0  # the window of diffops_cost_per_image_usd
+LOAD_PHASES = ("fetch", "verify", "load", "warmup")  # a replica's start (`serving.model_server.load_phases`)
 
 
 @runtime_checkable
@@ -50,6 +53,22 @@ def work_readings(release: str, answer: dict[str, Any] | None) -> dict[tuple[str
             out[(release, str(version))] = Work(epoch, float(totals["busy_s"]), int(totals["images"]))
         except (KeyError, TypeError, ValueError):
             continue
+    return out
+
+
+def load_readings(release: str, answer: dict[str, Any] | None) -> dict[tuple[str, str], dict[str, float]]:
+    """A router's `/work` answer's replica starts per (release, version), seconds by phase; a malformed one is dropped."""
+    loads = answer.get("loads") if isinstance(answer, dict) else None
+    if not isinstance(loads, dict):
+        return {}
+    out = {}
+    for version, phases in loads.items():
+        try:
+            seconds = {phase: float(phases[phase]) for phase in LOAD_PHASES}
+        except (KeyError, TypeError, ValueError):
+            continue
+        if all(0 <= value < 1e7 for value in seconds.values()):
+            out[(release, str(version))] = seconds
     return out
 
 
@@ -81,6 +100,7 @@ class CostBook:
         self.gates: list[GateRun] = []
         self.fetches: list[Fetch] = []
         self.last: float | None = None
+        self.loads = store.load_phases()  # what the state file holds, written again only when a start changes
 
     def gated(self, state: State, gates: Iterable[GateRecord]) -> None:
         """Gate reports recorded this tick: their checks' seconds observed now, their GPU time at the next integration."""
@@ -106,7 +126,8 @@ class CostBook:
             return False
         started = time.monotonic()
         self.last = now
-        work = self._read_work(state)
+        work, loads = self._read_work(state)
+        self._store_loads(loads, state, now)
         cached = {entry.digest: entry.bytes for entry in self.cache.entries()}
         after = account(self.records, state.versions, now, prices(state), work, self.gates, self.fetches,
                         model_bytes(state.versions, cached))
@@ -121,14 +142,25 @@ class CostBook:
         log.debug("costs: %d version(s) integrated, %d sampled (%.0f ms)", len(after), len(samples), (time.monotonic() - started) * 1000)
         return True
 
-    def _read_work(self, state: State) -> dict[tuple[str, str], Work]:
-        """Every release's tally, read through its router; a release whose router does not answer has no readings."""
+    def _read_work(self, state: State) -> tuple[dict[tuple[str, str], Work], dict[tuple[str, str], dict[str, float]]]:
+        """Every release's tally, read through its router: (work, replica starts); a router that does not answer, none."""
         if self.reader is None:
-            return {}
-        out: dict[tuple[str, str], Work] = {}
+            return {}, {}
+        work: dict[tuple[str, str], Work] = {}
+        loads: dict[tuple[str, str], dict[str, float]] = {}
         for release in sorted({v.release for v in state.versions if v.status in ("ready", "retiring") or v.weight > 0}):
-            out.update(work_readings(release, self.reader.router_work(release)))
-        return out
+            answer = self.reader.router_work(release)
+            work.update(work_readings(release, answer))
+            loads.update(load_readings(release, answer))
+        return work, loads
+
+    def _store_loads(self, loads: dict[tuple[str, str], dict[str, float]], state: State, now: float) -> None:
+        """Record the starts that changed, and forget those of versions that are gone."""
+        live = {(v.release, v.version) for v in state.versions}
+        changed = {key: phases for key, phases in loads.items() if key in live and self.loads.get(key) != phases}
+        if changed or self.loads.keys() - live:
+            self.store.save_load_phases(changed, now, keep=live)
+            self.loads = {key: phases for key, phases in {**self.loads, **changed}.items() if key in live}
 
     def _count(self, before: Mapping[tuple[str, str], CostRecord], after: Mapping[tuple[str, str], CostRecord], state: State) -> None:
         if self.metrics is None:
