@@ -180,8 +180,8 @@ class Router:
             return self._error("generation-failed", request_id, version, f"version {version} failed: {type(err).__name__}")
         seconds = time.monotonic() - started
         nsfw = [bool(flag) for flag in result.get("nsfw") or []]
-        self._note((time.time(), version, True, seconds, any(nsfw)), preview)
-        self._remember(request_id, feedback.generation(time.time(), version, params, result["params"]))
+        drawn = (request_id, feedback.generation(time.time(), version, params, result["params"]))
+        self._note((time.time(), version, True, seconds, any(nsfw)), preview, drawn)
         headers = {VERSION_HEADER: version}
         if any(nsfw):
             if result.get("nsfw_action") == "block":
@@ -210,12 +210,14 @@ class Router:
             self._waiting(version, -1)
         return answer
 
-    def _note(self, answer: Answer, preview: bool) -> None:
-        """Send an answer to the release's tally; never waited on (a request does not pay for the bookkeeping)."""
+    def _note(self, answer: Answer, preview: bool, drawn: tuple[str, feedback.Entry] | None = None) -> None:
+        """Send an answer to the release's tally, with what drew it when it served (kept for feedback on that request
+        id); one call, never waited on (a request does not pay for the bookkeeping)."""
+        drawn = drawn if drawn is not None and feedback.REQUEST_ID.fullmatch(drawn[0]) else None
         if self.tally is None:
-            self.own_tally.record(answer, preview)
+            self.own_tally.answered(answer, preview, drawn)
         else:
-            self.tally.record.remote(answer, preview)
+            self.tally.answered.remote(answer, preview, drawn)
 
     def _sample(self, request_id: str, version: str, params: dict[str, Any], result: dict[str, Any]) -> None:
         """Send a drawn sample of the answer to the release's scorer; never waited on (scoring is off the request path)."""
@@ -233,14 +235,6 @@ class Router:
             return self._error("invalid-request", request_id, None, "whole numbers expected", [("after", "whole numbers expected")])
         page: dict[str, Any] = await self.scorer.samples_since.remote(request.query_params.get("epoch"), after, limit)
         return JSONResponse(page)
-
-    def _remember(self, request_id: str, answer: dict[str, Any]) -> None:
-        """Keep what answered `request_id`, for feedback on it; never waited on, like `_note`."""
-        if feedback.REQUEST_ID.fullmatch(request_id):
-            if self.tally is None:
-                self.own_tally.remember(request_id, answer)
-            else:
-                self.tally.remember.remote(request_id, answer)
 
     async def _tally(self, method: str, *args: Any) -> Any:
         return getattr(self.own_tally, method)(*args) if self.tally is None else await getattr(self.tally, method).remote(*args)

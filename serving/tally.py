@@ -77,14 +77,14 @@ class Tally:
         versions = {v: {"busy_s": busy, "images": int(images)} for v, (busy, images) in self.busy.items()}
         return {"epoch": self.epoch, "versions": versions, "loads": dict(self.loads)}
 
-    def record(self, answer: Answer, pinned: bool) -> None:
+    def answered(self, answer: Answer, pinned: bool, drawn: tuple[str, Entry] | None = None) -> None:
+        """A router replica's answer, and for one that served, (request id, what drew it) to attach feedback to."""
         (self.pinned if pinned else self.judged).append(tuple(answer))  # type: ignore[arg-type]  # a list after the trip
+        if drawn is not None:
+            self.book.remember(*drawn)
 
     def stats(self, since: float) -> dict[str, dict[str, Any]]:
         return window_stats(self.judged, self.pinned, since)
-
-    def remember(self, request_id: str, answer: Entry) -> None:
-        self.book.remember(request_id, answer)
 
     def attach(self, request_id: str, client: str, feedback: Entry, now: float) -> Entry | None:
         return self.book.attach(request_id, client, feedback, now)
