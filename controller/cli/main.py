@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import click
@@ -25,20 +24,17 @@ from controller.cli import quality as cli_quality
 from controller.cli import review as cli_review
 from controller.cli.common import fail, open_source, repo_option, state_dir_option
 from controller.cli.output import Output, choose, dump, legacy_format_option, output_option
+from controller.cli.plan_inputs import planned_changes
 from controller.cli.shell import apply_envvars, completion
 from controller.cli.terminal import color_wanted
 from controller.cli.version import version
 from controller.parse.loader import ReleaseError
 from controller.parse.release import Release
 from controller.plan import report as diff_report
-from controller.plan.changes import ReleaseChange, diff_releases, with_downloads
-from controller.plan.downloads import ModelSize, held_nodes
+from controller.plan.changes import ReleaseChange
 from controller.source.git_source import ReleaseSource, SourceError
-from controller.state.store import StateFileError, Store
-from serving.stores import open_store as open_model_store
 
-__all__ = ["diff", "diff_exit_code", "diff_output", "held_models", "lint", "main", "model_size", "release_schema_text", "resolve_range",
-           "schema", "sized_models"]
+__all__ = ["diff", "diff_exit_code", "diff_output", "lint", "main", "release_schema_text", "resolve_range", "schema"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -134,48 +130,10 @@ def diff(repo: str, state_dir: Path, revisions: str | None, output: str, legacy_
         after = source.snapshot(target_rev, base=before)
     except SourceError as err:
         fail(str(err), 2)
-    changes = diff_releases(before.releases, after.releases)
-    starting = [after.releases[c.name] for c in changes if c.impact.replicas_to_start and c.name in after.releases]
-    changes = with_downloads(changes, after.releases, sized_models(source, target_rev, starting, model_sizes), held_models(state_dir))
+    changes = planned_changes(source, before.releases, after.releases, target_rev, state_dir, model_sizes)
     errors = after.errors
     click.echo(diff_output(choose(output, legacy_format), changes, errors, base_rev, target_rev))
     sys.exit(diff_exit_code(bool(changes), bool(errors), exit_code))
-
-
-def sized_models(source: ReleaseSource, revision: str, releases: Iterable[Release], remote: bool) -> dict[str, ModelSize | str]:
-    """Each release's model size by digest, from its store's listing (no file is read): models in the repo at
-    `revision`, object stores only when `remote`; otherwise the reason it is unknown."""
-    return {release.spec.model.digest: model_size(release.spec.model.uri, source.path, revision, remote) for release in releases}
-
-
-def model_size(uri: str, repo: Path, revision: str, remote: bool) -> ModelSize | str:
-    if uri.startswith("file:///"):
-        return "a path on the controller's machine"
-    if uri.startswith(("models:/", "hf://")):
-        return "resolved when the controller fetches it"
-    if not uri.startswith("file://") and not remote:
-        return "in an object store; --model-sizes lists it"
-    try:
-        listing = open_model_store(uri, repo=repo, commit=revision).list()
-    except Exception as err:  # whatever the store answers, the plan names it and goes on
-        return f"could not list {uri}: {type(err).__name__}: {err}"
-    return ModelSize(sum(size for _, size in listing), len(listing))
-
-
-def held_models(state_dir: Path) -> dict[str, tuple[str, ...]]:
-    """Model digest -> the nodes whose caches hold it, from the controller's state (none without one)."""
-    path = state_dir / "state.db"
-    if not path.exists():
-        return {}
-    try:
-        store = Store(path, readonly=True)
-    except StateFileError:  # a newer diffops's state: the plan goes on without it (`status` says what to do)
-        return {}
-    try:
-        state = store.load()
-    finally:
-        store.close()
-    return held_nodes(state.versions, state.apps)
 
 
 def diff_output(fmt: Output, changes: list[ReleaseChange], errors: list[ReleaseError], base: str, target: str) -> str:

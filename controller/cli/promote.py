@@ -18,8 +18,8 @@ from pathlib import Path
 import click
 
 from controller.cli.common import fail, open_source, release_at, repo_option, state_dir_option, tracker_at, tracking_option
+from controller.cli.plan_inputs import planned_changes
 from controller.parse.edit import Scalar
-from controller.plan.changes import diff_releases
 from controller.plan.report import as_markdown
 from controller.source.git_source import ReleaseSource, SourceError
 from controller.tracking.mlflow_store import TrackingError
@@ -42,14 +42,14 @@ _RENDERED = ("spec.model.", "spec.generation.sampler", "spec.generation.steps", 
              "spec.generation.width", "spec.generation.height", "spec.generation.negative_prompt")  # what a golden render uses
 
 
-def plan_markdown(source: ReleaseSource, base: str, target: str, path: str) -> str:
+def plan_markdown(source: ReleaseSource, base: str, target: str, path: str, state_dir: Path) -> str:
     """`diffops diff BASE..TARGET -o markdown`, read from the commits as git holds them; the promoted file must lint."""
     before = source.snapshot(base)
     after = source.snapshot(target, base=before)
     ours = [str(error) for error in after.errors if error.file == path]
     if ours:
         raise PromoteError(f"{path} does not lint at the new commit: {'; '.join(ours)}")
-    return as_markdown(diff_releases(before.releases, after.releases), after.errors, base, target)
+    return as_markdown(planned_changes(source, before.releases, after.releases, target, state_dir), after.errors, base, target)
 
 
 def next_steps(release: str, branch: str, title: str, changes: dict[str, Scalar], golden: str | None) -> list[str]:
@@ -106,7 +106,7 @@ def promote(run_id: str, release_name: str, branch: str | None, rev: str | None,
         edited, _ = edited_release(blob.data_stream.read().decode("utf-8"), path, changes)
         title = subject(release_name, cell, values, changes)
         sha = commit_release(source.repo, base, path, edited, commit_message(release_name, cell, link, values, changes, release.spec))
-        markdown = plan_markdown(source, base, sha, path)
+        markdown = plan_markdown(source, base, sha, path, state_dir)
         if not dry_run:
             create_branch(source.repo, branch, sha)
     except TrackingError as err:
