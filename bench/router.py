@@ -72,8 +72,8 @@ def floor_latencies(client: httpx.Client, requests: int) -> list[float]:
 
 
 def measure(runner: Any, generation: dict[str, Any], threads: int, requests: int) -> dict[str, list[float]]:
-    """Latencies in seconds: `http` (ours end to end), `local` (in-process), `rejected` (422 at the router) and
-    `floor` (the bare two-hop app), the first, second and last in alternating blocks."""
+    """Latencies in seconds: `http` (ours end to end), `local` (in-process) and `floor` (the bare two-hop app) in
+    alternating blocks, then `rejected` (422 at the router)."""
     bodies = [{"prompt": "a red cube", "seed": seed} for seed in range(requests)]
     out: dict[str, list[float]] = {"http": [], "local": [], "floor": []}
     with httpx.Client(timeout=60) as client, in_process.torch_threads(threads):
@@ -138,7 +138,7 @@ def deploy_floor(live: LiveDemo, present: bool) -> None:
     """Add (or remove) the bare two-hop app beside the demo's apps, which the PUT carries as Ray reports them; the
     controller carries it in turn as another owner's app."""
     apps = live.serve.observe()
-    others = [config for config in carried({name: app for name, app in apps.items() if name != FLOOR})]
+    others = carried({name: app for name, app in apps.items() if name != FLOOR})
     live.serve.apply({"proxy_location": "HeadOnly", "http_options": {"host": HOST, "port": HTTP_PORT},
                       "applications": [*others, *([FLOOR_APP] if present else [])]})
 
