@@ -30,8 +30,9 @@ def planned_changes(source: ReleaseSource, before: Mapping[str, Release], after:
 
 
 def sized_models(repo: Path, revision: str, releases: Iterable[Release], remote: bool) -> dict[str, ModelSize | str]:
-    """Each release's model size by digest, or the reason it is unknown."""
-    return {release.spec.model.digest: model_size(release.spec.model.uri, repo, revision, remote) for release in releases}
+    """Each release's model size by digest, or the reason it is unknown; a digest shared by releases is listed once."""
+    uris = {release.spec.model.digest: release.spec.model.uri for release in releases}
+    return {digest: model_size(uri, repo, revision, remote) for digest, uri in uris.items()}
 
 
 def model_size(uri: str, repo: Path, revision: str, remote: bool) -> ModelSize | str:

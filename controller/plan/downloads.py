@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from controller.cost import GB
 from controller.parse.release import Release
 from controller.state.records import ObservedApp, VersionRecord, app_name
 
@@ -50,7 +51,7 @@ def download(new: Release | None, starts: int, size: ModelSize | str | None, hel
     known = size if isinstance(size, ModelSize) else None
     total = known.bytes * starts if known else None
     price = new.spec.cost.egress_usd_per_gb
-    usd = round(total / 1e9 * price, 6) if total is not None and price is not None else None
+    usd = round(total / GB * price, 6) if total is not None and price is not None else None
     unknown = "" if known else (size if isinstance(size, str) else "no listing")
     return Download(new.spec.model.digest, known.bytes if known else None, known.files if known else None, starts, total, usd,
                     tuple(sorted(held_by)), unknown)
