@@ -2,9 +2,11 @@
 
 Called by the model deployment (and `diffops model fetch`, the controller and
 the gate) before `serving.pipeline` builds the pipeline. Files stream from a
-store into a staging directory beside the cache entry while being hashed; only
-a complete, verified copy is renamed into `<cache>/sha256/<hex>`, read-only
-(layout and clean-up: `serving.model_cache`).
+store into the digest's partial dir beside the cache entry while being hashed;
+only a complete, verified copy is renamed into `<cache>/sha256/<hex>`, read-only
+(layout and clean-up: `serving.model_cache`). A transfer that fails (a store
+that stops answering mid-file, after `serving.transfer`'s retries) leaves what
+landed there with its journal, and the next fetch of the digest resumes from it.
 
 What a cache hit trusts:
 - Every fetch runs the presence check: the entry's manifest is authentic (it
@@ -49,7 +51,7 @@ from tqdm import tqdm
 from serving.manifest import MANIFEST_NAME, ArtifactError, Manifest, check_key
 from serving.model_cache import ModelCache
 from serving.stores import ArtifactStore, open_store
-from serving.transfer import Moved, move_files
+from serving.transfer import Landed, Moved, move_files
 
 __all__ = ["ArtifactError", "FetchResult", "ModelCache", "fetch"]
 
@@ -67,6 +69,7 @@ class FetchResult:
     seconds: float
     healed: tuple[str, ...] = ()  # what was wrong with the cached copy this fetch replaced
     ranged_parts: int = 0  # byte ranges read over parallel connections (large files of object stores)
+    resumed_bytes: int = 0  # left on disk by an earlier attempt that failed, hashed again instead of fetched
 
 
 def _authentic_manifest(store: ArtifactStore, keys: set[str], digest: str) -> Manifest | None:
@@ -133,9 +136,14 @@ def fetch(
 
 def _fetch_into(cache: ModelCache, uri: str, digest: str, repo: Path | None, commit: str | None,
                 allowed_roots: tuple[Path, ...], started: float) -> FetchResult:
-    """Download, verify and rename into place; the caller holds the entry's lock and the entry is absent."""
+    """Download, verify and rename into place; the caller holds the entry's lock and the entry is absent.
+
+    The download lands in the digest's partial dir (`ModelCache.partial`): a transfer that fails leaves it with its
+    journal, and the next fetch of the digest resumes from it; a verification failure removes it."""
     hub = cache.scratch("hub", digest)
-    staging = cache.scratch("staging", digest)
+    partial = cache.partial(digest)
+    staging, journal = partial / "files", partial / "landed.json"
+    resumable = True  # False once the copy is known bad (verification) or done
     try:
         store = open_store(uri, repo=repo, commit=commit, allowed_roots=allowed_roots, scratch=hub)
         listing = {check_key(key) if key != MANIFEST_NAME else key: size for key, size in store.list()}
@@ -145,7 +153,17 @@ def _fetch_into(cache: ModelCache, uri: str, digest: str, repo: Path | None, com
             extra = [f"{key}: extra file" for key in sorted(listing.keys() - expected.files.keys())]
             missing = [f"{key}: missing" for key in sorted(expected.files.keys() - listing.keys())]
             raise ArtifactError(f"{uri}: does not match the pinned manifest: " + "; ".join(extra + missing))
-        moved = _download(store, listing, staging, expected, uri)
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            moved = _download(store, listing, staging, expected, uri, journal)
+        except ArtifactError:
+            raise
+        except Exception as err:  # a transfer that failed: what landed stays for the next attempt
+            kept = sum(Landed.read(journal, listing, staging).values())
+            log.warning("model fetch: %s failed after %.2f GB of %.2f GB landed (%s: %s); next: %s (%.1fs)", uri, kept / 1e9,
+                        sum(listing.values()) / 1e9, type(err).__name__, str(err)[:300],
+                        "the next fetch of it resumes from them" if kept else "the next fetch starts again", time.monotonic() - started)
+            raise
         actual = Manifest(moved.hashes)
         if actual.digest != digest:
             raise ArtifactError(
@@ -155,16 +173,27 @@ def _fetch_into(cache: ModelCache, uri: str, digest: str, repo: Path | None, com
         (staging / MANIFEST_NAME).write_text(actual.text())
         _seal(staging)
         os.replace(staging, cache.path(digest))
+        resumable = False
+    except ArtifactError:
+        resumable = False
+        raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not resumable or not journal.exists():
+            shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(hub, ignore_errors=True)
-    return FetchResult(cache.path(digest), digest, len(listing), sum(listing.values()), False, time.monotonic() - started,
-                       ranged_parts=moved.ranged_parts)
+    total = sum(listing.values())
+    return FetchResult(cache.path(digest), digest, len(listing), total - moved.resumed_bytes, False, time.monotonic() - started,
+                       ranged_parts=moved.ranged_parts, resumed_bytes=moved.resumed_bytes)
 
 
-def _download(store: ArtifactStore, listing: dict[str, int], staging: Path, expected: Manifest | None, uri: str) -> Moved:
+def _download(store: ArtifactStore, listing: dict[str, int], staging: Path, expected: Manifest | None, uri: str,
+              journal: Path) -> Moved:
     total = sum(listing.values())
     started = time.monotonic()
+    resume = Landed.read(journal, listing, staging)
+    if resume:
+        log.info("model fetch: %s: resuming, %.2f GB of %.2f GB in %d file(s) landed in an earlier attempt; next: hashing "
+                 "them from disk and fetching the rest", uri, sum(resume.values()) / 1e9, total / 1e9, len(resume))
 
     def check(key: str, sha: str) -> None:
         if expected is not None and sha != expected.files[key]:
@@ -174,10 +203,12 @@ def _download(store: ArtifactStore, listing: dict[str, int], staging: Path, expe
         total=total, unit="B", unit_scale=True, desc=f"fetch {uri}", file=sys.stderr,
         disable=total < PROGRESS_MIN_BYTES or not sys.stderr.isatty(),
     ) as progress:
-        moved = move_files(store, listing, staging, progress.update, check)
+        moved = move_files(store, listing, staging, progress.update, check, journal, resume)
     seconds = time.monotonic() - started
     if total >= PROGRESS_MIN_BYTES:
+        how = f"{moved.ranged_parts} ranged parts" if moved.ranged_parts else "streamed"
+        if moved.resumed_bytes:
+            how += f", {moved.resumed_bytes / 1e9:.2f} GB resumed from disk"
         log.info("model fetch: %s: %.2f GB in %d file(s) moved and hashed at %.2f GB/s (%s); next: verify the digest (%.1fs)",
-                 uri, total / 1e9, len(listing), total / 1e9 / max(seconds, 1e-9),
-                 f"{moved.ranged_parts} ranged parts" if moved.ranged_parts else "streamed", seconds)
+                 uri, total / 1e9, len(listing), total / 1e9 / max(seconds, 1e-9), how, seconds)
     return moved

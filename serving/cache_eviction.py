@@ -7,8 +7,8 @@ removes what these functions name. Nothing here touches the file system.
   until the cache fits its cap; when the kept entries alone exceed the cap the
   plan says so and keeps them.
 - `classify_scratch`: a name under the cache root (`.staging-<hex>-<tag>`,
-  `.hub-<hex>-<tag>`, `.trash-<hex>-<tag>`) → remove now, remove if nobody
-  holds that digest's lock, remove if old, or not ours.
+  `.hub-<hex>-<tag>`, `.trash-<hex>-<tag>`, `.partial-<hex>`) → remove now,
+  remove if nobody holds that digest's lock, remove if old, or not ours.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ __all__ = ["CacheEntry", "EvictionPlan", "HEX64", "STALE_AFTER_S", "Scratch", "S
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 SCRATCH = re.compile(r"\.(staging|hub|trash)-([0-9a-f]+)-[0-9a-z]+")
-STALE_AFTER_S = 6 * 3600  # scratch we cannot lock (an older name format): litter after this long
+PARTIAL = re.compile(r"\.partial-([0-9a-f]{64})")
+STALE_AFTER_S = 6 * 3600  # scratch we cannot lock (an older name format), or a partial download nobody resumed: litter after this long
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ class Scratch:
 
 def classify_scratch(name: str, age_s: float) -> Scratch:
     """What to do with one name found directly under the cache root."""
+    if (partial := PARTIAL.fullmatch(name)) is not None:  # resumable while young; its fetch holds the digest's lock
+        return Scratch(ScratchAction.REMOVE_IF_UNLOCKED, "sha256:" + partial.group(1)) if age_s > STALE_AFTER_S \
+            else Scratch(ScratchAction.KEEP)
     match = SCRATCH.fullmatch(name)
     if match is None:
         return Scratch(ScratchAction.KEEP)

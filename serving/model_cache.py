@@ -7,14 +7,17 @@ under the cache root:
     sha256/<hex>/MODEL.sha256   its manifest (authenticated by the digest itself)
     sha256/<hex>.lock      the entry's lock: held by a fetch (download or re-verify) and by eviction
     sha256/<hex>.used      last-use stamp (its mtime), touched by every fetch of the digest
-    .staging-<hex>-<tag>/  a download in progress (renamed into place when verified)
+    .partial-<hex>/        a download in progress, or one that failed in transfer: files/ (renamed into place when
+                           verified) and landed.json, what has landed (the next fetch of the digest resumes from it)
     .hub-<hex>-<tag>/      a Hugging Face snapshot in progress (`local_dir` mode: no hub cache elsewhere)
     .trash-<hex>-<tag>/    a damaged or evicted entry moved aside, removed right after
 
 Opening a cache (`ModelCache(root)`) and every fetch sweep the scratch dirs:
 trash always, staging and hub dirs only when no process holds their digest's
-lock (so another process's fetch in progress is never touched). Lock files
-stay (removing a lock file others may wait on would let two holders in).
+lock (so another process's fetch in progress is never touched), a partial dir
+once it is older than `STALE_AFTER_S` (6 h) and unlocked. Partial dirs do not
+count against the cache's cap. Lock files stay (removing a lock file others may
+wait on would let two holders in).
 """
 
 from __future__ import annotations
@@ -107,6 +110,10 @@ class ModelCache:
     def scratch(self, kind: str, digest: str) -> Path:
         """A fresh scratch dir name for `digest` (`staging`, `hub`, `trash`); the caller holds the digest's lock."""
         return self.root / f".{kind}-{_hexof(digest)}-{uuid.uuid4().hex[:8]}"
+
+    def partial(self, digest: str) -> Path:
+        """Where a download of `digest` lands, and stays after a failed transfer for the next fetch to resume."""
+        return self.root / f".partial-{_hexof(digest)}"
 
     def touch(self, digest: str) -> None:
         """Record a use of the entry (eviction is least-recently-used by this stamp, not by atime)."""

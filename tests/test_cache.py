@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,9 @@ SCRATCH = [
     ("someone else's dot file", ".nfs000123", 10**9, ScratchAction.KEEP, None),
     ("no tag", f".staging-{H}", 10**9, ScratchAction.KEEP, None),
     ("upper-case hex is not ours", f".staging-{H.upper()}-1a2b3c4d", 10**9, ScratchAction.KEEP, None),
+    ("partial download, young: the next fetch resumes it", f".partial-{H}", STALE_AFTER_S - 1, ScratchAction.KEEP, None),
+    ("partial download nobody resumed", f".partial-{H}", STALE_AFTER_S + 1, ScratchAction.REMOVE_IF_UNLOCKED, f"sha256:{H}"),
+    ("partial of a short hex is not ours", ".partial-0123456789abcdef", 10**9, ScratchAction.KEEP, None),
 ]
 
 
@@ -315,34 +319,53 @@ print(fetch(f"file://{model}", digest, ModelCache(cache), allowed_roots=(model.p
 """
 
 
-def staging_dirs(cache: ModelCache) -> list[Path]:
-    return [p for p in cache.root.glob(".staging-*")] if cache.root.is_dir() else []
-
-
 def start_fetch(model: Path, digest: str, cache: ModelCache) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", FETCH_CHILD, str(model), digest, str(cache.root)], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
 
 
-def test_staging_of_a_killed_fetch_is_removed_on_the_next_open_but_a_running_fetch_is_untouched(tmp_path):
-    model, digest = weights_model(tmp_path / "models" / "big", 200 * MB, "big")
+def partial_dirs(cache: ModelCache) -> list[Path]:
+    return [p for p in cache.root.glob(".partial-*")] if cache.root.is_dir() else []
+
+
+def journalled(cache: ModelCache, digest: str) -> int:
+    """Bytes the partial dir's journal says have landed (0 while there is none)."""
+    try:
+        return sum(entry["landed"] for entry in json.loads((cache.partial(digest) / "landed.json").read_text())["files"].values())
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_a_fetch_killed_mid_file_is_resumed_by_the_next_one_and_a_running_fetch_is_untouched(tmp_path):
+    """400 MB of weights in 16 MiB parts from a local store: another process's sweep never touches a fetch in
+    progress; a fetch killed with SIGKILL after some parts leaves them and a true journal, the next cache open keeps
+    them, and the next fetch hashes them from disk and reads only the rest, ending with the verified model."""
+    from serving.transfer import PART_BYTES
+
+    model, digest = weights_model(tmp_path / "models" / "big", 400 * MB, "big")
     cache = ModelCache(tmp_path / "cache")
 
     running = start_fetch(model, digest, cache)
-    found = wait_for(lambda: staging_dirs(cache), 60, "the fetch to start staging", every=0.01)
+    found = wait_for(lambda: partial_dirs(cache), 60, "the fetch to start", every=0.01)
     assert ModelCache(cache.root).sweep() == [] and all(p.exists() for p in found)  # another process's fetch: untouched
-    assert running.wait(120) == 0 and int(running.stdout.read()) >= 200 * MB
-    assert manifest_of(cache.path(digest)).digest == digest
+    assert running.wait(120) == 0 and int(running.stdout.read()) >= 400 * MB
+    assert manifest_of(cache.path(digest)).digest == digest and partial_dirs(cache) == []  # done: nothing left over
 
-    other, other_digest = weights_model(tmp_path / "models" / "other", 200 * MB, "other")
+    other, other_digest = weights_model(tmp_path / "models" / "other", 400 * MB, "other")
     killed = start_fetch(other, other_digest, cache)
-    stale = wait_for(lambda: staging_dirs(cache), 60, "the second fetch to start staging", every=0.01)
+    wait_for(lambda: journalled(cache, other_digest) >= 2 * PART_BYTES, 60, "two parts to land", every=0.005)
     killed.send_signal(signal.SIGKILL)
     killed.wait(30)
-    assert all(p.exists() for p in stale)  # a killed fetch leaves its staging behind
-    ModelCache(cache.root)  # the next start (cache open) removes it
-    assert staging_dirs(cache) == [] and not cache.path(other_digest).exists()
-    assert cache.path(digest).is_dir()  # the verified entry is untouched
+    landed = journalled(cache, other_digest)
+    assert not cache.path(other_digest).exists() and 0 < landed < 400 * MB  # killed half way
+    ModelCache(cache.root)  # the next start keeps a young partial download
+    assert partial_dirs(cache) == [cache.partial(other_digest)]
+
+    resumed = fetch(f"file://{other}", other_digest, cache, allowed_roots=(other.parent,))
+    total = 400 * MB + (other / "model_index.json").stat().st_size
+    assert resumed.resumed_bytes == landed and resumed.bytes_transferred == total - landed
+    assert manifest_of(resumed.path).digest == other_digest and partial_dirs(cache) == []
+    assert cache.path(digest).is_dir()  # the first verified entry is untouched
 
 
 def test_stale_hub_download_and_trash_are_removed_on_open(tmp_path):
@@ -354,6 +377,11 @@ def test_stale_hub_download_and_trash_are_removed_on_open(tmp_path):
     trash.mkdir(parents=True)
     (trash / "x.safetensors").write_bytes(b"x")
     (trash / "x.safetensors").chmod(0o444)
+    stale = root / f".partial-{H}" / "files" / "unet"  # a failed download nobody resumed for over STALE_AFTER_S
+    stale.mkdir(parents=True)
+    (stale / "x.safetensors").write_bytes(b"x")
+    long_ago = time.time() - STALE_AFTER_S - 60
+    os.utime(root / f".partial-{H}", (long_ago, long_ago))
     unrelated = root / ".keep-me"
     unrelated.write_text("not ours")
     ModelCache(root)

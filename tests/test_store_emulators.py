@@ -6,6 +6,7 @@ extra files and a flipped byte are refused before anything lands; a `file://` mo
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -67,12 +68,10 @@ def test_a_flipped_byte_is_named_and_nothing_is_cached(object_store: Bucket, tmp
     assert files_under(cache.root) == set()
 
 
-def test_a_large_file_moves_in_ranged_parts_and_a_flipped_byte_inside_one_is_named(object_store: Bucket, tmp_path):  # noqa: F811 (the fixture imported above)
-    """The demo model with a UNet of 40 MB (3 ranged parts of 16 MiB at most): fetched in parts over parallel
-    connections, every byte as in the store; then one byte flipped in the middle part is refused, nothing cached."""
+def large_model(tmp_path):
+    """The demo model with a UNet of 40 MB of random bytes (3 ranged parts of 16 MiB at most), its manifest shipped
+    beside the files (a refusal names the file): (folder, weights, digest)."""
     import shutil
-
-    from serving.transfer import PART_BYTES, parts_of
 
     model = tmp_path / "large"
     shutil.copytree(DEMO_MODEL, model)
@@ -80,8 +79,16 @@ def test_a_large_file_moves_in_ranged_parts_and_a_flipped_byte_inside_one_is_nam
     weights = os.urandom(40_000_000)
     (model / UNET).write_bytes(weights)
     manifest = manifest_of(model)
-    (model / MANIFEST_NAME).write_text(manifest.text())  # shipped beside the files: a refusal names the file
-    digest = manifest.digest
+    (model / MANIFEST_NAME).write_text(manifest.text())
+    return model, weights, manifest.digest
+
+
+def test_a_large_file_moves_in_ranged_parts_and_a_flipped_byte_inside_one_is_named(object_store: Bucket, tmp_path):  # noqa: F811 (the fixture imported above)
+    """The demo model with a UNet of 40 MB (3 ranged parts of 16 MiB at most): fetched in parts over parallel
+    connections, every byte as in the store; then one byte flipped in the middle part is refused, nothing cached."""
+    from serving.transfer import PART_BYTES, parts_of
+
+    model, weights, digest = large_model(tmp_path)
     uri = object_store.upload_model("large", model)
     result = fetch(uri, digest, ModelCache(tmp_path / "cache"))
     assert not result.cached and result.ranged_parts == len(parts_of(len(weights))) == 3
@@ -94,6 +101,41 @@ def test_a_large_file_moves_in_ranged_parts_and_a_flipped_byte_inside_one_is_nam
     with pytest.raises(ArtifactError, match=f"{UNET}: sha256 .* does not match pinned"):
         fetch(uri, digest, cache)
     assert files_under(cache.root) == set()
+
+
+def test_a_fetch_cut_off_mid_file_resumes_from_the_parts_that_landed(object_store: Bucket, tmp_path, monkeypatch):  # noqa: F811 (the fixture imported above)
+    """The store drops every read of the UNet's third part (as a connection reset does): the fetch fails naming those
+    bytes after its retries and keeps the two parts that landed; the next fetch reads only the third part from the
+    store and caches the verified model."""
+    from serving.stores import FsspecStore
+    from serving.transfer import PART_BYTES, PART_TRIES, TransferError
+
+    model, weights, digest = large_model(tmp_path)
+    uri = object_store.upload_model("large", model)
+    read_range, reads, dropping = FsspecStore.read_range, [], [True]
+
+    def through_the_store(store, key, offset, length):
+        reads.append((key, offset))
+        if dropping[0] and offset == 2 * PART_BYTES:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return read_range(store, key, offset, length)
+
+    monkeypatch.setattr(FsspecStore, "read_range", through_the_store)
+    cache = ModelCache(tmp_path / "cache")
+    with pytest.raises(TransferError, match=rf"{UNET} bytes {2 * PART_BYTES}-{len(weights) - 1}: read failed {PART_TRIES}"):
+        fetch(uri, digest, cache)
+    assert not cache.path(digest).exists() and cache.partial(digest).is_dir()
+    journal = json.loads((cache.partial(digest) / "landed.json").read_text())["files"]
+    assert journal[UNET] == {"size": len(weights), "landed": 2 * PART_BYTES}
+    kept = sum(entry["landed"] for entry in journal.values())  # the UNet's two parts and the small files done by then
+
+    dropping[0], reads[:] = False, []
+    result = fetch(uri, digest, cache)
+    assert reads == [(UNET, 2 * PART_BYTES)]  # the two parts that landed are not fetched again
+    total = FETCHED_BYTES - (DEMO_MODEL / UNET).stat().st_size + len(weights)
+    assert result.resumed_bytes == kept and result.bytes_transferred == total - kept
+    assert (result.path / UNET).read_bytes() == weights and manifest_of(result.path).digest == digest
+    assert not cache.partial(digest).exists()
 
 
 HOSTILE = [
