@@ -38,6 +38,7 @@ from controller import errors
 from controller.apply.applier import Applier
 from controller.apply.serve_client import ServeApi
 from controller.apply.serve_config import RenderSettings
+from controller.gate.prefetch import Prefetch
 from controller.gate.runner import Gate, LocalGate
 from controller.metrics import ControllerMetrics
 from controller.source.git_source import ReleaseSource, Snapshot
@@ -73,7 +74,7 @@ class Reconciler:
                  revert_on_abort: str = "off", signatures: SignatureGate | None = None,
                  rand: Callable[[], float] = random.random, cache_max_bytes: int | None = None,
                  gate_runs: GateRuns | None = None, registry: RegistryLink | None = None,
-                 quality_log: QualityLog | None = None):
+                 quality_log: QualityLog | None = None, prefetch: Prefetch | None = None):
         self.source, self.store, self.serve, self.settings = source, store, serve, settings
         self.signatures = signatures  # --require-signed-commits: only a HEAD signed by a trusted key is reconciled
         self.gate = gate or LocalGate()
@@ -91,7 +92,7 @@ class Reconciler:
         self.cache = apply.CacheKeeper(cache, cache_max_bytes, metrics)  # --cache-max-bytes: evict unused models past it
         self.preparations = Preparations(source, store, self.gate, cache, settings.cache_dir,
                                          gate_dir or Path(settings.cache_dir).parent / "gate", on_prepared, settings.placement,
-                                         gate_runs, registry)
+                                         gate_runs, registry, prefetch)
         self.quality_log = quality_log  # each version's quality in serving, onto its gate's tracking run
         self.costs = CostBook(store, cache, serve if isinstance(serve, WorkReader) else None, metrics, clock)
 

@@ -199,7 +199,7 @@ RAY_MODULES = frozenset({
     "test_canary_e2e.py", "test_cluster_e2e.py", "test_drift_e2e.py", "test_faults_e2e.py", "test_feedback_e2e.py",
     "test_garbage_e2e.py", "test_gate_e2e.py", "test_metrics_e2e.py", "test_netcluster.py", "test_post_promotion_e2e.py",
     "test_quality_e2e.py", "test_served_demo_e2e.py", "test_serving_e2e.py", "test_tracking_e2e.py", "test_untested_promises_e2e.py",
-    "test_registry_e2e.py", "test_experiment_ray.py",
+    "test_registry_e2e.py", "test_experiment_ray.py", "test_prefetch_e2e.py",
 })
 
 

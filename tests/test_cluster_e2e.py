@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -206,6 +207,13 @@ def test_replicas_run_on_the_worker_and_fetch_models_only_from_the_stores(cluste
     for name, response in drawn.items():
         assert np.abs(pixels(response.content) - pixels(drawn["demo"].content)).max() <= 2, name
     assert "model store: published" in controller.logs
+    # each model was prefetched onto the worker (the one node with GPUs) by a job started before its gate's
+    logs = controller.logs
+    for name in digests:
+        version = stable(controller.release(name))["id"]
+        assert logs.index(f"{name}: prefetch job diffops-prefetch-{name}-{version}-") < logs.index(f"{name}: gate job diffops-gate-{name}-{version}-")
+        assert re.search(rf"{name}: prefetch of model sha256:\S+ for {version} while the gate ran: {re.escape(worker)} "
+                         r"(fetched|already cached)", logs), name
     # a release whose file is removed from git is deleted from the cluster (and frees the worker's GPUs for the drills)
     for name in ("gcs", "azure"):
         repo.remove(f"releases/{name}.yaml")

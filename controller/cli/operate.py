@@ -126,6 +126,7 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
     from controller.apply.serve_client import ServeClient
     from controller.apply.serve_config import RenderSettings, default_controller_id
     from controller.daemon import StateDirLocked, install_signal_handlers, lock_state_dir, run_loop
+    from controller.gate.prefetch import RayPrefetch
     from controller.gate.runner import RayJobGate
     from controller.metrics import ControllerMetrics
     from controller.reconciler import Reconciler
@@ -212,7 +213,8 @@ def controller_run(repo: str, state_dir: Path, branch: str | None, ray_address: 
                             cache_max_bytes=cache_max_bytes,
                             gate_runs=None if no_tracking else GateRuns(runs, fingerprint()),
                             registry=RegistryLink(ModelRegistry(mlflow), registry_interval),
-                            quality_log=QualityLog(mlflow, live_quality_interval) if live else None)
+                            quality_log=QualityLog(mlflow, live_quality_interval) if live else None,
+                            prefetch=RayPrefetch(gate.dashboard, gate.python))
     where = "this machine" if local else f"the cluster at {dashboard}"
     published = f"; file:// models published to {model_store}" if model_store else ""
     tracked = "off" if no_tracking else redact(tracking_uri or default_uri(state_dir)) if tracker == "mlflow" else \

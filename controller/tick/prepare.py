@@ -1,4 +1,6 @@
 """Prepare: fetch and verify a version's model, then gate it, in the background; a later tick reads the result.
+On a cluster whose nodes do not share this machine's cache, the model's prefetch onto the nodes that can run its
+replicas starts just before the gate and runs beside it (`controller.gate.prefetch`).
 
 Started by the apply phase (`controller.tick`) for the versions the plan names,
 read back by the observe phase: `collect` hands each finished preparation to
@@ -23,6 +25,7 @@ from checks.quality import FEATURES_NAME
 from checks.report import GateReport
 from controller.apply.model_store import Placement, publish
 from controller.cost import Fetch
+from controller.gate.prefetch import Prefetch
 from controller.gate.runner import Gate, gate_input, quality_pins
 from controller.parse.release import pinned_models
 from controller.rollout.outcomes import Desired, Prepared
@@ -48,8 +51,9 @@ class Preparations:
 
     def __init__(self, source: ReleaseSource, store: Store, gate: Gate, cache: ModelCache, cache_dir: str, gate_dir: Path,
                  on_prepared: Callable[[], None] = lambda: None, placement: Placement | None = None,
-                 gate_runs: GateRuns | None = None, registry: RegistryLink | None = None):
+                 gate_runs: GateRuns | None = None, registry: RegistryLink | None = None, prefetch: Prefetch | None = None):
         self.source, self.store, self.gate, self.cache = source, store, gate, cache
+        self.prefetch = prefetch  # onto the nodes that will run a version, beside its gate (a cluster not on this machine)
         self.gate_runs = gate_runs  # each gate report is logged as a tracking run, in the background
         self.registry = registry  # where models:/ URIs resolve (`controller run --tracking-uri`); None: the state dir's store
         self.placement = placement or Placement()
@@ -123,7 +127,12 @@ class Preparations:
             if passed is not None:
                 return Prepared(True, "checks passed before for this version and these checks (reused, not run again)",
                                 time.monotonic() - started)
+            prefetch = self.prefetch if self.prefetch is not None and not local else None
+            prefetching = prefetch.start(version.release, version.version, placement.for_replicas(model), resources.cpus,
+                                         resources.gpus) if prefetch is not None else None
             report = self.gate.run(gate, resources.cpus, resources.gpus)
+            if prefetch is not None and prefetching is not None:
+                prefetch.report(prefetching)
             if self.gate_runs is not None:  # tracked in the background: the gate's result does not wait for the store
                 self.gate_runs.submit(report, version.spec, desired.commit, desired.gate_key)
             return judge(report, time.monotonic() - started, self.gate_dir)
