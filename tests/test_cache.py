@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,6 @@ from serving.artifacts import ModelCache, fetch
 from serving.cache_eviction import STALE_AFTER_S, CacheEntry, Scratch, ScratchAction, classify_scratch, plan_eviction
 from serving.manifest import MANIFEST_NAME, ArtifactError, manifest_of
 from tests.conftest import DEMO_MODEL
-from tests.live import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -309,64 +307,6 @@ def test_an_entry_being_fetched_is_never_evicted(five_models):
 
 
 # --- scratch clean-up ----------------------------------------------------------------------------------
-
-FETCH_CHILD = """
-import sys
-from pathlib import Path
-from serving.artifacts import ModelCache, fetch
-model, digest, cache = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-print(fetch(f"file://{model}", digest, ModelCache(cache), allowed_roots=(model.parent,)).bytes_transferred)
-"""
-
-
-def start_fetch(model: Path, digest: str, cache: ModelCache) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", FETCH_CHILD, str(model), digest, str(cache.root)], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
-
-
-def partial_dirs(cache: ModelCache) -> list[Path]:
-    return [p for p in cache.root.glob(".partial-*")] if cache.root.is_dir() else []
-
-
-def journalled(cache: ModelCache, digest: str) -> int:
-    """Bytes the partial dir's journal says have landed (0 while there is none)."""
-    try:
-        return sum(entry["landed"] for entry in json.loads((cache.partial(digest) / "landed.json").read_text())["files"].values())
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def test_a_fetch_killed_mid_file_is_resumed_by_the_next_one_and_a_running_fetch_is_untouched(tmp_path):
-    """400 MB of weights in 16 MiB parts from a local store: another process's sweep never touches a fetch in
-    progress; a fetch killed with SIGKILL after some parts leaves them and a true journal, the next cache open keeps
-    them, and the next fetch hashes them from disk and reads only the rest, ending with the verified model."""
-    from serving.transfer import PART_BYTES
-
-    model, digest = weights_model(tmp_path / "models" / "big", 400 * MB, "big")
-    cache = ModelCache(tmp_path / "cache")
-
-    running = start_fetch(model, digest, cache)
-    found = wait_for(lambda: partial_dirs(cache), 60, "the fetch to start", every=0.01)
-    assert ModelCache(cache.root).sweep() == [] and all(p.exists() for p in found)  # another process's fetch: untouched
-    assert running.wait(120) == 0 and int(running.stdout.read()) >= 400 * MB
-    assert manifest_of(cache.path(digest)).digest == digest and partial_dirs(cache) == []  # done: nothing left over
-
-    other, other_digest = weights_model(tmp_path / "models" / "other", 400 * MB, "other")
-    killed = start_fetch(other, other_digest, cache)
-    wait_for(lambda: journalled(cache, other_digest) >= 2 * PART_BYTES, 60, "two parts to land", every=0.005)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait(30)
-    landed = journalled(cache, other_digest)
-    assert not cache.path(other_digest).exists() and 0 < landed < 400 * MB  # killed half way
-    ModelCache(cache.root)  # the next start keeps a young partial download
-    assert partial_dirs(cache) == [cache.partial(other_digest)]
-
-    resumed = fetch(f"file://{other}", other_digest, cache, allowed_roots=(other.parent,))
-    total = 400 * MB + (other / "model_index.json").stat().st_size
-    assert resumed.resumed_bytes == landed and resumed.bytes_transferred == total - landed
-    assert manifest_of(resumed.path).digest == other_digest and partial_dirs(cache) == []
-    assert cache.path(digest).is_dir()  # the first verified entry is untouched
-
 
 def test_stale_hub_download_and_trash_are_removed_on_open(tmp_path):
     root = tmp_path / "cache"
