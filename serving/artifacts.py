@@ -143,7 +143,7 @@ def _fetch_into(cache: ModelCache, uri: str, digest: str, repo: Path | None, com
     hub = cache.scratch("hub", digest)
     partial = cache.partial(digest)
     staging, journal = partial / "files", partial / "landed.json"
-    resumable = True  # False once the copy is known bad (verification) or done
+    keep_partial = True  # False once the copy is known bad (verification) or in place
     try:
         store = open_store(uri, repo=repo, commit=commit, allowed_roots=allowed_roots, scratch=hub)
         listing = {check_key(key) if key != MANIFEST_NAME else key: size for key, size in store.list()}
@@ -173,12 +173,12 @@ def _fetch_into(cache: ModelCache, uri: str, digest: str, repo: Path | None, com
         (staging / MANIFEST_NAME).write_text(actual.text())
         _seal(staging)
         os.replace(staging, cache.path(digest))
-        resumable = False
+        keep_partial = False
     except ArtifactError:
-        resumable = False
+        keep_partial = False
         raise
     finally:
-        if not resumable or not journal.exists():
+        if not keep_partial or not journal.exists():
             shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(hub, ignore_errors=True)
     total = sum(listing.values())

@@ -108,7 +108,7 @@ class ModelCache:
         return FileLock(str(self.path(digest)) + ".lock", timeout=timeout)
 
     def scratch(self, kind: str, digest: str) -> Path:
-        """A fresh scratch dir name for `digest` (`staging`, `hub`, `trash`); the caller holds the digest's lock."""
+        """A fresh scratch dir name for `digest` (`hub`, `trash`); the caller holds the digest's lock."""
         return self.root / f".{kind}-{_hexof(digest)}-{uuid.uuid4().hex[:8]}"
 
     def partial(self, digest: str) -> Path:

@@ -159,7 +159,9 @@ def _retrying(what: str, read: Callable[[], T], complete: Callable[[T], bool], s
         except (_Stopped, ArtifactError):
             raise
         except Exception as err:  # every store raises its own errors (botocore, aiohttp, OSError)
-            if attempt == PART_TRIES or stop.is_set():
+            if stop.is_set():  # another file ended the fetch: its error is the one reported
+                raise _Stopped(what) from err
+            if attempt == PART_TRIES:
                 raise TransferError(f"{what}: read failed {attempt} time(s), last: {type(err).__name__}: {err}") from err
             said = f"{type(err).__name__}: {err}"
         else:
