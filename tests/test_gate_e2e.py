@@ -24,8 +24,8 @@ def gate_jobs() -> list[dict]:
     return [j for j in jobs if (j.get("submission_id") or "").startswith("diffops-gate-")]
 
 
-def test_changed_golden_reference_is_held_back_and_stable_keeps_serving(fresh_demo, tmp_path):
-    repo, controller, release = fresh_demo  # a version this controller gated: an adopted one is not checked again (README)
+def test_changed_golden_reference_is_held_back_and_stable_keeps_serving(live_demo, tmp_path):
+    repo, controller, release = live_demo  # gated by this controller, or adopted from an earlier test's: checked again alike
     version = stable_version(release)
     other = Image.effect_noise((64, 64), 100).convert("RGB")
     buffer = io.BytesIO()

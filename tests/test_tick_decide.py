@@ -115,6 +115,20 @@ def test_a_running_app_with_no_record_is_adopted_not_redeployed():
     assert plan.prepare == ()
 
 
+def test_an_adopted_version_is_checked_again_when_its_checks_change():
+    """Adopted under the checks git has (no gate of its own); a commit that changes only the checks (a new golden
+    reference: another gate key) gates it again in place, like a version this controller gated."""
+    adopted = plan_of(one(file=valid(), observed=running()))
+    [version] = adopted.state.versions
+    assert version.gate_key == "g1"
+    same = plan_of(one(file=valid(), record=adopted.state.releases["demo"], versions=[version], observed=running()))
+    assert same.prepare == () and same.state.releases["demo"].phase == "Healthy"
+    changed = plan_of(one(file=valid(), record=adopted.state.releases["demo"], versions=[version], observed=running(), gate_key="g2"))
+    [(rechecked, desired)] = changed.prepare
+    assert (rechecked.version, desired.gate_key) == (V1, "g2")
+    assert changed.state.releases["demo"].message == f"{V1}: checks changed; re-checking the serving version"
+
+
 def test_an_unexpected_error_is_noted_with_its_traceback_a_known_one_without():
     bug, known = KeyError("spec"), ReleaseError("model refused", "Failed")
     plan = plan_of(one("a", file=valid(make_release(name="a")), unobserved=bug), one("b", file=valid(make_release(name="b")), unobserved=known))

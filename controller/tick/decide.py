@@ -186,7 +186,8 @@ def step(inp: StepInput, notes: list[Note]) -> tuple[StepResult, Desired | None]
 
 
 def adopt(desired: Desired, observed: dict[str, ObservedApp], now: float) -> tuple[list[VersionRecord], Adopted | None]:
-    """With no record of a release, take over its desired version if Ray Serve already runs it."""
+    """With no record of a release, take over its desired version if Ray Serve already runs it. It is adopted under
+    the checks git has now (`gate_key`), as if it had passed them: a later change of the checks gates it again."""
     app = observed.get(app_name(desired.release.name, desired.version))
     if app is None or not app.ready or not app.args:
         return [], None
@@ -198,7 +199,7 @@ def adopt(desired: Desired, observed: dict[str, ObservedApp], now: float) -> tup
         return [], None
     spec = desired.release.spec.model_copy(update={"model": model})
     version = VersionRecord(desired.release.name, desired.version, "stable", 100, "ready", commit, spec, now,
-                            ready_at=now, deployed_args=app.args)
+                            ready_at=now, deployed_args=app.args, gate_key=desired.gate_key)
     return [version], Adopted(desired.release.name, app.name, app.running)
 
 
