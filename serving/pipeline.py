@@ -27,9 +27,11 @@ def pick_device() -> str:
 
 
 def load_pipeline(model_dir: Path, *, dtype: str = "float32", sampler: str = "ddim", device: str | None = None) -> Any:
-    """Load the pipeline, swap in the release's sampler, move it to the device.
+    """Load the pipeline onto the device and swap in the release's sampler.
 
-    CPU replicas always run float32 (half precision on CPU is slow or unsupported).
+    The weights go straight to the device (`device_map`: on a GPU each tensor is read from the memory-mapped
+    safetensors into GPU memory, with no whole copy of the model in host memory first); on CPU the same path keeps
+    the tensors on the mapped files. CPU replicas always run float32 (half precision on CPU is slow or unsupported).
     """
     import diffusers
     import torch
@@ -42,10 +44,10 @@ def load_pipeline(model_dir: Path, *, dtype: str = "float32", sampler: str = "dd
     device = device or pick_device()
     weights_dtype = getattr(torch, DTYPES[dtype]) if device != "cpu" else torch.float32
     pipeline = diffusers.DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-        str(model_dir), dtype=weights_dtype, use_safetensors=True, local_files_only=True
+        str(model_dir), dtype=weights_dtype, use_safetensors=True, local_files_only=True, device_map=device
     )
     pipeline.scheduler = build_scheduler(sampler, dict(pipeline.scheduler.config))
     pipeline.set_progress_bar_config(disable=True)
     if device == "cpu" and dtype != "float32":
         log.info("pipeline %s: %s requested, running float32 on CPU", model_dir.name, dtype)
-    return pipeline.to(device)
+    return pipeline

@@ -60,6 +60,7 @@ def test_demo_model_generates_deterministic_images(demo_model_dir):
     pipeline = load_pipeline(demo_model_dir, dtype="float16", sampler="ddim")
     assert type(pipeline).__name__ == "StableDiffusionPipeline"
     assert pipeline.device.type == "cpu" and pipeline.unet.dtype == torch.float32  # CPU always runs float32
+    assert pipeline.hf_device_map == "cpu"  # loaded onto its device by the device map (a GPU: straight into its memory)
     first, again, other = generate(pipeline, 1), generate(pipeline, 1), generate(pipeline, 2)
     assert first.shape == (64, 64, 3)
     assert np.array_equal(first, again)
