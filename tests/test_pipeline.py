@@ -67,6 +67,19 @@ def test_demo_model_generates_deterministic_images(demo_model_dir):
     assert not np.array_equal(first, other)
 
 
+def test_the_device_map_load_draws_what_a_plain_load_draws(demo_model_dir):
+    """Placing the weights by the device map changes where they live, not what they draw: the same pixels as
+    diffusers' plain load followed by `.to("cpu")`, at the same seed."""
+    import diffusers
+
+    plain = diffusers.DiffusionPipeline.from_pretrained(str(demo_model_dir), dtype=torch.float32, use_safetensors=True,
+                                                        local_files_only=True).to("cpu")
+    plain.set_progress_bar_config(disable=True)
+    mapped = load_pipeline(demo_model_dir, sampler="ddim", device="cpu")
+    plain.scheduler = mapped.scheduler
+    assert np.array_equal(generate(mapped, 5), generate(plain, 5))
+
+
 def test_the_schema_offers_exactly_the_readme_samplers():
     assert set(SAMPLERS) == set(README_SAMPLERS)
     assert set(get_args(SamplerName)) == set(README_SAMPLERS)  # the release schema's enum, as the type checker sees it
