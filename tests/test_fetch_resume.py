@@ -6,6 +6,7 @@ tests/test_store_emulators.py."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from serving.artifacts import ModelCache, fetch
 from serving.manifest import manifest_of
-from tests.live import wait_for
+from tests.live import DIFFOPS, wait_for
 from tests.test_cache import MB, ROOT, weights_model
 
 FETCH_CHILD = """
@@ -72,3 +73,16 @@ def test_a_fetch_killed_mid_file_is_resumed_by_the_next_one_and_a_running_fetch_
     assert resumed.resumed_bytes == landed and resumed.bytes_transferred == total - landed
     assert manifest_of(resumed.path).digest == other_digest and partial_dirs(cache) == []
     assert cache.path(digest).is_dir()  # the first verified entry is untouched
+
+
+def test_model_fetch_from_a_store_that_does_not_answer_exits_2_naming_it(model_repo, tmp_path):
+    """`diffops model fetch` of a release whose model is in S3, with nothing listening at the endpoint."""
+    model_repo.release(**{"file://models/tiny-sd": "s3://models/tiny-sd"})
+    model_repo.commit("the model moved to S3")
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}
+    done = subprocess.run([DIFFOPS, "model", "fetch", "demo", "--state-dir", str(tmp_path / "state")], cwd=model_repo.path,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "demo: fetch from s3://models/tiny-sd failed: EndpointConnectionError" in done.stderr and "Traceback" not in done.stderr
+    assert "run it again to resume" in done.stderr

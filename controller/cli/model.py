@@ -76,7 +76,12 @@ def model_fetch(release_name: str, repo: str, state_dir: Path, tracking_uri: str
                            allowed_roots=roots)
     except ArtifactError as err:
         fail(f"{release_name}: model refused: {err}; the model is not cached and nothing will load it")
+    except Exception as err:  # the store's own errors (an endpoint that does not answer, a part that never came)
+        fail(f"{release_name}: fetch from {uri} failed: {type(err).__name__}: {err}; what landed is kept: run it again to "
+             "resume", 2)
     how = "cache hit, nothing transferred" if result.cached else f"transferred {result.bytes_transferred} bytes"
+    if result.resumed_bytes:
+        how += f" (and {result.resumed_bytes} bytes resumed from an earlier attempt)"
     click.echo(f"{release_name}: verified {result.files} files, {how}, in {time.monotonic() - started:.2f}s", err=True)
     click.echo(str(result.path))
 
