@@ -135,10 +135,10 @@ class RecordingGate(PassingGate):
         return report
 
 
-def prepare_once(repo: ReleaseRepo, state_dir: Path, placement: Placement, events: Events, store: Store | None = None):
+def prepare_once(repo: ReleaseRepo, state_dir: Path, placement: Placement, events: Events):
     """Start the preparation of the repo's demo release on a fresh state and wait for its result."""
     source = ReleaseSource.open(repo.path)
-    store = store or Store(state_dir / "state.db")
+    store = Store(state_dir / "state.db")
     prefetch = RecordingPrefetch(events)
     preparations = Preparations(source, store, RecordingGate(events), ModelCache(state_dir / "models"), str(state_dir / "models"),
                                 state_dir / "gate", placement=placement, prefetch=prefetch)
@@ -152,6 +152,7 @@ def prepare_once(repo: ReleaseRepo, state_dir: Path, placement: Placement, event
         return result, prefetch
     finally:
         preparations.close()
+        store.close()
 
 
 def test_on_a_cluster_the_prefetch_starts_before_the_gate_and_is_read_back_after_it(model_repo: ReleaseRepo, tmp_path,
@@ -167,7 +168,7 @@ def test_on_a_cluster_the_prefetch_starts_before_the_gate_and_is_read_back_after
     assert (cpus, gpus) == (0.5, 0)
 
 
-def test_no_prefetch_where_the_nodes_share_this_machine_or_the_gate_is_not_run(model_repo: ReleaseRepo, tmp_path):
+def test_no_prefetch_where_the_nodes_share_this_machines_cache(model_repo: ReleaseRepo, tmp_path):
     events = Events()
     result, _ = prepare_once(model_repo, tmp_path / "local", Placement(), events)  # a local cluster reads this cache
     assert result.ok and events.said == ["gate started", "gate ended"]
