@@ -75,6 +75,8 @@ OUTCOMES = [
     ("a node failed", "\n".join([said(nodes=["198.18.0.3"]), said(node="198.18.0.3", error="TransferError: gone", seconds=3)]),
      "198.18.0.3 failed (TransferError: gone)"),
     ("a broken line is skipped", PREFIX + "{not json\n" + said(nodes=["198.18.0.3"]), "198.18.0.3 still fetching"),
+    ("figures of another type read as 0", "\n".join([said(nodes=["198.18.0.3"]), said(node="198.18.0.3", bytes="x", seconds=None)]),
+     "198.18.0.3 fetched 0.0 MB in 0.0s"),
 ]
 
 

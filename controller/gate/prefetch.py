@@ -88,9 +88,14 @@ def outcome_text(logs: str) -> str:
         elif said.get("cached"):
             parts.append(f"{node} already cached")
         else:
-            resumed = f", {said.get('resumed', 0) / 1e6:.1f} MB resumed" if said.get("resumed") else ""
-            parts.append(f"{node} fetched {said.get('bytes', 0) / 1e6:.1f} MB in {said.get('seconds', 0):.1f}s{resumed}")
+            resumed = f", {_figure(said.get('resumed')) / 1e6:.1f} MB resumed" if _figure(said.get("resumed")) else ""
+            parts.append(f"{node} fetched {_figure(said.get('bytes')) / 1e6:.1f} MB in {_figure(said.get('seconds')):.1f}s{resumed}")
     return ", ".join(parts)
+
+
+def _figure(value: Any) -> float:
+    """A number the job printed, or 0 for anything else."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 class RayPrefetch:
@@ -116,11 +121,12 @@ class RayPrefetch:
         return Prefetching(release, version, model.digest, job_id, started)
 
     def report(self, prefetching: Prefetching) -> None:
-        """One log line saying what each node's cache did so far (the job is not waited for)."""
+        """One log line saying what each node's cache did so far (the job is not waited for). Never raises: the gate's
+        result it follows must reach the tick."""
         try:
             outcome = outcome_text(str(self.dashboard.send("GET", f"/api/jobs/{prefetching.job_id}/logs").json().get("logs", "")))
-        except (DashboardError, ValueError) as err:
-            outcome = f"its log could not be read ({err})"
+        except Exception as err:  # the dashboard, its JSON, a log line of another shape
+            outcome = f"its log could not be read ({type(err).__name__}: {err})"
         log.info("%s: prefetch of model %s for %s while the gate ran: %s; next: replicas on those nodes start from their "
                  "cache (job %s, %.1fs)", prefetching.release, prefetching.digest[:19], prefetching.version, outcome,
                  prefetching.job_id, time.monotonic() - prefetching.started)
