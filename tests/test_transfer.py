@@ -5,10 +5,13 @@ boundary) answering short or a file failing its check."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from serving.manifest import ArtifactError
 from serving.stores import LocalStore
@@ -177,3 +180,24 @@ def test_bytes_on_disk_that_changed_since_they_landed_fail_the_file_check(tmp_pa
     seen = {}
     move(RangedLocal(tmp_path / "src"), files, staging, check=lambda key, sha: seen.setdefault(key, sha), resume={BIG: 2 * P})
     assert seen[BIG] != hashlib.sha256(files[BIG]).hexdigest()
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2 * P, 4 * P) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(journal=st.one_of(JSON, st.fixed_dictionaries({"files": st.dictionaries(st.sampled_from([BIG, "a.json", "x"]), JSON)})),
+       raw=st.binary(max_size=64))
+def test_a_damaged_journal_resumes_nothing_wrong(tmp_path, journal, raw):
+    """Whatever a journal holds (any JSON, or bytes that are not JSON), reading it never raises and names only listed
+    files, each with a prefix it may resume from."""
+    staging = tmp_path / "staging"
+    (staging / "unet").mkdir(parents=True, exist_ok=True)
+    (staging / BIG).write_bytes(b"")
+    os.truncate(staging / BIG, 3 * P)
+    listing = {BIG: 3 * P, "a.json": 9}
+    for body in (json.dumps(journal).encode(), raw):
+        (tmp_path / "landed.json").write_bytes(body)
+        kept = Landed.read(tmp_path / "landed.json", listing, staging)
+        assert set(kept) <= {BIG} and all(0 < n <= listing[k] and (n % P == 0 or n == listing[k]) for k, n in kept.items())
