@@ -305,6 +305,19 @@ def test_no_revert_is_committed_when(model_repo, caplog, case, message, good, lo
 # --- prepare ---------------------------------------------------------------------------------------------------------
 
 
+def test_a_version_deployed_from_a_commit_this_repo_lacks_reads_its_model_at_the_desired_commit(tick, model_repo, caplog):
+    """An adopted version carries the commit its app was deployed from; a clone without that commit (a rewritten
+    history) still re-checks it: the same version pins the same model, read at the desired commit and verified."""
+    t = tick()
+    [(version, desired)] = decide(t.observe().tick).prepare
+    adopted = replace(version, commit="0" * 40)
+    with caplog.at_level(logging.INFO, logger="diffops.controller"):
+        t.preparations.start(adopted, desired)
+        [(_, result)] = wait_for(t.preparations.collect, 60, "the preparation to finish", every=0.05)
+    assert result.ok and result.message.startswith("checks passed"), result.message
+    assert f"deployed from commit {'0' * 12}, which this repo does not hold" in caplog.text
+
+
 def test_a_preparation_verifies_the_model_gates_it_and_is_seen_by_one_tick(tick, model_repo):
     t = tick()
     seen = t.observe()

@@ -173,6 +173,14 @@ class ReleaseSource:
             raise SourceError(f"{rev!r} is a {obj.type}, not a commit")
         return obj
 
+    def holds(self, sha: str) -> bool:
+        """Whether the repository holds this commit (`resolve` takes a full hex id on trust)."""
+        try:
+            self.repo.git.cat_file("-e", f"{sha}^{{commit}}")
+        except git.GitCommandError:
+            return False
+        return True
+
     def parent_of(self, rev: str) -> str:
         """The first parent of a commit, or the empty tree for a root commit."""
         commit = self.resolve(rev)

@@ -94,6 +94,7 @@ class Preparations:
             self.registry_link().resolve(version, key, self._pool, self._finish, self.on_prepared)
             return
         model, placement = version.spec.model, self.placement
+        model_commit = self._model_commit(version, desired)
         models = pinned_models(version.spec)
         passed = self.store.passed_gate(*key)
         local = placement.local
@@ -101,7 +102,7 @@ class Preparations:
         check = desired.release.spec.checks.quality
         wants_distance = check is not None and check.max_distance is not None
         gate = gate_input(desired.release, version.version, self.source, self.cache_dir if local else None,
-                          model_commit=version.commit, checks_commit=desired.commit, model=placement.for_replicas(model),
+                          model_commit=model_commit, checks_commit=desired.commit, model=placement.for_replicas(model),
                           repo=any(placement.reads_repo(pin) for _, pin in models), quality_models=quality,
                           quality_baseline=latest_features(self.gate_dir / version.release, version.version) if wants_distance else None)
         resources = version.spec.replicas
@@ -113,7 +114,7 @@ class Preparations:
                 if refusal is not None:
                     return Prepared(False, f"{what} unreachable from the cluster: {refusal}", 0.0)
                 try:
-                    fetched = fetch(pinned.uri, pinned.digest, self.cache, repo=self.source.path, commit=version.commit,
+                    fetched = fetch(pinned.uri, pinned.digest, self.cache, repo=self.source.path, commit=model_commit,
                                     reverify=True, heal=True,  # a damaged cached copy is fetched again, never gated
                                     allowed_roots=self.registry_link().roots(pinned.uri))  # a registered local source
                     if fetched.bytes_transferred:
@@ -148,6 +149,16 @@ class Preparations:
         future = self._pool.submit(work)
         self.preparing[key] = future
         future.add_done_callback(done)
+
+    def _model_commit(self, version: VersionRecord, desired: Desired) -> str:
+        """The commit a repo model is read at: the version's own, or the desired one when this repo does not hold it (a
+        version adopted from a history this clone lacks: the same version id pins the same model, and its digest is
+        verified whichever commit it is read at)."""
+        if not self.source.holds(version.commit):
+            log.info("%s: %s was deployed from commit %s, which this repo does not hold; next: reading its model at %s "
+                     "(same version, same pinned digest)", version.release, version.version, version.commit[:12], desired.commit[:12])
+            return desired.commit
+        return version.commit
 
     def registry_link(self) -> RegistryLink:
         """The model registry this controller resolves models:/ URIs through (default: the state dir's MLflow store)."""
